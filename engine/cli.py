@@ -1,0 +1,291 @@
+"""`python -m engine`: generate, tokenize, perplexity, bench, models (DESIGN.md, "Engine API").
+
+Machine-readable output (--json) goes to stdout; logs and human stats go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+
+from engine.api import DraftConfig, EngineConfig, SamplingParams
+from engine.errors import TandemError
+
+log = logging.getLogger("engine.cli")
+
+
+def resolve_model(name: str | None) -> str:
+    """A path, or a catalogue key such as 'smollm2-135m'; None = the default target."""
+    from engine import model_catalog
+
+    keys = {entry.key for entry in model_catalog.catalog()}
+    if name is None:
+        return str(model_catalog.locate("qwen2.5-coder-1.5b"))
+    if name in keys:
+        return str(model_catalog.locate(name))
+    return name
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="GGUF path or catalogue key (default: qwen2.5-coder-1.5b)")
+    p.add_argument("--spec", default="none", help="speculative mode: none | draft-model | ngram | dflash")
+    p.add_argument("--draft", help="draft GGUF path / catalogue key, or DFlash folder")
+    p.add_argument("--max-draft", type=int, default=8)
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--ctk", default="f16", help="K cache type: f16 | bf16 | q8_0 | q4_0 | q4_1")
+    p.add_argument("--ctv", default="f16", help="V cache type")
+    p.add_argument("--skip-wht", action="store_true", help="no K rotation for a q4_0 K cache")
+    p.add_argument("--k-smooth", default="auto", help="auto | on | off")
+    p.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
+    p.add_argument("--ctx", type=int, default=4096, help="context length")
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--snapshot-dir")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[])
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    draft_path = args.draft
+    if draft_path and args.spec == "draft-model":
+        draft_path = resolve_model(draft_path)
+    return EngineConfig(
+        model=resolve_model(args.model),
+        draft=DraftConfig(mode=args.spec, path=draft_path, max_draft=args.max_draft, block_size=args.block_size),
+        kv_k=args.ctk, kv_v=args.ctv, skip_wht=args.skip_wht, k_smooth=args.k_smooth, prefill_chunk=args.chunk,
+        context_length=args.ctx, device=args.device, snapshot_dir=args.snapshot_dir, threads=args.threads,
+    )
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repeat_penalty=args.repeat_penalty, seed=args.seed, max_tokens=args.max_tokens,
+                          stop=args.stop)
+
+
+def load_session(args: argparse.Namespace):
+    from engine.session import Engine
+
+    return Engine.load(engine_config(args))
+
+
+def print_stats(stats) -> None:
+    print(f"\n[prompt {stats.prompt_tokens} tok ({stats.cached_tokens} cached), prefill {stats.prefill_tok_per_s:.1f} tok/s, "
+          f"ttft {stats.ttft_seconds * 1000:.0f} ms | {stats.new_tokens} new tok, decode {stats.decode_tok_per_s:.2f} tok/s"
+          + (f" | acceptance length {stats.acceptance_length:.2f} ({stats.accepted}/{stats.drafted} drafts)"
+             if stats.draft_steps else "")
+          + f" | KV {stats.kv_bytes / 2**20:.1f} MiB | {stats.device} ({stats.device_reason})]", file=sys.stderr)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.api import Finished, TextDelta
+
+    session = load_session(args)
+    params = sampling_params(args)
+    if args.messages:
+        messages = json.loads(Path(args.messages).read_text(encoding="utf-8"))
+    else:
+        messages = [{"role": "user", "content": args.prompt or ""}]
+    if args.raw:
+        ids = session.tokenizer.encode(args.prompt or "", add_bos=session.tokenizer.add_bos)
+        events = session.generate(ids, params)
+    else:
+        events = session.chat(messages, params)
+    token_ids, final = [], None
+    for event in events:
+        if isinstance(event, TextDelta):
+            token_ids.extend(event.token_ids)
+            if not args.json:
+                print(event.text, end="", flush=True)
+        elif isinstance(event, Finished):
+            final = event
+    if args.json:
+        print(json.dumps({"text": final.text, "token_ids": token_ids, "stop_reason": final.stop_reason,
+                          "stats": vars(final.stats)}))
+    else:
+        print_stats(final.stats)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A terminal chat: type a message, get a streamed answer; empty line or Ctrl-D quits."""
+    from engine.api import Finished, TextDelta
+
+    session = load_session(args)
+    params = sampling_params(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"Tandem terminal chat on {session.info['model']} ({session.device}). Empty line to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            return 0
+        messages.append({"role": "user", "content": line})
+        cancel = threading.Event()
+        print("assistant> ", end="", flush=True)
+        try:
+            for event in session.chat(messages, params, cancel):
+                if isinstance(event, TextDelta):
+                    print(event.text, end="", flush=True)
+                elif isinstance(event, Finished):
+                    messages.append({"role": "assistant", "content": event.text})
+                    print_stats(event.stats)
+        except KeyboardInterrupt:
+            cancel.set()
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from engine.gguf_file import GGUFModelFile
+    from engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(GGUFModelFile.open(resolve_model(args.model)))
+    text = Path(args.text_file).read_text(encoding="utf-8") if args.text_file else args.text
+    ids = tokenizer.encode(text, add_bos=args.bos, parse_special=not args.no_special)
+    print(json.dumps({"ids": ids}) if args.json else " ".join(map(str, ids)))
+    return 0
+
+
+def read_eval_tokens(args: argparse.Namespace, session) -> list[int]:
+    if args.tokens_file:
+        ids = json.loads(Path(args.tokens_file).read_text())
+    elif args.text_file:
+        text = Path(args.text_file).read_text(encoding="utf-8")
+        ids = session.tokenizer.encode(text, add_bos=session.tokenizer.add_bos, parse_special=False)
+    else:
+        raise TandemError("perplexity needs --text-file or --tokens-file.")
+    return ids[: args.ctx]
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    import torch
+
+    session = load_session(args)
+    ids = read_eval_tokens(args, session)
+    if len(ids) < 2:
+        raise TandemError("perplexity needs at least 2 tokens.")
+    started = time.perf_counter()
+    logits = session.prefill(ids, 0, logits_for="all").float()  # (n, vocab)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    targets = torch.tensor(ids[1:], dtype=torch.long, device=logits.device)
+    nll = -logprobs[:-1].gather(1, targets[:, None])[:, 0]  # (n - 1,)
+    result = {"ppl": math.exp(float(nll.mean())), "n_tokens": len(ids), "nll": [float(x) for x in nll],
+              "argmax": [int(x) for x in logits.argmax(-1)], "seconds": time.perf_counter() - started}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['ppl']:.4f} over {len(ids)} tokens ({result['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    session = load_session(args)
+    vocab = session.model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, min(vocab, 30000), (args.n_prompt,), generator=gen).tolist()
+    results = {"model": Path(session.config.model).name, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+               "device": session.device, "kv_k": args.ctk, "kv_v": args.ctv, "threads": torch.get_num_threads()}
+    prefill_runs, decode_runs = [], []
+    for _ in range(args.repeats):
+        session.cached_ids = []
+        t0 = time.perf_counter()
+        logits = session.prefill(prompt, 0)
+        prefill_runs.append(args.n_prompt / (time.perf_counter() - t0))
+        token = int(logits[0].argmax())
+        t0 = time.perf_counter()
+        for _ in range(args.n_gen):
+            token = int(session.decode_one(token)[0].argmax())
+        decode_runs.append(args.n_gen / (time.perf_counter() - t0))
+    results["prefill_tok_per_s"] = sorted(prefill_runs)[len(prefill_runs) // 2]
+    results["decode_tok_per_s"] = sorted(decode_runs)[len(decode_runs) // 2]
+    results["prefill_runs"], results["decode_runs"] = prefill_runs, decode_runs
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(f"prefill {results['prefill_tok_per_s']:.1f} tok/s (pp{args.n_prompt}), "
+              f"decode {results['decode_tok_per_s']:.2f} tok/s (tg{args.n_gen}), {results['threads']} threads")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from engine.model_catalog import models_command
+
+    return models_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="Tandem engine command line")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate an answer to a prompt or chat messages")
+    add_engine_flags(p)
+    add_sampling_flags(p)
+    p.add_argument("--prompt", help="user message (or raw text with --raw)")
+    p.add_argument("--messages", help="JSON file with a list of {role, content}")
+    p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat in the terminal")
+    add_engine_flags(p)
+    add_sampling_flags(p)
+    p.add_argument("--system", help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("tokenize", help="print token ids of a text")
+    p.add_argument("--model")
+    p.add_argument("--text", default="")
+    p.add_argument("--text-file")
+    p.add_argument("--bos", action="store_true", help="prepend BOS")
+    p.add_argument("--no-special", action="store_true", help="treat special-token text as plain text")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("perplexity", help="perplexity over one window of --ctx tokens")
+    add_engine_flags(p)
+    p.add_argument("--text-file")
+    p.add_argument("--tokens-file", help="JSON list of token ids")
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("bench", help="prefill and decode throughput")
+    add_engine_flags(p)
+    p.add_argument("--n-prompt", type=int, default=512)
+    p.add_argument("--n-gen", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("models", help="list the default models and their state")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--assemble", action="store_true", help="assemble and verify the default models")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except TandemError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

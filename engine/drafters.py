@@ -1,0 +1,163 @@
+"""Drafters for speculative decoding: a smaller model with the same vocabulary, and prompt lookup.
+
+`make_drafter(config, session)` builds the one EngineConfig.draft asks for (DFlash lives in
+engine/dflash.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.api import EngineConfig
+from engine.errors import ModelFileError, TandemError
+from engine.gguf_file import GGUFModelFile
+from engine.kv_cache import KVCache
+from engine.models.transformer import Transformer
+from engine.sampling import Sampler
+from engine.speculative import Draft, Drafter
+
+if TYPE_CHECKING:
+    from engine.session import Session
+
+log = logging.getLogger(__name__)
+
+
+class NgramDrafter(Drafter):
+    """Prompt lookup: find the latest earlier occurrence of the context's last n tokens (longest n
+    first) and propose what followed it. Costs no model; pays off when the answer copies the input
+    (edits, refactors, quoting)."""
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1) -> None:
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, context: list[int], k: int, sampler: Sampler) -> Draft:
+        n_ctx = len(context)
+        for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):
+            tail = context[n_ctx - n :]
+            # latest start s < n_ctx - n with context[s : s + n] == tail
+            last = tail[-1]
+            for s in range(n_ctx - n - 1, -1, -1):
+                if context[s + n - 1] == last and context[s : s + n] == tail:
+                    follow = context[s + n : s + n + k]
+                    if follow:
+                        return Draft(follow)
+        return Draft([])
+
+
+class DraftModelDrafter(Drafter):
+    """A second, smaller GGUF model drafts k tokens autoregressively with its own KV cache.
+
+    The draft cache is position-indexed like the target's: `cached_ids` says which tokens sit in it,
+    and a rejected draft is rolled back by re-running from the first position that differs.
+    Draft length adapts: +2 after a fully accepted draft, -1 after a rejection (HF's heuristic).
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, device: str, prefill_chunk: int, max_draft: int,
+                 adaptive: bool = True) -> None:
+        self.model, self.cache, self.device = model, cache, device
+        self.prefill_chunk = prefill_chunk
+        self.max_draft = max_draft
+        self.adaptive = adaptive
+        self.cached_ids: list[int] = []
+
+    @classmethod
+    def load(cls, config: EngineConfig, target_file: GGUFModelFile, device: str) -> DraftModelDrafter:
+        draft_file = GGUFModelFile.open(config.draft.path)
+        check_same_vocabulary(target_file, draft_file)
+        try:
+            with torch.inference_mode():
+                model = Transformer.from_gguf(draft_file, device=device)
+            c = model.config
+            cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, config.context_length, config.kv_k,
+                            config.kv_v, device=device)
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            raise TandemError(f"Not enough memory to load the draft {draft_file.path.name}: {exc}. "
+                              "Pick a smaller draft or turn speculative decoding off.") from exc
+        log.info("draft model %s: %d layers", draft_file.path.name, model.config.n_layers)
+        return cls(model, cache, device, config.prefill_chunk, config.draft.max_draft)
+
+    def _run(self, ids: list[int], pos: int) -> torch.Tensor:
+        """Feed ids at [pos, pos + len) in chunks; return the last row's logits (vocab,)."""
+        logits = None
+        chunk = self.prefill_chunk
+        with torch.inference_mode():
+            for offset in range(0, len(ids), chunk):
+                piece = torch.tensor(ids[offset : offset + chunk], device=self.device)  # (T,) int64
+                want = "last" if offset + chunk >= len(ids) else "none"
+                logits, _ = self.model(piece, pos + offset, self.cache, logits_for=want)  # (1, vocab)
+        self.cached_ids = self.cached_ids[:pos] + list(ids)
+        return logits[0]
+
+    def _sync(self, context: list[int]) -> torch.Tensor:
+        """Make the draft cache hold context; return the draft's logits for the next token."""
+        n = 0
+        for a, b in zip(self.cached_ids, context, strict=False):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(context) - 1)  # always run at least the last token to get its logits
+        return self._run(context[n:], n)
+
+    def begin(self, session: Session, context: list[int], start: int, hidden: list[torch.Tensor]) -> None:
+        self._sync(context)  # prefill the draft with the prompt now, not on the first step
+
+    def propose(self, context: list[int], k: int, sampler: Sampler) -> Draft:
+        logits = self._sync(context)
+        tokens: list[int] = []
+        probs = []
+        recent = list(context)
+        for i in range(k):
+            if sampler.greedy:
+                token = sampler.pick(logits, recent)
+            else:
+                q = sampler.probabilities(logits, recent)  # (draft vocab,)
+                token = sampler.draw(q)
+                probs.append(q)
+            tokens.append(token)
+            recent.append(token)
+            if i + 1 < k:
+                logits = self._run([token], len(self.cached_ids))
+        return Draft(tokens, torch.stack(probs) if probs else None)
+
+    def next_length(self, k: int, n_drafted: int, n_accepted: int) -> int:
+        if not self.adaptive:
+            return k
+        return min(self.max_draft, k + 2) if n_accepted == n_drafted else max(1, k - 1)
+
+    def close(self) -> None:
+        self.model, self.cache = None, None
+
+
+def check_same_vocabulary(target: GGUFModelFile, draft: GGUFModelFile) -> None:
+    """A draft proposes token ids, so both models must mean the same thing by every id."""
+    t_tokens = target.get("tokenizer.ggml.tokens")
+    d_tokens = draft.get("tokenizer.ggml.tokens")
+    if t_tokens is None or d_tokens is None:
+        lacking = draft.path.name if d_tokens is None else target.path.name
+        raise ModelFileError(f"{lacking} has no vocabulary; a draft model needs the target's tokenizer.")
+    if list(t_tokens) != list(d_tokens):
+        pairs = enumerate(zip(t_tokens, d_tokens, strict=False))
+        differ = next((i for i, (a, b) in pairs if a != b), min(len(t_tokens), len(d_tokens)))
+        raise ModelFileError(
+            f"The draft {draft.path.name} has a different vocabulary from the target {target.path.name} "
+            f"({len(d_tokens)} vs {len(t_tokens)} tokens, first difference at id {differ}). "
+            "Pick a draft of the same model family (e.g. Qwen2.5-Coder-0.5B for Qwen2.5-Coder-1.5B)."
+        )
+
+
+def make_drafter(config: EngineConfig, session: Session) -> Drafter | None:
+    mode = config.draft.mode
+    if mode == "none":
+        return None
+    if mode == "ngram":
+        return NgramDrafter()
+    if mode == "draft-model":
+        return DraftModelDrafter.load(config, session.gguf_file, session.device)
+    if mode == "dflash":
+        from engine.dflash import DFlashDrafter
+
+        return DFlashDrafter.load(config, session)
+    raise TandemError(f"Speculative mode '{mode}' is unknown.")

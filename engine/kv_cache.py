@@ -1,0 +1,122 @@
+"""Position-indexed KV cache: one K and one V store per layer, written at absolute positions.
+
+Speculative rollback needs nothing here: rejected positions are simply overwritten later.
+K and V types are chosen independently (engine/kv_quant.py). For a quantized K type, K is
+rotated (engine/hadamard.py) before quantization and Q the same way before attention, unless
+skip-WHT turned the rotation off; with K smoothing, a per-layer, per-head channel mean taken from
+the first prefill chunk is subtracted from K first. Both leave attention unchanged in exact
+arithmetic: the rotation is orthonormal, and the mean shifts every score of a query equally.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine import kv_quant
+from engine.errors import SettingsError
+from engine.hadamard import Rotation, make_rotation, rotate
+
+FOUR_BIT_TYPES = ("q4_0", "q4_1")
+
+
+def attention_mask(pos: int, n_new: int, n_keys: int, window: int | None, device) -> torch.Tensor | None:
+    """(T, L) bool, True where query pos+i may see key j: causal, and inside the sliding window."""
+    if n_new == 1 and (window is None or n_keys <= window):
+        return None
+    q_pos = torch.arange(pos, pos + n_new, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(n_keys, device=device)[None, :]  # (1, L)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= (q_pos - k_pos) < window
+    return mask
+
+
+def resolve_k_smooth(mode: str, k_type: str) -> bool:
+    """auto = on for 4-bit K types, where bias-driven K outliers otherwise eat the quantizer's range."""
+    if mode == "auto":
+        return k_type in FOUR_BIT_TYPES
+    return mode == "on"
+
+
+class KVCache:
+    def __init__(
+        self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int,
+        k_type: str = "f16", v_type: str = "f16", device: str | torch.device = "cpu",
+        rotate_k: bool | None = None, k_smooth: bool = False,
+    ) -> None:
+        for name, kind in (("K", k_type), ("V", v_type)):
+            if kind not in kv_quant.KV_TYPES and kind != "f32":
+                raise SettingsError(f"{name} cache type '{kind}' is not supported; choose one of "
+                                    f"{', '.join(kv_quant.KV_TYPES)}.")
+            if kind != "f32":
+                kv_quant.check_head_dim(kind, head_dim)
+        self.max_len, self.head_dim, self.n_kv_heads = max_len, head_dim, n_kv_heads
+        self.k_type, self.v_type = k_type, v_type
+        k_quantized = k_type != "f32" and kv_quant.kv_type(k_type).quantized
+        # f16/bf16 K is never rotated; a quantized K is, unless the caller (skip-WHT) says no
+        self.rotation: Rotation | None = make_rotation(head_dim) if (k_quantized and rotate_k is not False) else None
+        if self.rotation is not None:
+            self.rotation = self.rotation.to(device)
+        self.k_smooth = k_smooth
+        self.k_mean: list[torch.Tensor | None] = [None] * n_layers  # per layer (n_kv, D) float32
+        shape = (n_kv_heads, max_len)
+        self.k = [self._allocate(k_type, shape, device) for _ in range(n_layers)]
+        self.v = [self._allocate(v_type, shape, device) for _ in range(n_layers)]
+
+    def _allocate(self, kind: str, shape: tuple[int, int], device) -> kv_quant.KVStore:
+        if kind == "f32":  # test-only reference type
+            return kv_quant.KVStore("f32", torch.zeros(*shape, self.head_dim, dtype=torch.float32, device=device))
+        return kv_quant.allocate(kind, shape, self.head_dim, device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.k + self.v) + sum(m.numel() * 4 for m in self.k_mean if m is not None)
+
+    def reset(self) -> None:
+        """Forget the smoothing vectors (a new conversation will take them from its first chunk)."""
+        self.k_mean = [None] * len(self.k_mean)
+
+    @staticmethod
+    def _encode(x: torch.Tensor, kind: str) -> kv_quant.KVStore:
+        if kind == "f32":
+            return kv_quant.KVStore("f32", x.to(torch.float32))
+        return kv_quant.quantize(x, kind)
+
+    @staticmethod
+    def _decode(store: kv_quant.KVStore) -> torch.Tensor:
+        return store.qs.to(torch.float32) if store.kv_type == "f32" else kv_quant.dequantize(store)
+
+    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (T, n_kv, D) for positions [pos, pos + T)."""
+        n_new = k.shape[0]
+        if pos + n_new > self.max_len:
+            raise SettingsError(f"The conversation needs {pos + n_new} tokens of context but only {self.max_len} "
+                                "are allocated; raise the context length or start a new chat.")
+        k = k.transpose(0, 1).to(torch.float32)  # (n_kv, T, D)
+        v = v.transpose(0, 1)  # (n_kv, T, D)
+        if self.k_smooth:
+            if self.k_mean[layer] is None or pos == 0:
+                self.k_mean[layer] = k.mean(dim=1)  # (n_kv, D), fixed for the rest of the conversation
+            k = k - self.k_mean[layer][:, None, :]
+        if self.rotation is not None:
+            k = rotate(k, self.rotation)  # (n_kv, T, D)
+        self.k[layer].narrow(1, pos, n_new).copy_(self._encode(k, self.k_type))
+        self.v[layer].narrow(1, pos, n_new).copy_(self._encode(v, self.v_type))
+
+    def attention(self, layer: int, q: torch.Tensor, pos: int, scale: float, window: int | None) -> torch.Tensor:
+        """q: (T, H, D) at positions [pos, pos + T), after write(). Returns (T, H, D)."""
+        n_new = q.shape[0]
+        n_keys = pos + n_new
+        start = 0 if window is None else max(0, pos - window + 1)  # keys no query of this block can see
+        k = self._decode(self.k[layer].narrow(1, start, n_keys - start))  # (n_kv, L, D) float32
+        v = self._decode(self.v[layer].narrow(1, start, n_keys - start))  # (n_kv, L, D) float32
+        q = q.transpose(0, 1).to(torch.float32)  # (H, T, D)
+        if self.rotation is not None:
+            q = rotate(q, self.rotation)  # same basis as the stored K: Q.K unchanged
+        mask = attention_mask(pos - start, n_new, n_keys - start, window, q.device)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),  # (1, H, T, D), (1, n_kv, L, D)
+            attn_mask=mask, scale=scale, enable_gqa=True,
+        )  # (1, H, T, D)
+        return out[0].transpose(0, 1)  # (T, H, D)

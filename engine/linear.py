@@ -1,0 +1,102 @@
+"""Linear layers over GGUF weights on CPU: `make_linear(info, bias)` -> (..., in) -> (..., out) float32.
+
+Three CPU modes (`CPU_LINEAR_MODES`), chosen per call; see tests/tools/bench_linear.py for figures:
+
+- "dense" (default): dequantize once to float32, `F.linear` (oneDNN/MKL). Exact: the weights are
+  gguf-py's bit for bit. Costs 4 bytes per weight in memory and bandwidth, so decode is slow.
+- "int4": the lossless int4 repack (`engine.int4_repack`) through torch's float32 int4 op. Exact
+  to float32 rounding at ~5 bits per weight, but torch 2.13 runs that op as a scalar loop on CPU:
+  several times slower than "dense". Kept because it is the exactness reference for "int4-bf16".
+- "int4-bf16": the same repack through the op's vectorized bfloat16 kernel. Inputs, scales and
+  outputs are rounded to bfloat16 (relative RMS error ~3e-3 per layer output, measured on random
+  data), ~5-10x faster than "dense" at 1..16 rows. Not lossless: opt-in. Types split in two int4
+  planes (Q5_0, Q5_1, Q8_0, Q6_K) switch to an exact dequantize + float32 F.linear from
+  `DENSE_FROM_ROWS` rows on (prefill), where that is faster.
+
+Types without an int4 repacking (Q2_K, Q3_K, Q5_K, F16, BF16, F32) always use "dense".
+Devices other than CPU use "dense" here; CUDA kernels live in `kernels/`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.gguf_file import TensorInfo
+from engine.int4_repack import INT4_TYPES, PackedInt4, int4_matmul, repack_int4
+from engine.quants import dequantize
+
+logger = logging.getLogger(__name__)
+
+CPU_LINEAR_MODES = ("dense", "int4", "int4-bf16")
+DEFAULT_CPU_LINEAR_MODE = "dense"
+
+
+class DenseLinear(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = weight  # (out_features, in_features) float32
+        self.bias = bias  # (out_features,) or None
+        self.in_features = int(weight.shape[1])
+        self.out_features = int(weight.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)  # (..., out_features)
+
+
+# From this many rows on, a split-plane weight (K' = 2K, twice the op's work) is dequantized from
+# the memory-mapped GGUF bytes for the call and multiplied densely in float32 instead. Measured with
+# tests/tools/bench_linear.py-style timing, 1 thread, Q6_K 1536x8960 at 512 rows: dequantize 554 ms
+# + F.linear 628 ms vs the bf16 int4 op 2220 ms; Q4_K (one plane) broke even, so it keeps the op.
+DENSE_FROM_ROWS = 128
+
+
+class Int4Linear(torch.nn.Module):
+    """A GGUF weight repacked for `_weight_int4pack_mm_for_cpu`; computes in the packed dtype."""
+
+    def __init__(
+        self, weight: PackedInt4, info: TensorInfo, bias: torch.Tensor | None, dense_from_rows: int | None
+    ) -> None:
+        super().__init__()
+        self.weight = weight
+        self.info = info  # the GGUF bytes (a memory-map view: no copy), for large batches
+        self.bias = bias  # (out_features,) float32 or None
+        self.in_features = int(info.shape[1])
+        self.out_features = weight.out_features
+        self.dense_from_rows = dense_from_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.dense_from_rows is not None and x2.shape[0] >= self.dense_from_rows:
+            w = dequantize(self.info.data, self.info.qtype, self.info.shape)  # (N, K) float32, exact
+            y = torch.nn.functional.linear(x2.to(torch.float32), w)  # (M, N)
+        else:
+            y = int4_matmul(x2, self.weight).to(torch.float32)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)  # (..., N)
+
+
+def make_linear(
+    info: TensorInfo,
+    bias: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    mode: str = DEFAULT_CPU_LINEAR_MODE,
+) -> torch.nn.Module:
+    """A module computing `x @ W.T (+ bias)` for the (out, in) GGUF weight `info`."""
+    if mode not in CPU_LINEAR_MODES:
+        raise ValueError(f"unknown CPU linear mode {mode!r}; expected one of {CPU_LINEAR_MODES}")
+    if len(info.shape) != 2:
+        raise ValueError(f"{info.name}: a linear weight must be 2-D, got shape {info.shape}")
+    bias32 = None if bias is None else bias.to(device=device, dtype=torch.float32)
+    on_cpu = torch.device(device).type == "cpu"
+    if on_cpu and mode != "dense" and info.qtype in INT4_TYPES:
+        compute_dtype = torch.bfloat16 if mode == "int4-bf16" else torch.float32
+        out_features, in_features = (int(s) for s in info.shape)
+        packed = repack_int4(info.data, info.qtype, (out_features, in_features), compute_dtype)
+        dense_from_rows = DENSE_FROM_ROWS if mode == "int4-bf16" and packed.split_width else None
+        return Int4Linear(packed, info, bias32, dense_from_rows)
+    weight = dequantize(info.data, info.qtype, info.shape).to(device)  # (out, in) float32
+    return DenseLinear(weight, bias32)

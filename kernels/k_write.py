@@ -1,0 +1,104 @@
+"""K-cache write: (smooth +) WHT-rotate + quantize new K rows straight into the cache, in one kernel.
+
+Layouts: k (B, Hkv, T, D) float (any strides, last dim contiguous) holds the K of positions
+[start_pos, start_pos + T) after RoPE; the store is (B, Hkv, max_positions, X) (engine.kv_quant).
+`mean` (Hkv, D) is the K-smoothing vector subtracted first; `rotation` (engine.hadamard.Rotation)
+or None is the WHT switch: pass None for f16/bf16 K and for skip-WHT q4_0 K.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+from engine import hadamard, kv_quant
+from engine.hadamard import Rotation
+from engine.kv_quant import KVStore
+from kernels.kv_blocks import _fwht_rows, _quantize_store_rows, check_kernel_head_dim, store_args
+
+log = logging.getLogger(__name__)
+
+
+def k_write_reference(
+    k: torch.Tensor, store: KVStore, start_pos: int, *, mean: torch.Tensor | None = None,
+    rotation: Rotation | None = None,
+) -> None:
+    """Plain-torch K write: the oracle of `k_write` and the CPU path."""
+    x = k.to(torch.float32)  # (B, Hkv, T, D)
+    if mean is not None:
+        x = x - mean.to(torch.float32)[None, :, None, :]  # (B, Hkv, T, D)
+    if rotation is not None:
+        x = hadamard.rotate(x, rotation)  # (B, Hkv, T, D)
+    store.narrow(2, start_pos, k.shape[2]).copy_(kv_quant.quantize(x, store.kv_type))
+
+
+@triton.jit
+def _k_write_kernel(
+    k_ptr, stride_kb, stride_kh, stride_kt,
+    mean_ptr, stride_mh,
+    s1_ptr, s2_ptr, rot_scale,
+    qs_ptr, d_ptr, m_ptr, stride_qb, stride_qh, stride_qt, stride_sb, stride_sh, stride_st,
+    T, H, start_pos,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, KV_TYPE: tl.constexpr,
+    SMOOTH: tl.constexpr, ROTATE: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = t < T
+    cols = tl.arange(0, D)
+    row = b.to(tl.int64) * stride_kb + h * stride_kh + t.to(tl.int64) * stride_kt  # [BLOCK_T]
+    x = tl.load(k_ptr + row[:, None] + cols[None, :], mask=row_mask[:, None], other=0.0)
+    x = x.to(tl.float32)  # [BLOCK_T, D]
+    if SMOOTH:
+        x = x - tl.load(mean_ptr + h * stride_mh + cols)[None, :].to(tl.float32)
+    if ROTATE:
+        gl = tl.arange(0, G)
+        xg = tl.reshape(x, (BLOCK_T * (D // G), G)) * tl.load(s1_ptr + gl)[None, :]
+        xg = _fwht_rows(xg, BLOCK_T * (D // G), G, LOG2_G)
+        xg = xg * tl.load(s2_ptr + gl)[None, :]
+        x = tl.reshape(xg * rot_scale, (BLOCK_T, D))
+    pos = (start_pos + t).to(tl.int64)
+    qs_row = b.to(tl.int64) * stride_qb + h * stride_qh + pos * stride_qt
+    s_row = b.to(tl.int64) * stride_sb + h * stride_sh + pos * stride_st
+    _quantize_store_rows(x, row_mask, qs_ptr, d_ptr, m_ptr, qs_row, s_row, BLOCK_T, D, KV_TYPE)
+
+
+def k_write(
+    k: torch.Tensor, store: KVStore, start_pos: int, *, mean: torch.Tensor | None = None,
+    rotation: Rotation | None = None, block_t: int = 16,
+) -> None:
+    """Write K rows (B, Hkv, T, D) at positions [start_pos, start_pos + T) of a (B, Hkv, P, X) store."""
+    b, h, t, dim = k.shape
+    check_kernel_head_dim(dim)
+    if store.head_dim != dim or store.qs.shape[:2] != (b, h) or start_pos + t > store.qs.shape[2]:
+        raise ValueError(f"K {tuple(k.shape)} at {start_pos} does not fit the store {store.shape}")
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if rotation is not None and rotation.head_dim != dim:
+        raise ValueError(f"rotation for head_dim {rotation.head_dim} used on head_dim {dim}")
+    if t == 0:
+        return
+    dummy = torch.zeros(1, dtype=torch.float32, device=k.device)
+    mean_t = dummy if mean is None else mean.to(device=k.device, dtype=torch.float32).contiguous()  # (Hkv, D)
+    rot = rotation
+    if rot is not None and rot.s1.device != k.device:
+        rot = rot.to(k.device)  # a host-to-device copy per call: keep the engine's Rotation on the device
+    group = rot.group if rot is not None else 32
+    grid = (triton.cdiv(t, block_t), b * h)
+    _k_write_kernel[grid](
+        k, k.stride(0), k.stride(1), k.stride(2),
+        mean_t, 0 if mean is None else mean_t.stride(0),
+        dummy if rot is None else rot.s1, dummy if rot is None else rot.s2,
+        1.0 if rot is None else rot.scale,
+        *store_args(store)[:9],
+        t, h, start_pos,
+        D=dim, BLOCK_T=block_t, KV_TYPE=store_args(store)[9],
+        SMOOTH=mean is not None, ROTATE=rot is not None, G=group, LOG2_G=group.bit_length() - 1,
+        enable_fp_fusion=False,
+    )

@@ -1,0 +1,97 @@
+"""Prefill, decode and the event stream on tiny random models (fast) and SmolLM2 (golden)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from engine.api import EngineConfig, Finished, SamplingParams, TextDelta
+from engine.errors import SettingsError
+from engine.session import Engine
+from tests.engine.tiny_models import write_tiny_model
+
+PROMPT = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 32, 84, 104, 105, 115, 32, 105, 115]  # 21
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "llama.gguf", "llama", seed=3, quantized=True)
+
+
+def load(path, **kw):
+    return Engine.load(EngineConfig(model=str(path), context_length=kw.pop("ctx", 128), **kw))
+
+
+def test_prefill_returns_last_row_of_final_chunk_not_first(tiny_path):
+    whole = load(tiny_path, prefill_chunk=512).prefill(PROMPT, 0, logits_for="all")  # (21, vocab)
+    session = load(tiny_path, prefill_chunk=8)  # chunks of 8, 8, 5: a multi-token final chunk
+    last = session.prefill(PROMPT, 0)  # (1, vocab)
+    assert torch.allclose(last[0], whole[-1], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(last[0], whole[-5], rtol=1e-2, atol=1e-2), "returned the final chunk's first row"
+    assert session.cached_ids == PROMPT
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 512])
+def test_chunk_size_does_not_change_logits(tiny_path, chunk):
+    reference = load(tiny_path, prefill_chunk=512).prefill(PROMPT, 0, logits_for="all")
+    chunked = load(tiny_path, prefill_chunk=chunk).prefill(PROMPT, 0, logits_for="all")
+    err = float((chunked - reference).norm() / reference.norm())
+    assert err < 1e-4, f"chunk {chunk}: relative error {err:.2e}"
+
+
+def collect(events):
+    deltas, final = [], None
+    for event in events:
+        if isinstance(event, TextDelta):
+            deltas.append(event)
+        elif isinstance(event, Finished):
+            final = event
+    return deltas, final
+
+
+def test_generation_respects_max_tokens_and_reports_stats(tiny_path):
+    deltas, final = collect(load(tiny_path).generate(PROMPT, SamplingParams(max_tokens=6)))
+    assert final.stop_reason == "max_tokens"
+    assert final.stats.new_tokens == 6
+    assert sum(len(d.token_ids) for d in deltas) == 6
+    assert final.text == "".join(d.text for d in deltas)
+    assert final.stats.prompt_tokens == len(PROMPT) and final.stats.decode_tok_per_s > 0
+    assert final.stats.kv_bytes > 0
+
+
+def test_reused_prefix_gives_the_same_greedy_tokens(tiny_path):
+    params = SamplingParams(max_tokens=8)
+    fresh = [t for d in collect(load(tiny_path).generate(PROMPT + [10, 65], params))[0] for t in d.token_ids]
+    session = load(tiny_path)
+    collect(session.generate(PROMPT, params))
+    deltas, final = collect(session.generate(PROMPT + [10, 65], params))
+    assert final.stats.cached_tokens == len(PROMPT)
+    assert [t for d in deltas for t in d.token_ids] == fresh
+
+
+def test_cancel_stops_between_steps(tiny_path):
+    cancel = threading.Event()
+    events = load(tiny_path).generate(PROMPT, SamplingParams(max_tokens=50), cancel)
+    seen = 0
+    for event in events:
+        if isinstance(event, TextDelta):
+            seen += len(event.token_ids)
+            cancel.set()
+        if isinstance(event, Finished):
+            assert event.stop_reason == "cancelled"
+            assert 1 <= event.stats.new_tokens == seen < 50
+            break
+    else:
+        pytest.fail("no Finished event")
+
+
+def test_prompt_longer_than_context_is_a_readable_error(tiny_path):
+    with pytest.raises(SettingsError, match="raise the context length"):
+        list(load(tiny_path, ctx=16).generate(PROMPT))
+
+
+def test_bad_setting_is_rejected_before_loading(tiny_path):
+    with pytest.raises(SettingsError, match="K cache type 'q3_0'"):
+        load(tiny_path, kv_k="q3_0")

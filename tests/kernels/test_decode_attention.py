@@ -1,0 +1,88 @@
+"""decode_attention (split-context, two-step) against decode_attention_reference (dequantize + SDPA)."""
+
+import itertools
+
+import pytest
+import torch
+
+from engine import hadamard, kv_quant
+from kernels.decode_attention import decode_attention, decode_attention_reference
+from kernels.k_write import k_write
+from kernels.v_write import v_write
+from tests.kernels._util import DEVICE, KV_TYPES, assert_close_rms, gpu, random_store
+
+TOL = 3e-3  # both sides read the same dequantized values; the kernel rounds its dot operands to fp16
+
+
+def _case(k_type, v_type, bsz, hkv, gqa, dim, lengths, positions, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    k_store = random_store(k_type, (bsz, hkv, positions), dim, gen)
+    v_store = random_store(v_type, (bsz, hkv, positions), dim, gen)
+    q = torch.randn(bsz, hkv * gqa, dim, generator=gen).to(DEVICE)  # (B, Hq, D)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    return q, k_store, v_store, lens
+
+
+@pytest.mark.parametrize("k_type,v_type", list(itertools.product(KV_TYPES, KV_TYPES)))
+def test_decode_all_type_pairs(k_type, v_type):
+    # two sequences of odd lengths 41 and 123, GQA 4, splits of 32 positions
+    q, ks, vs, lens = _case(k_type, v_type, 2, 1, 4, 64, [41, 123], 128)
+    got = decode_attention(q, ks, vs, lens, split_size=32, block_n=32)
+    want = decode_attention_reference(q, ks, vs, lens)
+    assert_close_rms(f"decode output ({k_type} K, {v_type} V)", got, want, TOL)
+
+
+@pytest.mark.parametrize(
+    "dim,gqa,lengths,window,split",
+    [(128, 1, [123], None, 64), (64, 4, [41], 17, 32), (64, 1, [123, 1], 50, 32), (128, 4, [5], None, None)],
+    ids=["D128-gqa1", "window17", "window50-len1", "default-split"],
+)
+@pytest.mark.parametrize("k_type,v_type", [("q4_0", "q8_0"), ("q8_0", "q4_1")])
+def test_decode_shapes_and_windows(dim, gqa, lengths, window, split, k_type, v_type):
+    q, ks, vs, lens = _case(k_type, v_type, len(lengths), 2, gqa, dim, lengths, 128)
+    got = decode_attention(q, ks, vs, lens, window=window, split_size=split, block_n=32)
+    want = decode_attention_reference(q, ks, vs, lens, window=window)
+    assert_close_rms(f"decode output (D={dim}, GQA={gqa}, window={window})", got, want, TOL)
+
+
+def test_decode_many_splits():
+    # 35 splits of 32 positions: the reduce step walks its splits in two chunks of 32
+    q, ks, vs, lens = _case("q4_0", "q4_1", 1, 1, 2, 32, [1100], 1104)
+    got = decode_attention(q, ks, vs, lens, split_size=32, block_n=32)
+    want = decode_attention_reference(q, ks, vs, lens)
+    assert_close_rms("decode output (35 splits)", got, want, TOL)
+
+
+def test_decode_rejects_16_row_tiles():
+    q, ks, vs, lens = _case("q4_0", "q4_0", 1, 1, 1, 32, [20], 20)
+    with pytest.raises(ValueError, match="block_n"):
+        decode_attention(q, ks, vs, lens, split_size=16, block_n=16)
+
+
+def test_decode_rotated_cache_matches_full_precision_attention():
+    # end to end: k_write rotates + quantizes K, Q is rotated the same way -> attention ~ fp32 attention
+    gen = torch.Generator().manual_seed(3)
+    bsz, hkv, gqa, dim, n = 1, 2, 2, 64, 41
+    k = torch.randn(bsz, hkv, n, dim, generator=gen).to(DEVICE)  # (B, Hkv, T, D)
+    v = torch.randn(bsz, hkv, n, dim, generator=gen).to(DEVICE)  # (B, Hkv, T, D)
+    q = torch.randn(bsz, hkv * gqa, dim, generator=gen).to(DEVICE)  # (B, Hq, D)
+    rot = hadamard.make_rotation(dim)
+    ks = kv_quant.allocate("q8_0", (bsz, hkv, n), dim, DEVICE)
+    vs = kv_quant.allocate("q8_0", (bsz, hkv, n), dim, DEVICE)
+    k_write(k, ks, 0, rotation=rot)
+    v_write(v, vs, 0)
+    got = decode_attention(hadamard.rotate(q, rot), ks, vs, n)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None, :], k.repeat_interleave(gqa, 1), v.repeat_interleave(gqa, 1)
+    )[:, :, 0, :]  # (B, Hq, D)
+    assert_close_rms("decode output over a rotated q8_0 cache vs fp32 attention", got, want, 0.02)
+
+
+@gpu
+@pytest.mark.parametrize("k_type,v_type", list(itertools.product(KV_TYPES, KV_TYPES)))
+@pytest.mark.parametrize("dim,gqa,window", [(128, 6, None), (64, 7, None), (256, 4, 512)])
+def test_decode_real_shapes_gpu(k_type, v_type, dim, gqa, window):
+    q, ks, vs, lens = _case(k_type, v_type, 2, 2, gqa, dim, [4097, 1000], 4200)
+    got = decode_attention(q, ks, vs, lens, window=window)
+    want = decode_attention_reference(q, ks, vs, lens, window=window)
+    assert_close_rms(f"decode output ({k_type} K, {v_type} V, D={dim})", got, want, TOL)

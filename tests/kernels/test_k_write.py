@@ -1,0 +1,65 @@
+"""k_write (fused smooth + WHT rotate + quantize) against k_write_reference, byte for byte."""
+
+import pytest
+import torch
+
+from engine import hadamard, kv_quant
+from kernels.k_write import k_write, k_write_reference
+from tests.kernels._util import DEVICE, KV_TYPES, QUANT_TYPES, assert_close_rms, assert_stores_equal, gpu
+
+
+def _run_both(kv_type, b, h, t, dim, start, positions, smooth, rotate, seed=0, block_t=16):
+    gen = torch.Generator().manual_seed(seed)
+    k = (torch.randn(b, h, t, dim, generator=gen) * 2.0).to(DEVICE)  # (B, H, T, D)
+    k[..., 5] += 20.0  # a bias-like outlier channel
+    mean = (torch.randn(h, dim, generator=gen)).to(DEVICE) if smooth else None  # (H, D)
+    rot = hadamard.make_rotation(dim) if rotate else None
+    got = kv_quant.allocate(kv_type, (b, h, positions), dim, DEVICE)
+    want = kv_quant.allocate(kv_type, (b, h, positions), dim, DEVICE)
+    k_write(k, got, start, mean=mean, rotation=rot, block_t=block_t)
+    k_write_reference(k, want, start, mean=mean, rotation=rot)
+    return k, mean, rot, got, want
+
+
+@pytest.mark.parametrize("kv_type", KV_TYPES)
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_k_write_matches_reference(kv_type, dim, smooth):
+    rotate = kv_type in QUANT_TYPES
+    _, _, _, got, want = _run_both(kv_type, 1, 2, 41, dim, start=7, positions=50, smooth=smooth,
+                                   rotate=rotate)
+    assert_stores_equal(got, want)
+
+
+@pytest.mark.parametrize("kv_type", QUANT_TYPES)
+def test_k_write_without_rotation_and_two_groups(kv_type):
+    # skip-WHT path, and head_dim 256 = two rotation groups of 128
+    _, _, _, got, want = _run_both(kv_type, 2, 1, 5, 64, start=0, positions=5, smooth=False, rotate=False)
+    assert_stores_equal(got, want)
+    _, _, _, got, want = _run_both(kv_type, 1, 1, 3, 256, start=1, positions=4, smooth=True, rotate=True)
+    assert_stores_equal(got, want)
+
+
+def test_k_write_leaves_other_positions_alone():
+    _, _, _, got, _ = _run_both("q4_0", 1, 2, 5, 64, start=3, positions=12, smooth=False, rotate=True)
+    assert int(got.qs[:, :, :3].abs().sum()) == 0 and int(got.qs[:, :, 8:].abs().sum()) == 0
+    assert int((got.qs[:, :, 3:8] != 0).sum()) > 0
+
+
+@pytest.mark.parametrize("kv_type", QUANT_TYPES)
+def test_k_write_dequantizes_back_to_smoothed_rotated_k(kv_type):
+    k, mean, rot, got, _ = _run_both(kv_type, 1, 2, 41, 64, start=0, positions=41, smooth=True, rotate=True)
+    back = hadamard.unrotate(kv_quant.dequantize(got), rot) + mean[None, :, None, :]  # (B, H, T, D)
+    tol = {"q8_0": 0.01, "q4_0": 0.15, "q4_1": 0.12}[kv_type]
+    assert_close_rms("k (dequantized, unrotated, unsmoothed)", back, k, tol)
+
+
+@pytest.mark.parametrize("kv_type", KV_TYPES)
+@pytest.mark.parametrize("block_t", [16, 64])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@gpu
+def test_k_write_real_shapes_gpu(kv_type, block_t, dim):
+    rotate = kv_type in QUANT_TYPES
+    _, _, _, got, want = _run_both(kv_type, 1, 8, 1000, dim, start=123, positions=2048, smooth=True,
+                                   rotate=rotate, block_t=block_t)
+    assert_stores_equal(got, want)

@@ -1,0 +1,360 @@
+"""Tandem's engine against llama.cpp on CPU: teacher-forced fidelity and prefill/decode speed.
+
+    .venv/bin/python tests/tools/bench_fidelity.py                       # everything (~20 min on 2 cores)
+    .venv/bin/python tests/tools/bench_fidelity.py --skip-speed          # fidelity table only
+    .venv/bin/python tests/tools/bench_fidelity.py --skip-fidelity       # speed table only
+    .venv/bin/python tests/tools/bench_fidelity.py --models smollm2-135m --texts code --json-out r.json
+
+Fidelity (issue "Engine core", Targets: top-1 agreement >= 99 %, perplexity within 1 %): every
+text in tests/fixtures/eval_text/ is tokenized ONCE with llama.cpp (vocab_only, BOS as the model's
+metadata asks) and the first --n ids are fed to both engines, so tokenizer differences cannot
+show up here. Both run one teacher-forced pass with logits for every position (ours through
+`Session.prefill(ids, 0, logits_for="all")`, exactly what `python -m engine perplexity` does;
+llama.cpp through `Llama(logits_all=True).eval`). Reported per model and text:
+  top-1 agreement = share of the n positions where both argmaxes are the same token,
+  ppl ours / ppl llama.cpp (ppl = exp(mean NLL of the n - 1 next tokens)),
+  mean and max KL(llama.cpp || ours) per position, and for each disagreement llama.cpp's own
+  logit margin between its top-1 and our top-1 (a tiny margin = a near-tie, not a bug).
+
+Speed (target: decode >= 0.8x, prefill >= 0.5x llama.cpp on the same threads; load < 5 s): one
+model (--speed-model) is loaded in this process by both engines. A run = prefill of the first
+--n-prompt ids of the code text at position 0 (last-row logits only) then --n-gen greedy decode
+steps. Runs alternate ours/llama.cpp in ABBA order after one untimed warm-up each; medians are
+reported with min-max as the noise floor, and `uptime` before and after because the machine may
+be shared. Load time = wall time of `Engine.load` (ours) / `Llama(...)` (llama.cpp) with the file
+already in the page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from engine.api import EngineConfig  # noqa: E402
+from engine.cli import resolve_model  # noqa: E402
+from engine.session import Engine  # noqa: E402
+
+logger = logging.getLogger("bench_fidelity")
+
+TEXT_DIR = ROOT / "tests" / "fixtures" / "eval_text"
+TEXTS = {"code": TEXT_DIR / "code.py.txt", "prose": TEXT_DIR / "prose.txt"}
+MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma-3-270m")
+NEAR_TIE_LOGIT_GAP = 0.05  # llama.cpp's own top-1 vs our top-1 logit gap below which a mismatch is a near-tie
+
+
+@dataclass
+class FidelityRow:
+    model: str
+    text: str
+    n: int
+    bos: bool
+    agree: float  # share of positions with the same argmax
+    ppl_ours: float
+    ppl_llama: float
+    kl_mean: float  # mean over positions of KL(llama.cpp || ours), nats
+    kl_max: float
+    nll_mae: float  # mean |NLL ours - NLL llama.cpp| over the n - 1 targets
+    seconds_ours: float
+    seconds_llama: float
+    disagreements: list[dict] = field(default_factory=list)  # position, tokens, margins
+
+    @property
+    def ratio(self) -> float:
+        return self.ppl_ours / self.ppl_llama
+
+
+@dataclass
+class SpeedRow:
+    model: str
+    threads: int
+    n_prompt: int
+    n_gen: int
+    prefill_ours: list[float]
+    prefill_llama: list[float]
+    decode_ours: list[float]
+    decode_llama: list[float]
+    load_ours_s: float
+    load_llama_s: float
+    order: list[str]
+    uptime_before: str
+    uptime_after: str
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "load averages {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def llama_module():
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise SystemExit("llama-cpp-python is not installed in this venv: pip install llama-cpp-python "
+                         "(CPU build), then rerun.") from exc
+    return llama_cpp
+
+
+def tokenize_with_llamacpp(model_path: str, text: str) -> tuple[list[int], bool]:
+    """Token ids of text by llama.cpp's own tokenizer, with BOS iff the model's metadata asks for it."""
+    llama_cpp = llama_module()
+    vocab = llama_cpp.Llama(model_path, vocab_only=True, verbose=False)
+    ids = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    bos = vocab.token_bos()
+    has_bos = bool(ids) and bos is not None and bos >= 0 and ids[0] == bos
+    del vocab
+    return ids, has_bos
+
+
+def llama_logits(model_path: str, ids: list[int], threads: int) -> tuple[torch.Tensor, float]:
+    """(len(ids), vocab) float32 logits of llama.cpp for every position, and the seconds taken."""
+    llama_cpp = llama_module()
+    llm = llama_cpp.Llama(model_path, n_ctx=len(ids) + 16, n_batch=512, n_ubatch=512, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True, verbose=False)
+    started = time.perf_counter()
+    llm.eval(ids)
+    seconds = time.perf_counter() - started
+    scores = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))  # (n, vocab)
+    del llm
+    gc.collect()
+    return scores, seconds
+
+
+def compare(model: str, text: str, ids: list[int], bos: bool, ours: torch.Tensor, theirs: torch.Tensor,
+            seconds_ours: float, seconds_llama: float) -> FidelityRow:
+    """ours, theirs: (n, vocab) logits for the same ids."""
+    vocab = min(ours.shape[-1], theirs.shape[-1])  # llama.cpp may pad nothing; guard anyway
+    ours64, theirs64 = ours[:, :vocab].double(), theirs[:, :vocab].double()  # (n, vocab)
+    lp_ours, lp_theirs = ours64.log_softmax(-1), theirs64.log_softmax(-1)  # (n, vocab)
+    targets = torch.tensor(ids[1:], dtype=torch.long)[:, None]  # (n - 1, 1)
+    nll_ours = -lp_ours[:-1].gather(1, targets)[:, 0]  # (n - 1,)
+    nll_theirs = -lp_theirs[:-1].gather(1, targets)[:, 0]  # (n - 1,)
+    kl = (lp_theirs.exp() * (lp_theirs - lp_ours)).sum(-1)  # (n,)
+    top_ours, top_theirs = ours64.argmax(-1), theirs64.argmax(-1)  # (n,)
+    disagreements = []
+    for pos in torch.nonzero(top_ours != top_theirs)[:, 0].tolist():
+        a, b = int(top_ours[pos]), int(top_theirs[pos])
+        disagreements.append({
+            "position": pos, "ours": a, "llama": b,
+            "llama_margin": float(theirs64[pos, b] - theirs64[pos, a]),  # >= 0: how sure llama.cpp was
+            "ours_margin": float(ours64[pos, a] - ours64[pos, b]),
+        })
+    return FidelityRow(
+        model=model, text=text, n=len(ids), bos=bos,
+        agree=float((top_ours == top_theirs).double().mean()),
+        ppl_ours=float(nll_ours.mean().exp()), ppl_llama=float(nll_theirs.mean().exp()),
+        kl_mean=float(kl.mean()), kl_max=float(kl.max()), nll_mae=float((nll_ours - nll_theirs).abs().mean()),
+        seconds_ours=seconds_ours, seconds_llama=seconds_llama, disagreements=disagreements,
+    )
+
+
+def run_fidelity(models: list[str], texts: list[str], n: int, threads: int) -> list[FidelityRow]:
+    rows = []
+    for model in models:
+        path = resolve_model(model)
+        token_sets = {}
+        for text in texts:
+            ids, bos = tokenize_with_llamacpp(path, TEXTS[text].read_text(encoding="utf-8"))
+            if len(ids) < n:
+                raise SystemExit(f"{TEXTS[text]} has only {len(ids)} tokens for {model}; need {n}.")
+            token_sets[text] = (ids[:n], bos)
+        theirs = {}
+        for text, (ids, _) in token_sets.items():
+            logger.info("llama.cpp: %s on %s (%d tokens)", model, text, len(ids))
+            theirs[text] = llama_logits(path, ids, threads)
+        logger.info("ours: loading %s", model)
+        session = Engine.load(EngineConfig(model=path, context_length=max(n, 16), prefill_chunk=min(512, n),
+                                           threads=threads, device="cpu"))
+        for text, (ids, bos) in token_sets.items():
+            session.cached_ids = []
+            started = time.perf_counter()
+            ours = session.prefill(ids, 0, logits_for="all").float()  # (n, vocab)
+            seconds = time.perf_counter() - started
+            row = compare(model, text, ids, bos, ours, theirs[text][0], seconds, theirs[text][1])
+            logger.info("%s/%s: agree %.4f, ppl %.4f vs %.4f, KL mean %.2e", model, text, row.agree,
+                        row.ppl_ours, row.ppl_llama, row.kl_mean)
+            rows.append(row)
+        del session, theirs
+        gc.collect()
+    return rows
+
+
+def time_ours(session, prompt: list[int], n_gen: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one run from position 0."""
+    session.cached_ids = []
+    t0 = time.perf_counter()
+    logits = session.prefill(prompt, 0)  # (1, vocab)
+    t1 = time.perf_counter()
+    token = int(logits[0].argmax())
+    for _ in range(n_gen):
+        token = int(session.decode_one(token)[0].argmax())
+    t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), n_gen / (t2 - t1)
+
+
+def time_llama(llm, prompt: list[int], n_gen: int) -> tuple[float, float]:
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    t1 = time.perf_counter()
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    for _ in range(n_gen):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), n_gen / (t2 - t1)
+
+
+def run_speed(model: str, threads: int, n_prompt: int, n_gen: int, rounds: int) -> SpeedRow:
+    llama_cpp = llama_module()
+    path = resolve_model(model)
+    ids, _ = tokenize_with_llamacpp(path, TEXTS["code"].read_text(encoding="utf-8"))
+    if len(ids) < n_prompt:
+        ids = (ids * (n_prompt // len(ids) + 1))
+    prompt = ids[:n_prompt]
+    before = uptime()
+    Path(path).read_bytes()  # page cache warm for both loads
+    t0 = time.perf_counter()
+    session = Engine.load(EngineConfig(model=path, context_length=n_prompt + n_gen + 16, threads=threads,
+                                       device="cpu"))
+    load_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(path, n_ctx=n_prompt + n_gen + 16, n_batch=512, n_ubatch=512, n_threads=threads,
+                          n_threads_batch=threads, logits_all=False, verbose=False)
+    load_llama = time.perf_counter() - t0
+    logger.info("loaded: ours %.2f s, llama.cpp %.2f s; warming up", load_ours, load_llama)
+    time_ours(session, prompt[:32], 4)
+    time_llama(llm, prompt[:32], 4)
+    results = {"ours": ([], []), "llama": ([], [])}
+    order = ["ours", "llama", "llama", "ours"] * max(1, rounds // 2)
+    for who in order:
+        torch.set_num_threads(threads)
+        if who == "ours":
+            prefill, decode = time_ours(session, prompt, n_gen)
+        else:
+            prefill, decode = time_llama(llm, prompt, n_gen)
+        logger.info("%s: prefill %.1f tok/s, decode %.2f tok/s", who, prefill, decode)
+        results[who][0].append(prefill)
+        results[who][1].append(decode)
+    after = uptime()
+    del session, llm
+    gc.collect()
+    return SpeedRow(model=model, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
+                    prefill_ours=results["ours"][0], prefill_llama=results["llama"][0],
+                    decode_ours=results["ours"][1], decode_llama=results["llama"][1],
+                    load_ours_s=load_ours, load_llama_s=load_llama, order=order,
+                    uptime_before=before, uptime_after=after)
+
+
+def spread(values: list[float], digits: int) -> str:
+    """'median (min-max)'."""
+    med = statistics.median(values)
+    return f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def fidelity_table(rows: list[FidelityRow]) -> str:
+    lines = ["| model | text | n | BOS | top-1 agreement | ppl ours | ppl llama.cpp | ratio | mean KL "
+             "| max KL | mismatches (near-ties) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ties = sum(d["llama_margin"] < NEAR_TIE_LOGIT_GAP for d in r.disagreements)
+        lines.append(f"| {r.model} | {r.text} | {r.n} | {'yes' if r.bos else 'no'} | {100 * r.agree:.2f} % "
+                     f"| {r.ppl_ours:.4f} | {r.ppl_llama:.4f} | {r.ratio:.4f} | {r.kl_mean:.2e} "
+                     f"| {r.kl_max:.2e} | {len(r.disagreements)} ({ties}) |")
+    return "\n".join(lines)
+
+
+def speed_table(rows: list[SpeedRow]) -> str:
+    lines = ["| model | threads | prefill ours | prefill llama.cpp | ratio | decode ours | decode llama.cpp "
+             "| ratio | load ours | load llama.cpp |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pr = statistics.median(r.prefill_ours) / statistics.median(r.prefill_llama)
+        dr = statistics.median(r.decode_ours) / statistics.median(r.decode_llama)
+        lines.append(f"| {r.model} | {r.threads} | {spread(r.prefill_ours, 1)} "
+                     f"| {spread(r.prefill_llama, 1)} | {pr:.2f}x | {spread(r.decode_ours, 2)} "
+                     f"| {spread(r.decode_llama, 2)} | {dr:.2f}x "
+                     f"| {r.load_ours_s:.2f} s | {r.load_llama_s:.2f} s |")
+    lines.append("")
+    if rows:
+        lines.append("tok/s: median (min-max) over the runs; runs in order " + " ".join(rows[0].order))
+    for r in rows:
+        lines.append(f"pp{r.n_prompt} + tg{r.n_gen}; machine load before: `{r.uptime_before}`; "
+                     f"after: `{r.uptime_after}`")
+    return "\n".join(lines)
+
+
+def environment() -> str:
+    import platform
+
+    try:
+        import llama_cpp
+
+        llama_version = llama_cpp.__version__
+    except ImportError:
+        llama_version = "not installed"
+    try:
+        from engine import linear
+
+        linear_mode = getattr(linear, "DEFAULT_CPU_LINEAR_MODE", "?")
+    except ImportError:
+        linear_mode = "?"
+    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()} {os.cpu_count()} "
+            f"CPUs; torch {torch.__version__}; llama-cpp-python {llama_version}; "
+            f"engine CPU linear mode {linear_mode}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated catalogue keys or GGUF paths")
+    p.add_argument("--texts", default="code,prose", help=f"comma-separated, from {', '.join(TEXTS)}")
+    p.add_argument("--n", type=int, default=512, help="tokens per text for fidelity")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--speed-model", default="qwen2.5-coder-1.5b")
+    p.add_argument("--n-prompt", type=int, default=512)
+    p.add_argument("--n-gen", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2, help="runs per engine (ABBA order; even)")
+    p.add_argument("--skip-fidelity", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--json-out", help="write all raw numbers (including each disagreement) here")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    command = " ".join(["tests/tools/bench_fidelity.py"] + (argv if argv is not None else sys.argv[1:]))
+    out = [f"Environment: {environment()}", f"Command: `.venv/bin/python {command}`",
+           f"Machine load at start: `{uptime()}`", ""]
+    print("\n".join(out), flush=True)
+    fidelity, speed = [], []
+    if not args.skip_fidelity:
+        fidelity = run_fidelity(args.models.split(","), args.texts.split(","), args.n, args.threads)
+        print(fidelity_table(fidelity) + "\n", flush=True)
+    if not args.skip_speed:
+        speed = [run_speed(args.speed_model, args.threads, args.n_prompt, args.n_gen, args.rounds)]
+        print(speed_table(speed) + "\n", flush=True)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({
+            "environment": environment(), "fidelity": [asdict(r) | {"ratio": r.ratio} for r in fidelity],
+            "speed": [asdict(r) for r in speed]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
