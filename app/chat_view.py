@@ -27,7 +27,6 @@ from PySide6.QtWidgets import (
 )
 
 from app.markdown_render import MarkdownRenderer, drafted_mask, stable_prefix_end
-from app.qt_compat import emit
 from app.storage import Message
 
 log = logging.getLogger(__name__)
@@ -119,10 +118,10 @@ class MessageWidget(QFrame):
         header.addStretch(1)
         self.copy_button = self._tool_button("Copy", "Copy this message as Markdown", self._copy_message)
         self.edit_button = self._tool_button(
-            "Edit", "Edit and resend this message", lambda: emit(self.edit_clicked, self.message.id)
+            "Edit", "Edit and resend this message", lambda: self.edit_clicked.emit(self.message.id)
         )
         self.regenerate_button = self._tool_button(
-            "Regenerate", "Generate this answer again", lambda: emit(self.regenerate_clicked, self.message.id)
+            "Regenerate", "Generate this answer again", lambda: self.regenerate_clicked.emit(self.message.id)
         )
         for b in (self.copy_button, self.edit_button, self.regenerate_button):
             header.addWidget(b)

@@ -16,7 +16,6 @@ from PySide6.QtCore import QCoreApplication, QObject, QThread, Signal
 from app.engine_settings import EngineSettings
 from app.markdown_render import mask_to_spans
 from app.meter import stats_summary
-from app.qt_compat import emit
 from app.storage import ChatStore, Message
 from app.worker import EngineLoader, EngineWorker, GenerationRequest, ModelLocator
 from engine.api import Finished, GenerationStats
@@ -112,17 +111,17 @@ class ChatController(QObject):
         self.stop()
         self.loading = True
         self.model_info = None
-        emit(self.load_started)
-        emit(self._load, settings)
+        self.load_started.emit()
+        self._load.emit(settings)
 
     def _on_loaded(self, info: dict) -> None:
         self.loading = False
         self.model_info = info
-        emit(self.model_ready, info)
+        self.model_ready.emit(info)
 
     def _on_load_failed(self, message: str) -> None:
         self.loading = False
-        emit(self.load_failed, message)
+        self.load_failed.emit(message)
 
     # conversations -> requests
     def engine_messages(self, conversation_id: int, upto_id: int | None = None) -> list[dict]:
@@ -174,9 +173,9 @@ class ChatController(QObject):
         request = GenerationRequest(self._next_id, messages, self.settings.sampling())
         self._next_id += 1
         self.answer = _Answer(request, conversation_id, assistant)
-        emit(self.busy_changed, True)
-        emit(self.answer_started, assistant)
-        emit(self._generate, request)
+        self.busy_changed.emit(True)
+        self.answer_started.emit(assistant)
+        self._generate.emit(request)
 
     def stop(self) -> None:
         if self.answer is not None:
@@ -197,14 +196,14 @@ class ChatController(QObject):
         if now - a.last_write >= PARTIAL_WRITE_S:
             self.store.update_message(a.message.id, a.text)
             a.last_write = now
-        emit(self.answer_text, text, mask)
+        self.answer_text.emit(text, mask)
 
     def _on_stats(self, request_id: int, stats: GenerationStats) -> None:
         a = self._current(request_id)
         if a is None:
             return
         a.stats = stats
-        emit(self.answer_stats, stats)
+        self.answer_stats.emit(stats)
 
     def _meta(self, a: _Answer, stats: GenerationStats | None, **extra: object) -> dict:
         meta: dict = {"drafted": mask_to_spans(a.mask), **extra}
@@ -226,8 +225,8 @@ class ChatController(QObject):
         meta = self._meta(a, finished.stats, stop_reason=finished.stop_reason)
         self.store.update_message(a.message.id, text, status=status, meta=meta)
         self.answer = None
-        emit(self.busy_changed, False)
-        emit(self.answer_finished, self.store.message(a.message.id), finished)
+        self.busy_changed.emit(False)
+        self.answer_finished.emit(self.store.message(a.message.id), finished)
 
     def _on_failed(self, request_id: int, message: str, produced: str) -> None:
         a = self._current(request_id)
@@ -238,8 +237,8 @@ class ChatController(QObject):
             a.message.id, text, status="partial", meta=self._meta(a, a.stats, error=message)
         )
         self.answer = None
-        emit(self.busy_changed, False)
-        emit(self.answer_failed, self.store.message(a.message.id), message)
+        self.busy_changed.emit(False)
+        self.answer_failed.emit(self.store.message(a.message.id), message)
 
     # shutdown
     def shutdown(self, timeout_ms: int = 15000) -> bool:
@@ -249,7 +248,7 @@ class ChatController(QObject):
         self.shut_down = True
         self.stop()
         self.worker.closing.set()
-        emit(self._shutdown)
+        self._shutdown.emit()
         ended = self.thread.wait(timeout_ms)
         if ended:
             QCoreApplication.processEvents()  # deliver the worker's last queued results

@@ -15,7 +15,6 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.qt_compat import emit
 from app.storage import ChatStore
 
 ROLE_ID = Qt.UserRole
@@ -117,10 +116,10 @@ class ConversationList(QWidget):
         cid = item.data(ROLE_ID)
         self.current_id = cid
         if self.searching:
-            emit(self.hit_selected, cid, item.data(ROLE_MESSAGE))
+            self.hit_selected.emit(cid, item.data(ROLE_MESSAGE))
         else:
-            emit(self.selected, cid)
+            self.selected.emit(cid)
 
     def _emit_for_current(self, signal: Signal) -> None:
         if self.current_id is not None:
-            emit(signal, self.current_id)
+            signal.emit(self.current_id)

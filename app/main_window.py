@@ -337,7 +337,7 @@ class MainWindow(QMainWindow):
         else:
             self.controller.send(cid, text)
         self.input.clear()
-        # the answer widget was added by answer_started; show the whole conversation as stored
+        # the chat view was updated through answer_started; the list shows the new title
         self.conversations.refresh()
         return True
 

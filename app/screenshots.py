@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from app.engine_settings import EngineSettings
     from app.main_window import MainWindow
-    from app.self_test import wait_for
+    from app.self_test import wait_any, wait_for
     from app.storage import ChatStore
 
     app = QApplication(sys.argv[:1])
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         w.settings_panel.set_settings(settings)
         w.controller.load(settings)
-        if wait_for(w.controller.model_ready, args.timeout) is None:
+        hit = wait_any([w.controller.model_ready, w.controller.load_failed], args.timeout)
+        if hit is None or hit[0] != 0:
             log.error("the model did not load: %s", w.banner.text())
             return 1
         w.new_conversation()
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         for theme in ("light", "dark"):
             w.set_theme(theme)
-            app.processEvents()
+            wait_any([], 0.5)  # let the re-rendered messages get their widths and heights
             path = args.out / f"screenshot-{theme}.png"
             w.grab().save(str(path))
             log.info("saved %s", path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import QEventLoop, QSettings, QTimer
@@ -20,21 +19,35 @@ log = logging.getLogger(__name__)
 TEST_MODEL = "smollm2-135m"
 
 
-def wait_for(signal, timeout_s: float, predicate: Callable[..., bool] | None = None) -> tuple | None:  # noqa: ANN001
-    """Run the event loop until `signal` fires (with args passing `predicate`) or time runs out."""
+def wait_any(signals: list, timeout_s: float) -> tuple[int, tuple] | None:
+    """Run the event loop until one of `signals` fires: (its index, its args), or None on timeout."""
     loop = QEventLoop()
-    got: list[tuple] = []
+    got: list[tuple[int, tuple]] = []
+    slots = []
+    for i, signal in enumerate(signals):
 
-    def on_signal(*args: object) -> None:
-        if predicate is None or predicate(*args):
-            got.append(args)
+        def on_signal(*args: object, i: int = i) -> None:
+            got.append((i, args))
             loop.quit()
 
-    signal.connect(on_signal)
-    QTimer.singleShot(int(timeout_s * 1000), loop.quit)
-    loop.exec()
-    signal.disconnect(on_signal)
+        signal.connect(on_signal)
+        slots.append((signal, on_signal))
+    timer = QTimer()
+    timer.setSingleShot(True)
+    timer.timeout.connect(loop.quit)
+    timer.start(int(timeout_s * 1000))
+    if not got:
+        loop.exec()
+    timer.stop()
+    for signal, slot in slots:
+        signal.disconnect(slot)
     return got[0] if got else None
+
+
+def wait_for(signal, timeout_s: float) -> tuple | None:  # noqa: ANN001
+    """Run the event loop until `signal` fires (its args) or time runs out (None)."""
+    hit = wait_any([signal], timeout_s)
+    return hit[1] if hit else None
 
 
 def run_self_test(model: str | None = None, timeout_s: float = 240.0) -> int:
@@ -68,14 +81,13 @@ def run_self_test(model: str | None = None, timeout_s: float = 240.0) -> int:
         check("window shown", window.isVisible(), f"{time.perf_counter() - t0:.2f} s")
         c = window.controller
         c.load(settings)
-        loaded = wait_for(c.model_ready, timeout_s)
-        if not check(
-            "model loads",
-            loaded is not None,
-            window.banner.text()
-            if loaded is None
-            else f"{loaded[0].get('model', '')} on {loaded[0].get('device', '')}",
-        ):
+        hit = wait_any([c.model_ready, c.load_failed], timeout_s)
+        loaded = hit[1] if hit is not None and hit[0] == 0 else None
+        if loaded is not None:
+            detail = f"{loaded[0].get('model', '')} on {loaded[0].get('device', '')}"
+        else:
+            detail = window.banner.text() or "timed out"
+        if not check("model loads", loaded is not None, detail):
             window.close()
             return 1
 

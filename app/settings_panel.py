@@ -26,7 +26,6 @@ from PySide6.QtWidgets import (
 )
 
 from app.engine_settings import THEMES, EngineSettings
-from app.qt_compat import emit
 from engine.api import DEVICES, K_SMOOTH_MODES, KV_TYPES
 from engine.errors import TandemError
 
@@ -167,7 +166,7 @@ class SettingsPanel(QScrollArea):
         look = QGroupBox("Appearance")
         f = QFormLayout(look)
         self.theme = _combo({t: t.capitalize() for t in THEMES})
-        self.theme.currentIndexChanged.connect(lambda _i: emit(self.theme_changed, self.theme.currentData()))
+        self.theme.currentIndexChanged.connect(lambda _i: self.theme_changed.emit(self.theme.currentData()))
         f.addRow("Theme", self.theme)
         self.tint = QCheckBox("Tint accepted draft tokens")
         self.tint.toggled.connect(self.tint_changed)
@@ -290,5 +289,5 @@ class SettingsPanel(QScrollArea):
             self.show_error(str(exc))
             return False
         self.show_error("")
-        emit(self.apply_requested, s)
+        self.apply_requested.emit(s)
         return True

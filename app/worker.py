@@ -23,7 +23,6 @@ from PySide6.QtCore import QObject, QThread, Signal, Slot
 
 from app.engine_settings import DEFAULT_DRAFT, DEFAULT_TARGET, EngineSettings
 from app.markdown_render import warm_lexers
-from app.qt_compat import emit
 from engine.api import Finished, GenerationStats, SamplingParams, StatsUpdate, TextDelta
 from engine.errors import TandemError
 
@@ -139,7 +138,7 @@ class EngineWorker(QObject):
             now = time.monotonic()
             if now - last[0] >= self._coalesce_s or fraction >= 1.0:
                 last[0] = now
-                emit(self.load_progress, str(stage), float(max(0.0, min(1.0, fraction))))
+                self.load_progress.emit(str(stage), float(max(0.0, min(1.0, fraction))))
 
         try:
             settings.check()
@@ -171,7 +170,7 @@ class EngineWorker(QObject):
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a message
             if not isinstance(exc, TandemError):
                 log.exception("model load failed")
-            emit(self.load_failed, describe_error(exc))
+            self.load_failed.emit(describe_error(exc))
             return
         self._session = session
         try:  # first use of a lexer imports it; do that here rather than on the GUI thread
@@ -181,15 +180,15 @@ class EngineWorker(QObject):
         info = dict(getattr(session, "info", {}) or {})
         info.setdefault("model_path", model)
         info["load_seconds"] = round(time.monotonic() - t0, 3)
-        emit(self.load_progress, "Ready", 1.0)
-        emit(self.loaded, info)
+        self.load_progress.emit("Ready", 1.0)
+        self.loaded.emit(info)
 
     # generation
     @Slot(object)
     def generate(self, request: GenerationRequest) -> None:
         rid = request.request_id
         if self._session is None:
-            emit(self.failed, rid, "No model is loaded. Open Settings to choose a model.", "")
+            self.failed.emit(rid, "No model is loaded. Open Settings to choose a model.", "")
             return
         buf: list[str] = []
         mask = bytearray()
@@ -204,12 +203,12 @@ class EngineWorker(QObject):
             nonlocal mask, pending_stats
             if buf:
                 chunk = "".join(buf)
-                emit(self.text, rid, chunk, bytes(mask))
+                self.text.emit(rid, chunk, bytes(mask))
                 produced.append(chunk)
                 buf.clear()
                 mask = bytearray()
             if pending_stats and latest is not None:
-                emit(self.stats, rid, latest)
+                self.stats.emit(rid, latest)
                 pending_stats = False
 
         try:
@@ -230,15 +229,15 @@ class EngineWorker(QObject):
             flush()
             if not isinstance(exc, TandemError):
                 log.exception("generation failed")
-            emit(self.failed, rid, describe_error(exc), "".join(produced))
+            self.failed.emit(rid, describe_error(exc), "".join(produced))
             return
         pending_stats = False
         flush()
         if finished is None:  # a generator that ended without its final event
             reason = "cancelled" if request.cancel.is_set() else "eos"
             finished = Finished(reason, latest or GenerationStats(), "".join(produced))
-        emit(self.stats, rid, finished.stats)
-        emit(self.finished, rid, finished)
+        self.stats.emit(rid, finished.stats)
+        self.finished.emit(rid, finished)
 
     # shutdown
     def _close_session(self) -> None:
@@ -253,7 +252,7 @@ class EngineWorker(QObject):
     @Slot()
     def shutdown(self) -> None:
         self._close_session()
-        emit(self.closed)
+        self.closed.emit()
         thread = QThread.currentThread()
         if thread is not None:
             thread.quit()

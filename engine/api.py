@@ -38,6 +38,7 @@ class EngineConfig:
     device: str = "auto"
     snapshot_dir: str | None = None
     threads: int | None = None  # CPU threads; None = torch's default
+    cpu_weights: str = "fast"  # fast (int4 repack, bf16 math) | exact (float32, bit-exact dequantization)
 
     def validate(self) -> None:
         """Raise SettingsError with a readable message for any bad field."""
@@ -51,6 +52,8 @@ class EngineConfig:
             raise SettingsError(f"Speculative mode '{self.draft.mode}' needs a draft path.")
         if self.device not in DEVICES:
             raise SettingsError(f"Device '{self.device}' is unknown; choose one of {', '.join(DEVICES)}.")
+        if self.cpu_weights not in ("fast", "exact"):
+            raise SettingsError(f"CPU weights mode '{self.cpu_weights}' is unknown; choose fast or exact.")
         if self.k_smooth not in K_SMOOTH_MODES:
             raise SettingsError(f"K smoothing '{self.k_smooth}' is unknown; choose one of {', '.join(K_SMOOTH_MODES)}.")
         if not 1 <= self.prefill_chunk <= 8192:

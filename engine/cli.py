@@ -47,6 +47,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
     p.add_argument("--snapshot-dir")
     p.add_argument("--threads", type=int)
+    p.add_argument("--cpu-weights", default="fast", help="fast (int4 repack, bf16 math) | exact (float32)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
@@ -70,6 +71,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         draft=DraftConfig(mode=args.spec, path=draft_path, max_draft=args.max_draft, block_size=args.block_size),
         kv_k=args.ctk, kv_v=args.ctv, skip_wht=args.skip_wht, k_smooth=args.k_smooth, prefill_chunk=args.chunk,
         context_length=args.ctx, device=args.device, snapshot_dir=args.snapshot_dir, threads=args.threads,
+        cpu_weights=args.cpu_weights,
     )
 
 
@@ -226,6 +228,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_needle(args: argparse.Namespace) -> int:
+    from engine.needle import run_needle
+
+    session = load_session(args)
+    result = run_needle(session, count=args.needles, seed=args.seed)
+    result.update({"model": Path(session.config.model).name, "ctx": args.ctx, "kv_k": args.ctk, "kv_v": args.ctv,
+                   "k_rotated": session.info["k_rotated"], "k_smooth": session.info["k_smooth"]})
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for t in result["trials"]:
+            print(f"vault {t['vault']:2d} depth {t['depth']:.2f}: {'found' if t['found'] else 'MISSED'} "
+                  f"({t['passphrase']!r} -> {t['answer'][:40]!r})")
+        print(f"recall {result['found']}/{result['total']}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from engine.model_catalog import models_command
 
@@ -272,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-gen", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("needle", help="passphrase recall at several depths of a long text")
+    add_engine_flags(p)
+    p.add_argument("--needles", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_needle)
 
     p = sub.add_parser("models", help="list the default models and their state")
     p.add_argument("--json", action="store_true")

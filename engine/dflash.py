@@ -217,6 +217,9 @@ class DFlashDrafter(Drafter):
         log.info("DFlash draft: %d layers, block %d, target layers %s", c.n_layers, block, c.target_layer_ids)
         return cls(model, session.model, block)
 
+    def first_length(self, max_draft: int) -> int:
+        return self.block_size - 1  # one forward drafts the whole block; --max-draft does not cut it
+
     def _features(self, hidden: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([hidden[j] for j in self._order], dim=-1)  # (T, n_target_layers * hidden)
 

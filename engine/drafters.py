@@ -69,7 +69,7 @@ class DraftModelDrafter(Drafter):
         check_same_vocabulary(target_file, draft_file)
         try:
             with torch.inference_mode():
-                model = Transformer.from_gguf(draft_file, device=device)
+                model = Transformer.from_gguf(draft_file, device=device, cpu_weights=config.cpu_weights)
             c = model.config
             cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, config.context_length, config.kv_k,
                             config.kv_v, device=device)

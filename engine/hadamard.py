@@ -64,6 +64,13 @@ def make_rotation(head_dim: int, seed: int = ROTATION_SEED) -> Rotation:
     return Rotation(head_dim, group, seed, signs[0].contiguous(), signs[1].contiguous())
 
 
+def k_rotation_for(k_type: str, head_dim: int, skip_wht: bool) -> Rotation | None:
+    """DESIGN.md's rule: quantized K is rotated, except q4_0 K with skip-WHT; f16/bf16 K never is."""
+    if k_type in ("f16", "bf16") or (k_type == "q4_0" and skip_wht):
+        return None
+    return make_rotation(head_dim)
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised Walsh–Hadamard transform along the last dim (a power of two): x @ H_G."""
     g = x.shape[-1]

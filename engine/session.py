@@ -55,7 +55,8 @@ class Engine:
         device, reason = pick_device(config.device)
         try:
             with torch.inference_mode():
-                model = Transformer.from_gguf(gguf_file, device=device, progress=report)
+                model = Transformer.from_gguf(gguf_file, device=device, progress=report,
+                                              cpu_weights=config.cpu_weights)
         except (MemoryError, torch.OutOfMemoryError) as exc:
             raise TandemError(f"Not enough memory to load {gguf_file.path.name}: {exc}. Close other programs, "
                               "or pick a smaller model or quantization.") from exc

@@ -63,6 +63,10 @@ class Drafter:
         """After a verify step: context now ends with the new pending token; hidden holds the target's
         captured states of context[start:-1], the rows of the verify block that were kept."""
 
+    def first_length(self, max_draft: int) -> int:
+        """The draft length of the first step (DFlash: its block size - 1)."""
+        return max_draft
+
     def next_length(self, k: int, n_drafted: int, n_accepted: int) -> int:
         """The draft length for the next step."""
         return k
@@ -187,7 +191,7 @@ def speculative_generate(session: Session, drafter: Drafter, prompt_ids: list[in
     first_token_at = None
     committed = [sampler.pick(logits[0], context)]
     flags = [False]
-    k = max_draft
+    k = drafter.first_length(max_draft)
     done = False
     while True:
         # -- emit committed tokens one by one, applying the plain loop's stop rules ------------------

@@ -87,16 +87,16 @@ def _decode_split_kernel(
         pmask = pos < end
         pos64 = pos.to(tl.int64)
         k = _load_rows(kq_ptr, kd_ptr, km_ptr, k_base + pos64 * stride_kt, ks_base + pos64 * stride_kst,
-                       pmask, BLOCK_N, D, K_TYPE)  # [BLOCK_N, D]
-        s = tl.dot(q, tl.trans(k.to(tl.float16)))  # [BLOCK_H, BLOCK_N] fp32
+                       pmask, BLOCK_N, D, K_TYPE)  # [BLOCK_N, D] fp16
+        s = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_N] fp32
         s = tl.where(pmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_rows(vq_ptr, vd_ptr, vm_ptr, v_base + pos64 * stride_vt, vs_base + pos64 * stride_vst,
-                       pmask, BLOCK_N, D, V_TYPE)  # [BLOCK_N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
+                       pmask, BLOCK_N, D, V_TYPE)  # [BLOCK_N, D] fp16
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
         m_i = m_new
 
     row = (b * HKV * GQA + heads).to(tl.int64) * n_splits + pid_s  # [BLOCK_H] index into (B * Hq, S)

@@ -148,28 +148,32 @@ def _load_rows(
     row_mask,  # [N] bool
     N: tl.constexpr, D: tl.constexpr, KV_TYPE: tl.constexpr,
 ):
-    """Load N cached rows and dequantize them -> [N, D] fp32 in `_storage_cols` order (masked rows 0)."""
+    """Load N cached rows and dequantize them -> [N, D] fp16 in `_storage_cols` order (masked rows 0).
+
+    fp16 because the attention dots take fp16 operands: for f16, q8_0 and q4_0 the fp16 product
+    d * q is the fp32 product rounded once, as before; q4_1's d * q + m rounds twice.
+    """
     cols = tl.arange(0, D)
     mask = row_mask[:, None]
     if KV_TYPE < 2:
-        x = tl.load(qs_ptr + qs_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(qs_ptr + qs_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float16)
     else:
         NB: tl.constexpr = D // 32
         s_off = s_row[:, None] + tl.arange(0, NB)[None, :]
-        d = tl.load(d_ptr + s_off, mask=mask, other=0.0).to(tl.float32)[:, :, None]  # [N, NB, 1]
+        d = tl.load(d_ptr + s_off, mask=mask, other=0.0)[:, :, None]  # [N, NB, 1] fp16
         if KV_TYPE == 2:
-            q = tl.load(qs_ptr + qs_row[:, None] + cols[None, :], mask=mask, other=0).to(tl.float32)
+            q = tl.load(qs_ptr + qs_row[:, None] + cols[None, :], mask=mask, other=0).to(tl.float16)
             x = tl.reshape(tl.reshape(q, (N, NB, 32)) * d, (N, D))
         else:
             bcols = tl.arange(0, D // 2)
             byte = tl.load(qs_ptr + qs_row[:, None] + bcols[None, :], mask=mask, other=0)  # [N, D/2]
-            nib = tl.reshape(tl.join(byte & 0x0F, byte >> 4), (N, NB, 32)).to(tl.float32)  # the
-            # storage-order permutation stays inside each 32-block, so block b is still nib[:, b]
+            nib = tl.reshape(tl.join(byte & 0x0F, byte >> 4), (N, NB, 32))  # the storage-order
+            # permutation stays inside each 32-block, so block b is still nib[:, b]
             if KV_TYPE == 3:
-                x = tl.reshape((nib - 8.0) * d, (N, D))
+                x = tl.reshape((nib.to(tl.int8) - 8).to(tl.float16) * d, (N, D))
             else:
-                mn = tl.load(m_ptr + s_off, mask=mask, other=0.0).to(tl.float32)[:, :, None]  # [N, NB, 1]
-                x = tl.reshape(d * nib + mn, (N, D))
+                mn = tl.load(m_ptr + s_off, mask=mask, other=0.0)[:, :, None]  # [N, NB, 1] fp16
+                x = tl.reshape(d * nib.to(tl.float16) + mn, (N, D))
     return x
 
 

@@ -75,8 +75,8 @@ def _prefill_attention_kernel(
         kmask = kpos < hi
         kpos64 = kpos.to(tl.int64)
         k = _load_rows(kq_ptr, kd_ptr, km_ptr, k_base + kpos64 * stride_kt, ks_base + kpos64 * stride_kst,
-                       kmask, BLOCK_N, D, K_TYPE)  # [BLOCK_N, D]
-        s = tl.dot(q, tl.trans(k.to(tl.float16)))  # [BLOCK_M, BLOCK_N] fp32
+                       kmask, BLOCK_N, D, K_TYPE)  # [BLOCK_N, D] fp16
+        s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
         visible = kmask[None, :] & (kpos[None, :] <= qpos[:, None])
         if window > 0:
             visible = visible & (kpos[None, :] > qpos[:, None] - window)
@@ -86,8 +86,8 @@ def _prefill_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_rows(vq_ptr, vd_ptr, vm_ptr, v_base + kpos64 * stride_vt, vs_base + kpos64 * stride_vst,
-                       kmask, BLOCK_N, D, V_TYPE)  # [BLOCK_N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
+                       kmask, BLOCK_N, D, V_TYPE)  # [BLOCK_N, D] fp16
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
         m_i = m_new
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]

@@ -6,6 +6,7 @@ import pytest
 from PySide6.QtCore import Qt
 
 from app.engine_settings import EngineSettings
+from tests.app.test_responsiveness import STALL_LIMIT_S, StallProbe
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +39,15 @@ def test_real_model_streams_and_stop_works(make_window, qtbot, smollm2_path, sto
 
     chunks: list[str] = []
     w.controller.answer_text.connect(lambda t, m: chunks.append(t))
+    probe = StallProbe()
+    probe.start()
     with qtbot.waitSignal(w.controller.answer_finished, timeout=ANSWER_TIMEOUT_MS) as done:
         w.send("Say hello.")
+    wall, cpu = probe.stop()
+    print(
+        f"real engine: longest event-loop stall {wall * 1000:.1f} ms wall, {cpu * 1000:.1f} ms GUI-thread CPU"
+    )
+    assert cpu < STALL_LIMIT_S
     msg, finished = done.args
     assert finished.stop_reason in ("eos", "max_tokens")
     assert msg.content.strip() and "".join(chunks) == msg.content
@@ -101,7 +109,7 @@ def test_real_engine_receives_skip_wht_for_q4_0_k(make_window, qtbot, smollm2_pa
         assert "q4_0" in payload and p.error.isVisible() and p.error.text() == payload
 
 
-def test_broken_gguf_gives_a_message_not_a_crash(make_window, qtbot, tmp_path, smollm2_path):
+def test_broken_gguf_gives_a_message_not_a_crash(make_window, qtbot, tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)  # a header that lies about its sizes
     w = make_window(real=True, autoload=False)
@@ -112,7 +120,4 @@ def test_broken_gguf_gives_a_message_not_a_crash(make_window, qtbot, tmp_path, s
     assert "broken.gguf" in message and "Traceback" not in message
     assert not message.startswith("Unexpected engine error"), message
     assert w.banner.isVisible() and w.settings_panel.error.isVisible()
-    # still usable: a good model loads afterwards
-    w.settings_panel.set_settings(small_settings(smollm2_path))
-    with qtbot.waitSignal(w.controller.model_ready, timeout=LOAD_TIMEOUT_MS):
-        assert w.settings_panel.apply()
+    # (recovering with a good model afterwards is covered on the fake engine: one model load less here)

@@ -6,7 +6,6 @@ import threading
 
 from PySide6.QtCore import Qt, QUrl
 
-from app.qt_compat import emit
 from engine.api import SamplingParams
 
 
@@ -54,7 +53,7 @@ def test_message_streams_and_is_stored(make_window, qtbot, fake_engine, store):
     assert widget.code_blocks() == ["def add(a, b):\n    return a + b"]
     browser = next(b for b in widget.browsers if b.code_blocks)
     assert "copy:0" in browser.toHtml()
-    emit(browser.anchorClicked, QUrl("copy:0"))
+    browser.anchorClicked.emit(QUrl("copy:0"))
     from PySide6.QtGui import QGuiApplication
 
     assert QGuiApplication.clipboard().text() == "def add(a, b):\n    return a + b"

@@ -8,7 +8,6 @@ import pytest
 from PySide6.QtCore import QObject, QThread, Signal
 
 from app.engine_settings import EngineSettings
-from app.qt_compat import emit
 from app.worker import COALESCE_S, EngineWorker, GenerationRequest, describe_error, split_mask
 from engine.api import SamplingParams, TextDelta
 from engine.errors import ModelFileError
@@ -43,7 +42,7 @@ def worker_on_thread(qtbot, tmp_path):
     kept = []
     while made:
         thread, worker, driver = made.pop()
-        emit(driver.shutdown)
+        driver.shutdown.emit()
         assert thread.wait(5000)
         kept.append((thread, worker, driver))
 
@@ -52,14 +51,14 @@ def test_tokens_are_coalesced_to_about_30_updates_per_second(qtbot, worker_on_th
     engine = FakeEngine(answer="abc" * 1500, token_delay=0.001)  # 1500 tokens, >= 1.5 s
     w, driver = worker_on_thread(engine)
     with qtbot.waitSignal(w.loaded, timeout=10000):
-        emit(driver.load, EngineSettings(draft_mode="none"))
+        driver.load.emit(EngineSettings(draft_mode="none"))
     assert engine.load_threads[0] != "MainThread"
     emitted: list[tuple[str, bytes]] = []
     w.text.connect(lambda rid, t, m: emitted.append((t, m)))
     req = GenerationRequest(7, [{"role": "user", "content": "x"}], SamplingParams(max_tokens=10_000))
     t0 = time.monotonic()
     with qtbot.waitSignal(w.finished, timeout=30000) as blocker:
-        emit(driver.generate, req)
+        driver.generate.emit(req)
     elapsed = time.monotonic() - t0
     rid, finished = blocker.args
     assert rid == 7 and finished.stop_reason == "eos"

@@ -88,3 +88,13 @@ def test_rotation_spreads_an_outlier_and_helps_q4_0():
     rotated = hadamard.unrotate(kv_quant.dequantize(kv_quant.quantize(hadamard.rotate(k, rot), "q4_0")), rot)
     err = lambda y: ((y - k).pow(2).mean() / k.pow(2).mean()).sqrt().item()
     assert err(rotated) < 0.5 * err(plain)
+
+
+@pytest.mark.parametrize(
+    "k_type,skip_wht,rotated",
+    [("f16", False, False), ("bf16", False, False), ("q8_0", False, True), ("q8_0", True, True),
+     ("q4_0", False, True), ("q4_0", True, False), ("q4_1", False, True), ("q4_1", True, True)],
+)
+def test_k_rotation_rule(k_type, skip_wht, rotated):
+    rot = hadamard.k_rotation_for(k_type, 128, skip_wht)
+    assert (rot is not None) == rotated

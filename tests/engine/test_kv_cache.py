@@ -27,7 +27,8 @@ def reference_logits(tiny_path):
 
 
 def logits_with(path, kv_k: str, kv_v: str, **kw) -> torch.Tensor:
-    session = Engine.load(EngineConfig(model=str(path), context_length=96, kv_k="f16", kv_v="f16", **kw))
+    session = Engine.load(EngineConfig(model=str(path), context_length=96, kv_k="f16", kv_v="f16",
+                                       cpu_weights="exact", **kw))
     c = session.model.config
     session.cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, 96, kv_k, kv_v,
                             rotate_k=not EngineConfig(model="", kv_k=kv_k, **kw).rotation_skipped(),

@@ -17,7 +17,8 @@ IDS = [504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30, 657, 216, 33, 3
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm2_path):
     transformers = pytest.importorskip("transformers")
-    session = Engine.load(EngineConfig(model=str(smollm2_path), context_length=64, kv_k="f16", kv_v="f16"))
+    session = Engine.load(EngineConfig(model=str(smollm2_path), context_length=64, kv_k="f16", kv_v="f16",
+                                       cpu_weights="exact"))
     ours = session.prefill(IDS, 0, logits_for="all").float()  # (T, vocab)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
                                                            dtype=torch.float32)

@@ -14,7 +14,7 @@ TOKENS = [5, 77, 300, 12, 250, 9, 133, 64, 201, 33, 7, 88, 190, 41]  # longer th
 
 
 def our_logits(path, tokens: list[int], chunk: int | None = None) -> torch.Tensor:
-    model = Transformer.from_gguf(GGUFModelFile.open(path))
+    model = Transformer.from_gguf(GGUFModelFile.open(path), cpu_weights="exact")
     c = model.config
     cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, 64, "f32", "f32")
     chunk = chunk or len(tokens)

@@ -72,6 +72,8 @@ class FidelityRow:
     seconds_ours: float
     seconds_llama: float
     disagreements: list[dict] = field(default_factory=list)  # position, tokens, margins
+    # Against transformers on the same ids (fp32 weights dequantized by gguf-py), with --transformers:
+    reference: dict = field(default_factory=dict)  # {"ours": {...}, "llama.cpp": {...}}: agree, ppl, kl_mean
 
     @property
     def ratio(self) -> float:
@@ -164,7 +166,34 @@ def compare(model: str, text: str, ids: list[int], bos: bool, ours: torch.Tensor
     )
 
 
-def run_fidelity(models: list[str], texts: list[str], n: int, threads: int) -> list[FidelityRow]:
+def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Top-1 agreement and mean KL(b || a) of logits a, b: (n, vocab); b is the reference."""
+    lp_a, lp_b = a.double().log_softmax(-1), b.double().log_softmax(-1)  # (n, vocab)
+    kl = (lp_b.exp() * (lp_b - lp_a)).sum(-1)  # (n,)
+    return {"agree": float((a.argmax(-1) == b.argmax(-1)).double().mean()), "kl_mean": float(kl.mean())}
+
+
+def transformers_logits(model_path: str, id_sets: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """{text: (n, vocab) float32 logits} of transformers' float32 model built from the GGUF."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    path = Path(model_path)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.eval()
+    out = {}
+    with torch.inference_mode():
+        for text, ids in id_sets.items():
+            out[text] = model(torch.tensor([ids])).logits[0].float()  # (n, vocab)
+    del model
+    gc.collect()
+    return out
+
+
+def run_fidelity(models: list[str], texts: list[str], n: int, threads: int,
+                 with_transformers: bool = False) -> list[FidelityRow]:
     rows = []
     for model in models:
         path = resolve_model(model)
@@ -181,6 +210,7 @@ def run_fidelity(models: list[str], texts: list[str], n: int, threads: int) -> l
         logger.info("ours: loading %s", model)
         session = Engine.load(EngineConfig(model=path, context_length=max(n, 16), prefill_chunk=min(512, n),
                                            threads=threads, device="cpu"))
+        ours_logits = {}
         for text, (ids, bos) in token_sets.items():
             session.cached_ids = []
             started = time.perf_counter()
@@ -190,7 +220,18 @@ def run_fidelity(models: list[str], texts: list[str], n: int, threads: int) -> l
             logger.info("%s/%s: agree %.4f, ppl %.4f vs %.4f, KL mean %.2e", model, text, row.agree,
                         row.ppl_ours, row.ppl_llama, row.kl_mean)
             rows.append(row)
-        del session, theirs
+            ours_logits[text] = ours
+        del session
+        gc.collect()
+        if with_transformers:
+            logger.info("transformers: %s", model)
+            reference = transformers_logits(path, {text: ids for text, (ids, _) in token_sets.items()})
+            for row in rows[-len(token_sets):]:
+                ref = reference[row.text]
+                row.reference = {"ours": agreement(ours_logits[row.text], ref),
+                                 "llama.cpp": agreement(theirs[row.text][0], ref)}
+            del reference
+        del theirs, ours_logits
         gc.collect()
     return rows
 
@@ -277,6 +318,16 @@ def fidelity_table(rows: list[FidelityRow]) -> str:
         lines.append(f"| {r.model} | {r.text} | {r.n} | {'yes' if r.bos else 'no'} | {100 * r.agree:.2f} % "
                      f"| {r.ppl_ours:.4f} | {r.ppl_llama:.4f} | {r.ratio:.4f} | {r.kl_mean:.2e} "
                      f"| {r.kl_max:.2e} | {len(r.disagreements)} ({ties}) |")
+    refs = [r for r in rows if r.reference]
+    if refs:
+        lines += ["", "Both engines against transformers (float32, gguf-py dequantized weights), same ids:",
+                  "",
+                  "| model | text | top-1 ours vs HF | top-1 llama.cpp vs HF | mean KL ours vs HF "
+                  "| mean KL llama.cpp vs HF |", "|---|---|---|---|---|---|"]
+        for r in refs:
+            o, q = r.reference["ours"], r.reference["llama.cpp"]
+            lines.append(f"| {r.model} | {r.text} | {100 * o['agree']:.2f} % | {100 * q['agree']:.2f} % "
+                         f"| {o['kl_mean']:.2e} | {q['kl_mean']:.2e} |")
     return "\n".join(lines)
 
 
@@ -332,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="runs per engine (ABBA order; even)")
     p.add_argument("--skip-fidelity", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--transformers", action="store_true",
+                   help="also compare both engines with transformers' float32 model (exact weights; slow)")
     p.add_argument("--json-out", help="write all raw numbers (including each disagreement) here")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -344,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(out), flush=True)
     fidelity, speed = [], []
     if not args.skip_fidelity:
-        fidelity = run_fidelity(args.models.split(","), args.texts.split(","), args.n, args.threads)
+        fidelity = run_fidelity(args.models.split(","), args.texts.split(","), args.n, args.threads,
+                                args.transformers)
         print(fidelity_table(fidelity) + "\n", flush=True)
     if not args.skip_speed:
         speed = [run_speed(args.speed_model, args.threads, args.n_prompt, args.n_gen, args.rounds)]

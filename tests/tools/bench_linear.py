@@ -66,12 +66,51 @@ def bench_tensor(info: TensorInfo, rows: tuple[int, ...]) -> dict[tuple[str, int
     return results
 
 
+def sweep(tensors: dict[str, TensorInfo], n_layers: int, head: TensorInfo, modes: tuple[str, ...],
+          passes: int = 6) -> None:
+    """Per-token time of every linear layer in layer order, for each mode (median / min ms of
+    `passes`, modes alternated ABBA): unlike the per-tensor table, no weight stays in cache."""
+    built: dict[str, list[torch.nn.Module]] = {}
+    for mode in modes:
+        t0 = time.perf_counter()
+        built[mode] = [make_linear(tensors[f"blk.{i}.{role}.weight"], mode=mode)
+                       for i in range(n_layers) for role in ROLES] + [make_linear(head, mode=mode)]
+        elapsed = time.perf_counter() - t0
+        print(f"sweep: built {len(built[mode])} {mode} modules in {elapsed:.2f} s", flush=True)
+    for m in (1, 8):
+        widths = {mod.in_features for mod in built[modes[0]]}
+        inputs = {k: torch.randn(m, k) for k in widths}  # (M, K) per input width
+        layer_ms: dict[str, list[float]] = {mode: [] for mode in modes}
+        head_ms: dict[str, list[float]] = {mode: [] for mode in modes}
+        for i in range(passes):
+            for mode in modes if i % 2 == 0 else modes[::-1]:
+                *layers, lm_head = built[mode]
+                t = time.perf_counter()
+                for mod in layers:
+                    mod(inputs[mod.in_features])
+                layer_ms[mode].append((time.perf_counter() - t) * 1e3)
+                t = time.perf_counter()
+                lm_head(inputs[lm_head.in_features])
+                head_ms[mode].append((time.perf_counter() - t) * 1e3)
+        for mode in modes:
+            lay, hd = layer_ms[mode], head_ms[mode]
+            print(f"sweep M={m} {mode:>10}: {n_layers} layers "
+                  f"{statistics.median(lay):7.1f} / {min(lay):7.1f} ms, "
+                  f"LM head {statistics.median(hd):6.1f} / {min(hd):6.1f} ms, "
+                  f"total {statistics.median(lay) + statistics.median(hd):7.1f} ms (median)", flush=True)
+
+
 def main() -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repack-all", action="store_true", help="also time repacking every linear weight")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time passes through int4-bf16 modules of the whole model, in layer order "
+                             "(weights streamed from memory as in real decoding)")
+    parser.add_argument("--only-sweep", action="store_true", help="skip the per-tensor table")
+    parser.add_argument("--sweep-modes", default="int4-bf16,dense", help="comma-separated make_linear modes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -94,6 +133,10 @@ def main() -> None:
     per_token[head_key] += 1
     sample[head_key] = head
 
+    if args.sweep or args.only_sweep:
+        sweep(tensors, n_layers, head, tuple(args.sweep_modes.split(",")))
+    if args.only_sweep:
+        return
     print(f"model {args.model.name}, {n_layers} layers, torch {torch.__version__}, threads {args.threads}, "
           f"load average {os.getloadavg()[0]:.1f}")
     print("ms per call, median / min; '-' = not timed")
