@@ -8,6 +8,7 @@ because locating it may assemble files and takes time).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -21,6 +22,15 @@ log = logging.getLogger(__name__)
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"  # model_catalog names
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
 THEMES = ("system", "light", "dark")
+
+
+def snapshot_directory() -> str:
+    """Where KV snapshots of conversations live (TANDEM_SNAPSHOT_DIR overrides, e.g. for tests)."""
+    from platformdirs import user_cache_dir
+
+    return os.environ.get("TANDEM_SNAPSHOT_DIR") or os.path.join(
+        user_cache_dir("tandem", "tandem"), "snapshots"
+    )
 
 
 @dataclass
@@ -56,6 +66,7 @@ class EngineSettings:
             prefill_chunk=self.prefill_chunk,
             context_length=self.context_length,
             device=self.device,
+            snapshot_dir=snapshot_directory(),
         )
         config.validate()
         return config

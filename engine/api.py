@@ -43,11 +43,17 @@ class EngineConfig:
     def validate(self) -> None:
         """Raise SettingsError with a readable message for any bad field."""
         if self.kv_k not in KV_TYPES:
-            raise SettingsError(f"K cache type '{self.kv_k}' is not supported; choose one of {', '.join(KV_TYPES)}.")
+            raise SettingsError(
+                f"K cache type '{self.kv_k}' is not supported; choose one of {', '.join(KV_TYPES)}."
+            )
         if self.kv_v not in KV_TYPES:
-            raise SettingsError(f"V cache type '{self.kv_v}' is not supported; choose one of {', '.join(KV_TYPES)}.")
+            raise SettingsError(
+                f"V cache type '{self.kv_v}' is not supported; choose one of {', '.join(KV_TYPES)}."
+            )
         if self.draft.mode not in DRAFT_MODES:
-            raise SettingsError(f"Speculative mode '{self.draft.mode}' is unknown; choose one of {', '.join(DRAFT_MODES)}.")
+            raise SettingsError(
+                f"Speculative mode '{self.draft.mode}' is unknown; choose one of {', '.join(DRAFT_MODES)}."
+            )
         if self.draft.mode in ("draft-model", "dflash") and not self.draft.path:
             raise SettingsError(f"Speculative mode '{self.draft.mode}' needs a draft path.")
         if self.device not in DEVICES:
@@ -55,9 +61,13 @@ class EngineConfig:
         if self.cpu_weights not in ("fast", "exact"):
             raise SettingsError(f"CPU weights mode '{self.cpu_weights}' is unknown; choose fast or exact.")
         if self.k_smooth not in K_SMOOTH_MODES:
-            raise SettingsError(f"K smoothing '{self.k_smooth}' is unknown; choose one of {', '.join(K_SMOOTH_MODES)}.")
+            raise SettingsError(
+                f"K smoothing '{self.k_smooth}' is unknown; choose one of {', '.join(K_SMOOTH_MODES)}."
+            )
         if not 1 <= self.prefill_chunk <= 8192:
-            raise SettingsError(f"Prefill chunk {self.prefill_chunk} is out of range; use 1..8192 (default 512).")
+            raise SettingsError(
+                f"Prefill chunk {self.prefill_chunk} is out of range; use 1..8192 (default 512)."
+            )
         if not 16 <= self.context_length <= 1 << 20:
             raise SettingsError(f"Context length {self.context_length} is out of range; use 16..1048576.")
         if self.draft.max_draft < 1 or self.draft.max_draft > 64:

@@ -68,17 +68,33 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         draft_path = resolve_model(draft_path)
     return EngineConfig(
         model=resolve_model(args.model),
-        draft=DraftConfig(mode=args.spec, path=draft_path, max_draft=args.max_draft, block_size=args.block_size),
-        kv_k=args.ctk, kv_v=args.ctv, skip_wht=args.skip_wht, k_smooth=args.k_smooth, prefill_chunk=args.chunk,
-        context_length=args.ctx, device=args.device, snapshot_dir=args.snapshot_dir, threads=args.threads,
+        draft=DraftConfig(
+            mode=args.spec, path=draft_path, max_draft=args.max_draft, block_size=args.block_size
+        ),
+        kv_k=args.ctk,
+        kv_v=args.ctv,
+        skip_wht=args.skip_wht,
+        k_smooth=args.k_smooth,
+        prefill_chunk=args.chunk,
+        context_length=args.ctx,
+        device=args.device,
+        snapshot_dir=args.snapshot_dir,
+        threads=args.threads,
         cpu_weights=args.cpu_weights,
     )
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repeat_penalty=args.repeat_penalty, seed=args.seed, max_tokens=args.max_tokens,
-                          stop=args.stop)
+    return SamplingParams(
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=args.stop,
+    )
 
 
 def load_session(args: argparse.Namespace):
@@ -88,11 +104,22 @@ def load_session(args: argparse.Namespace):
 
 
 def print_stats(stats) -> None:
-    print(f"\n[prompt {stats.prompt_tokens} tok ({stats.cached_tokens} cached), prefill {stats.prefill_tok_per_s:.1f} tok/s, "
-          f"ttft {stats.ttft_seconds * 1000:.0f} ms | {stats.new_tokens} new tok, decode {stats.decode_tok_per_s:.2f} tok/s"
-          + (f" | acceptance length {stats.acceptance_length:.2f} ({stats.accepted}/{stats.drafted} drafts)"
-             if stats.draft_steps else "")
-          + f" | KV {stats.kv_bytes / 2**20:.1f} MiB | {stats.device} ({stats.device_reason})]", file=sys.stderr)
+    parts = [
+        f"prompt {stats.prompt_tokens} tok ({stats.cached_tokens} cached)",
+        f"prefill {stats.prefill_tok_per_s:.1f} tok/s",
+        f"ttft {stats.ttft_seconds * 1000:.0f} ms",
+        f"{stats.new_tokens} new tok, decode {stats.decode_tok_per_s:.2f} tok/s",
+    ]
+    if stats.draft_steps:
+        per_position = " ".join(f"{rate:.2f}" for rate in stats.per_position_acceptance)
+        parts.append(
+            f"acceptance length {stats.acceptance_length:.2f} ({stats.accepted}/{stats.drafted} drafts; "
+            f"per position {per_position}; "
+            f"draft {stats.draft_seconds:.2f} s, verify {stats.verify_seconds:.2f} s)"
+        )
+    parts.append(f"KV {stats.kv_bytes / 2**20:.1f} MiB")
+    parts.append(f"{stats.device} ({stats.device_reason})")
+    print("\n[" + " | ".join(parts) + "]", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -118,8 +145,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         elif isinstance(event, Finished):
             final = event
     if args.json:
-        print(json.dumps({"text": final.text, "token_ids": token_ids, "stop_reason": final.stop_reason,
-                          "stats": vars(final.stats)}))
+        print(
+            json.dumps(
+                {
+                    "text": final.text,
+                    "token_ids": token_ids,
+                    "stop_reason": final.stop_reason,
+                    "stats": vars(final.stats),
+                }
+            )
+        )
     else:
         print_stats(final.stats)
     return 0
@@ -132,7 +167,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     session = load_session(args)
     params = sampling_params(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"Tandem terminal chat on {session.info['model']} ({session.device}). Empty line to quit.", file=sys.stderr)
+    print(
+        f"Tandem terminal chat on {session.info['model']} ({session.device}). Empty line to quit.",
+        file=sys.stderr,
+    )
     while True:
         try:
             line = input("\nyou> ").strip()
@@ -188,8 +226,13 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     logprobs = torch.log_softmax(logits, dim=-1)
     targets = torch.tensor(ids[1:], dtype=torch.long, device=logits.device)
     nll = -logprobs[:-1].gather(1, targets[:, None])[:, 0]  # (n - 1,)
-    result = {"ppl": math.exp(float(nll.mean())), "n_tokens": len(ids), "nll": [float(x) for x in nll],
-              "argmax": [int(x) for x in logits.argmax(-1)], "seconds": time.perf_counter() - started}
+    result = {
+        "ppl": math.exp(float(nll.mean())),
+        "n_tokens": len(ids),
+        "nll": [float(x) for x in nll],
+        "argmax": [int(x) for x in logits.argmax(-1)],
+        "seconds": time.perf_counter() - started,
+    }
     if args.json:
         print(json.dumps(result))
     else:
@@ -204,8 +247,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     vocab = session.model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, min(vocab, 30000), (args.n_prompt,), generator=gen).tolist()
-    results = {"model": Path(session.config.model).name, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-               "device": session.device, "kv_k": args.ctk, "kv_v": args.ctv, "threads": torch.get_num_threads()}
+    results = {
+        "model": Path(session.config.model).name,
+        "n_prompt": args.n_prompt,
+        "n_gen": args.n_gen,
+        "device": session.device,
+        "kv_k": args.ctk,
+        "kv_v": args.ctv,
+        "threads": torch.get_num_threads(),
+    }
     prefill_runs, decode_runs = [], []
     for _ in range(args.repeats):
         session.cached_ids = []
@@ -223,8 +273,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results))
     else:
-        print(f"prefill {results['prefill_tok_per_s']:.1f} tok/s (pp{args.n_prompt}), "
-              f"decode {results['decode_tok_per_s']:.2f} tok/s (tg{args.n_gen}), {results['threads']} threads")
+        print(
+            f"prefill {results['prefill_tok_per_s']:.1f} tok/s (pp{args.n_prompt}), "
+            f"decode {results['decode_tok_per_s']:.2f} tok/s (tg{args.n_gen}), {results['threads']} threads"
+        )
     return 0
 
 
@@ -233,14 +285,24 @@ def cmd_needle(args: argparse.Namespace) -> int:
 
     session = load_session(args)
     result = run_needle(session, count=args.needles, seed=args.seed)
-    result.update({"model": Path(session.config.model).name, "ctx": args.ctx, "kv_k": args.ctk, "kv_v": args.ctv,
-                   "k_rotated": session.info["k_rotated"], "k_smooth": session.info["k_smooth"]})
+    result.update(
+        {
+            "model": Path(session.config.model).name,
+            "ctx": args.ctx,
+            "kv_k": args.ctk,
+            "kv_v": args.ctv,
+            "k_rotated": session.info["k_rotated"],
+            "k_smooth": session.info["k_smooth"],
+        }
+    )
     if args.json:
         print(json.dumps(result))
     else:
         for t in result["trials"]:
-            print(f"vault {t['vault']:2d} depth {t['depth']:.2f}: {'found' if t['found'] else 'MISSED'} "
-                  f"({t['passphrase']!r} -> {t['answer'][:40]!r})")
+            print(
+                f"vault {t['vault']:2d} depth {t['depth']:.2f}: {'found' if t['found'] else 'MISSED'} "
+                f"({t['passphrase']!r} -> {t['answer'][:40]!r})"
+            )
         print(f"recall {result['found']}/{result['total']}")
     return 0
 
@@ -307,8 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except TandemError as exc:

@@ -51,7 +51,9 @@ class ModelConfig:
         def need(suffix: str) -> object:
             value = gguf_file.arch_get(suffix)
             if value is None:
-                raise ModelFileError(f"{gguf_file.path.name}: metadata '{arch}.{suffix}' is missing; the file is incomplete.")
+                raise ModelFileError(
+                    f"{gguf_file.path.name}: metadata '{arch}.{suffix}' is missing; the file is incomplete."
+                )
             return value
 
         d_model = int(need("embedding_length"))
@@ -60,11 +62,15 @@ class ModelConfig:
         head_dim = int(gguf_file.arch_get("attention.key_length", d_model // max(n_heads, 1)))
         tokens = gguf_file.get("tokenizer.ggml.tokens")
         embd = gguf_file.tensors.get("token_embd.weight")
-        vocab = int(gguf_file.arch_get("vocab_size", len(tokens) if tokens else (embd.shape[0] if embd else 0)))
+        vocab = int(
+            gguf_file.arch_get("vocab_size", len(tokens) if tokens else (embd.shape[0] if embd else 0))
+        )
         is_gemma = arch == "gemma3"
         rope_base = float(gguf_file.arch_get("rope.freq_base", 10_000.0))
         scaling_type = gguf_file.arch_get("rope.scaling.type", "none")
-        rope_scale = float(gguf_file.arch_get("rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0
+        rope_scale = (
+            float(gguf_file.arch_get("rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0
+        )
         if is_gemma and gguf_file.arch_get("rope.scaling.factor") is not None:
             rope_scale = float(gguf_file.arch_get("rope.scaling.factor"))
         window = gguf_file.arch_get("attention.sliding_window") if is_gemma else None
@@ -109,4 +115,6 @@ class ModelConfig:
         if not 1 <= self.vocab_size <= 1 << 22:
             problems.append(f"vocabulary of {self.vocab_size}")
         if problems:
-            raise ModelFileError(f"The model's metadata is inconsistent ({'; '.join(problems)}); the file is damaged.")
+            raise ModelFileError(
+                f"The model's metadata is inconsistent ({'; '.join(problems)}); the file is damaged."
+            )

@@ -41,21 +41,32 @@ def resolve_k_smooth(mode: str, k_type: str) -> bool:
 
 class KVCache:
     def __init__(
-        self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int,
-        k_type: str = "f16", v_type: str = "f16", device: str | torch.device = "cpu",
-        rotate_k: bool | None = None, k_smooth: bool = False,
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        k_type: str = "f16",
+        v_type: str = "f16",
+        device: str | torch.device = "cpu",
+        rotate_k: bool | None = None,
+        k_smooth: bool = False,
     ) -> None:
         for name, kind in (("K", k_type), ("V", v_type)):
             if kind not in kv_quant.KV_TYPES and kind != "f32":
-                raise SettingsError(f"{name} cache type '{kind}' is not supported; choose one of "
-                                    f"{', '.join(kv_quant.KV_TYPES)}.")
+                raise SettingsError(
+                    f"{name} cache type '{kind}' is not supported; choose one of "
+                    f"{', '.join(kv_quant.KV_TYPES)}."
+                )
             if kind != "f32":
                 kv_quant.check_head_dim(kind, head_dim)
         self.max_len, self.head_dim, self.n_kv_heads = max_len, head_dim, n_kv_heads
         self.k_type, self.v_type = k_type, v_type
         k_quantized = k_type != "f32" and kv_quant.kv_type(k_type).quantized
         # f16/bf16 K is never rotated; a quantized K is, unless the caller (skip-WHT) says no
-        self.rotation: Rotation | None = make_rotation(head_dim) if (k_quantized and rotate_k is not False) else None
+        self.rotation: Rotation | None = (
+            make_rotation(head_dim) if (k_quantized and rotate_k is not False) else None
+        )
         if self.rotation is not None:
             self.rotation = self.rotation.to(device)
         self.k_smooth = k_smooth
@@ -66,12 +77,16 @@ class KVCache:
 
     def _allocate(self, kind: str, shape: tuple[int, int], device) -> kv_quant.KVStore:
         if kind == "f32":  # test-only reference type
-            return kv_quant.KVStore("f32", torch.zeros(*shape, self.head_dim, dtype=torch.float32, device=device))
+            return kv_quant.KVStore(
+                "f32", torch.zeros(*shape, self.head_dim, dtype=torch.float32, device=device)
+            )
         return kv_quant.allocate(kind, shape, self.head_dim, device)
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self.k + self.v) + sum(m.numel() * 4 for m in self.k_mean if m is not None)
+        return sum(s.nbytes() for s in self.k + self.v) + sum(
+            m.numel() * 4 for m in self.k_mean if m is not None
+        )
 
     def reset(self) -> None:
         """Forget the smoothing vectors (a new conversation will take them from its first chunk)."""
@@ -91,8 +106,10 @@ class KVCache:
         """k, v: (T, n_kv, D) for positions [pos, pos + T)."""
         n_new = k.shape[0]
         if pos + n_new > self.max_len:
-            raise SettingsError(f"The conversation needs {pos + n_new} tokens of context but only {self.max_len} "
-                                "are allocated; raise the context length or start a new chat.")
+            raise SettingsError(
+                f"The conversation needs {pos + n_new} tokens of context but only {self.max_len} "
+                "are allocated; raise the context length or start a new chat."
+            )
         k = k.transpose(0, 1).to(torch.float32)  # (n_kv, T, D)
         v = v.transpose(0, 1)  # (n_kv, T, D)
         if self.k_smooth:
@@ -104,7 +121,9 @@ class KVCache:
         self.k[layer].narrow(1, pos, n_new).copy_(self._encode(k, self.k_type))
         self.v[layer].narrow(1, pos, n_new).copy_(self._encode(v, self.v_type))
 
-    def attention(self, layer: int, q: torch.Tensor, pos: int, scale: float, window: int | None) -> torch.Tensor:
+    def attention(
+        self, layer: int, q: torch.Tensor, pos: int, scale: float, window: int | None
+    ) -> torch.Tensor:
         """q: (T, H, D) at positions [pos, pos + T), after write(). Returns (T, H, D)."""
         n_new = q.shape[0]
         n_keys = pos + n_new
@@ -116,7 +135,11 @@ class KVCache:
             q = rotate(q, self.rotation)  # same basis as the stored K: Q.K unchanged
         mask = attention_mask(pos - start, n_new, n_keys - start, window, q.device)
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),  # (1, H, T, D), (1, n_kv, L, D)
-            attn_mask=mask, scale=scale, enable_gqa=True,
+            q.unsqueeze(0),
+            k.unsqueeze(0),
+            v.unsqueeze(0),  # (1, H, T, D), (1, n_kv, L, D)
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
         )  # (1, H, T, D)
         return out[0].transpose(0, 1)  # (T, H, D)

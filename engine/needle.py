@@ -13,8 +13,28 @@ from pathlib import Path
 from engine.api import Finished, SamplingParams
 
 HAYSTACK = Path(__file__).resolve().parent.parent / "resources" / "text" / "gpl-3.0.txt"
-WORDS = ["amber", "falcon", "granite", "willow", "cobalt", "meadow", "lantern", "harbor", "saffron", "thistle",
-         "quartz", "juniper", "copper", "violet", "glacier", "orchid", "ember", "tundra", "marble", "pepper"]
+WORDS = [
+    "amber",
+    "falcon",
+    "granite",
+    "willow",
+    "cobalt",
+    "meadow",
+    "lantern",
+    "harbor",
+    "saffron",
+    "thistle",
+    "quartz",
+    "juniper",
+    "copper",
+    "violet",
+    "glacier",
+    "orchid",
+    "ember",
+    "tundra",
+    "marble",
+    "pepper",
+]
 
 
 @dataclass
@@ -48,8 +68,11 @@ def build_document(tokenizer, needles: list[Needle], budget_tokens: int) -> str:
         used += n
     for needle in sorted(needles, key=lambda x: -x.depth):  # insert from the back so indices stay valid
         at = max(1, round(needle.depth * len(kept)))
-        kept.insert(at, f"The secret passphrase for vault {needle.vault} is {needle.passphrase}. "
-                        f"Remember it: vault {needle.vault}, passphrase {needle.passphrase}.")
+        kept.insert(
+            at,
+            f"The secret passphrase for vault {needle.vault} is {needle.passphrase}. "
+            f"Remember it: vault {needle.vault}, passphrase {needle.passphrase}.",
+        )
     return "\n\n".join(kept)
 
 
@@ -60,15 +83,27 @@ def run_needle(session, count: int = 10, seed: int = 0, answer_tokens: int = 24)
     document = build_document(session.tokenizer, needles, session.max_len - question_room - 64)
     trials = []
     for needle in needles:
-        question = (f"{document}\n\nQuestion: what is the secret passphrase for vault {needle.vault}? "
-                    "Answer with the passphrase only.")
+        question = (
+            f"{document}\n\nQuestion: what is the secret passphrase for vault {needle.vault}? "
+            "Answer with the passphrase only."
+        )
         final = None
-        for event in session.chat([{"role": "user", "content": question}], SamplingParams(max_tokens=answer_tokens)):
+        for event in session.chat(
+            [{"role": "user", "content": question}], SamplingParams(max_tokens=answer_tokens)
+        ):
             if isinstance(event, Finished):
                 final = event
         found = needle.passphrase in final.text
-        trials.append({"vault": needle.vault, "depth": needle.depth, "passphrase": needle.passphrase,
-                       "answer": final.text.strip(), "found": found, "prompt_tokens": final.stats.prompt_tokens,
-                       "cached_tokens": final.stats.cached_tokens})
+        trials.append(
+            {
+                "vault": needle.vault,
+                "depth": needle.depth,
+                "passphrase": needle.passphrase,
+                "answer": final.text.strip(),
+                "found": found,
+                "prompt_tokens": final.stats.prompt_tokens,
+                "cached_tokens": final.stats.cached_tokens,
+            }
+        )
     found = sum(t["found"] for t in trials)
     return {"recall": found / len(trials), "found": found, "total": len(trials), "trials": trials}

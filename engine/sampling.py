@@ -24,8 +24,9 @@ def apply_repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float
 
 def probabilities(logits: torch.Tensor, params: SamplingParams, recent: list[int]) -> torch.Tensor:
     """logits: (vocab,) float -> probabilities (vocab,) float32 after every filter (temperature > 0)."""
-    logits = apply_repeat_penalty(logits.float(), recent[-params.repeat_last_n :] if params.repeat_last_n else [],
-                                  params.repeat_penalty)
+    logits = apply_repeat_penalty(
+        logits.float(), recent[-params.repeat_last_n :] if params.repeat_last_n else [], params.repeat_penalty
+    )
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -35,7 +36,9 @@ def probabilities(logits: torch.Tensor, params: SamplingParams, recent: list[int
         # keep the smallest prefix whose mass reaches top_p (the token crossing it is kept)
         drop_sorted = (cumulative - torch.softmax(sorted_logits, -1)) >= params.top_p
         drop_sorted[0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+        logits = logits.masked_fill(
+            torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf")
+        )
     if params.min_p > 0.0:
         probs = torch.softmax(logits, -1)
         logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
@@ -66,6 +69,8 @@ class Sampler:
         """logits: (vocab,) -> the next token id."""
         if self.greedy:
             if self.params.repeat_penalty != 1.0:
-                logits = apply_repeat_penalty(logits, recent[-self.params.repeat_last_n :], self.params.repeat_penalty)
+                logits = apply_repeat_penalty(
+                    logits, recent[-self.params.repeat_last_n :], self.params.repeat_penalty
+                )
             return int(torch.argmax(logits))
         return self.draw(self.probabilities(logits, recent))

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,7 @@ from engine.gguf_file import GGUFModelFile
 from engine.kv_cache import KVCache, resolve_k_smooth
 from engine.models.transformer import Transformer
 from engine.sampling import Sampler
+from engine.snapshots import SnapshotStore
 from engine.text_stream import TextStream
 from engine.tokenizer import Tokenizer
 
@@ -31,7 +33,9 @@ def pick_device(requested: str) -> tuple[str, str]:
     has_cuda = torch.cuda.is_available()
     if requested == "cuda":
         if not has_cuda:
-            raise SettingsError("Device 'cuda' was requested but no CUDA GPU is available; choose 'auto' or 'cpu'.")
+            raise SettingsError(
+                "Device 'cuda' was requested but no CUDA GPU is available; choose 'auto' or 'cpu'."
+            )
         return "cuda", f"requested; {torch.cuda.get_device_name(0)}"
     if requested == "cpu":
         return "cpu", "requested"
@@ -55,11 +59,14 @@ class Engine:
         device, reason = pick_device(config.device)
         try:
             with torch.inference_mode():
-                model = Transformer.from_gguf(gguf_file, device=device, progress=report,
-                                              cpu_weights=config.cpu_weights)
+                model = Transformer.from_gguf(
+                    gguf_file, device=device, progress=report, cpu_weights=config.cpu_weights
+                )
         except (MemoryError, torch.OutOfMemoryError) as exc:
-            raise TandemError(f"Not enough memory to load {gguf_file.path.name}: {exc}. Close other programs, "
-                              "or pick a smaller model or quantization.") from exc
+            raise TandemError(
+                f"Not enough memory to load {gguf_file.path.name}: {exc}. Close other programs, "
+                "or pick a smaller model or quantization."
+            ) from exc
         session = Session(config, gguf_file, model, tokenizer, template, device, reason)
         if config.draft.mode != "none":
             from engine.drafters import make_drafter
@@ -74,36 +81,71 @@ class Engine:
 class Session:
     drafter = None  # engine.speculative.Drafter, set by Engine.load when config.draft.mode is not "none"
 
-    def __init__(self, config: EngineConfig, gguf_file: GGUFModelFile, model: Transformer, tokenizer: Tokenizer,
-                 template: ChatTemplate, device: str, device_reason: str) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        gguf_file: GGUFModelFile,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        device: str,
+        device_reason: str,
+    ) -> None:
         self.config, self.gguf_file, self.model = config, gguf_file, model
         self.tokenizer, self.template = tokenizer, template
         self.device, self.device_reason = device, device_reason
         c = model.config
         self.max_len = config.context_length
         try:
-            self.cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, self.max_len, config.kv_k, config.kv_v,
-                                 device=device, rotate_k=not config.rotation_skipped(),
-                                 k_smooth=resolve_k_smooth(config.k_smooth, config.kv_k))
+            self.cache = KVCache(
+                c.n_layers,
+                c.n_kv_heads,
+                c.head_dim,
+                self.max_len,
+                config.kv_k,
+                config.kv_v,
+                device=device,
+                rotate_k=not config.rotation_skipped(),
+                k_smooth=resolve_k_smooth(config.k_smooth, config.kv_k),
+            )
         except (MemoryError, torch.OutOfMemoryError) as exc:
-            raise TandemError(f"Not enough memory for a {self.max_len}-token KV cache; lower the context length "
-                              "or use a quantized cache type.") from exc
+            raise TandemError(
+                f"Not enough memory for a {self.max_len}-token KV cache; lower the context length "
+                "or use a quantized cache type."
+            ) from exc
         self.cached_ids: list[int] = []  # tokens whose K/V sit in the cache at positions 0..n-1
+        self.snapshots = SnapshotStore(Path(config.snapshot_dir)) if config.snapshot_dir else None
 
     @property
     def info(self) -> dict:
         c = self.model.config
         return {
-            "model": self.gguf_file.path.name, "architecture": c.architecture, "n_layers": c.n_layers,
-            "device": self.device, "device_reason": self.device_reason, "kv_k": self.config.kv_k,
-            "kv_v": self.config.kv_v, "n_ctx": self.max_len, "draft": self.config.draft.mode,
-            "kv_bytes": self.cache.nbytes, "k_rotated": self.cache.rotation is not None,
+            "model": self.gguf_file.path.name,
+            "architecture": c.architecture,
+            "n_layers": c.n_layers,
+            "device": self.device,
+            "device_reason": self.device_reason,
+            "kv_k": self.config.kv_k,
+            "kv_v": self.config.kv_v,
+            "n_ctx": self.max_len,
+            "draft": self.config.draft.mode,
+            "kv_bytes": self.cache.nbytes,
+            "k_rotated": self.cache.rotation is not None,
             "k_smooth": self.cache.k_smooth,
         }
 
     def close(self) -> None:
+        if self.drafter is not None:
+            self.drafter.close()
         self.cache = None
         self.model = None
+
+    def save_snapshot(self) -> None:
+        """Write the cache's valid prefix to disk; a failed snapshot must never break the chat."""
+        try:
+            self.snapshots.save(self)
+        except Exception:
+            log.exception("saving a KV snapshot failed")
 
     # -- low level ---------------------------------------------------------------------------------------
     def prefill(self, ids: list[int], start: int, logits_for: str = "last") -> torch.Tensor:
@@ -136,7 +178,7 @@ class Session:
     def reusable_prefix(self, ids: list[int]) -> int:
         """How many leading tokens of ids already sit in the cache (keeping at least one to run)."""
         n = 0
-        for a, b in zip(self.cached_ids, ids):
+        for a, b in zip(self.cached_ids, ids, strict=False):
             if a != b:
                 break
             n += 1
@@ -150,26 +192,42 @@ class Session:
         return self.tokenizer.encode(text, add_bos=add_bos, parse_special=True)
 
     # -- generation ----------------------------------------------------------------------------------------
-    def chat(self, messages: list[dict], params: SamplingParams | None = None,
-             cancel: threading.Event | None = None) -> Iterator[Event]:
+    def chat(
+        self,
+        messages: list[dict],
+        params: SamplingParams | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Event]:
         return self.generate(self.encode_chat(messages), params, cancel)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                 cancel: threading.Event | None = None) -> Iterator[Event]:
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Event]:
         params = params or SamplingParams()
         cancel = cancel or threading.Event()
         if not prompt_ids:
             raise SettingsError("The prompt is empty.")
         if len(prompt_ids) >= self.max_len:
-            raise SettingsError(f"The prompt has {len(prompt_ids)} tokens but the context holds {self.max_len}; "
-                                "raise the context length or shorten the conversation.")
+            raise SettingsError(
+                f"The prompt has {len(prompt_ids)} tokens but the context holds {self.max_len}; "
+                "raise the context length or shorten the conversation."
+            )
+        if self.snapshots is not None:
+            self.snapshots.restore(self, prompt_ids)  # sets cached_ids when it beats what memory holds
         if self.drafter is not None:
             from engine.speculative import speculative_generate
 
             yield from speculative_generate(self, self.drafter, prompt_ids, params, cancel)
             return
-        stats = GenerationStats(prompt_tokens=len(prompt_ids), kv_bytes=self.cache.nbytes, device=self.device,
-                                device_reason=self.device_reason)
+        stats = GenerationStats(
+            prompt_tokens=len(prompt_ids),
+            kv_bytes=self.cache.nbytes,
+            device=self.device,
+            device_reason=self.device_reason,
+        )
         sampler = Sampler(params)
         stream = TextStream(params.stop)
         started = time.perf_counter()
@@ -224,6 +282,8 @@ class Session:
             answer.append(tail)
             yield TextDelta(tail, pending_ids, [False] * len(pending_ids))
         stats.acceptance_length = 1.0 if stats.new_tokens else 0.0
+        if self.snapshots is not None and reason != "cancelled":
+            self.save_snapshot()
         yield Finished(reason, stats, "".join(answer))
 
 

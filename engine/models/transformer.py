@@ -34,10 +34,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def rope_tables(positions: torch.Tensor, rope_dim: int, base: float, scale: float,
-                freq_factors: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    positions: torch.Tensor, rope_dim: int, base: float, scale: float, freq_factors: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: (T, rope_dim // 2) for integer positions (T,)."""
-    inv_freq = base ** (-torch.arange(0, rope_dim, 2, dtype=torch.float32, device=positions.device) / rope_dim)
+    inv_freq = base ** (
+        -torch.arange(0, rope_dim, 2, dtype=torch.float32, device=positions.device) / rope_dim
+    )
     if freq_factors is not None:
         inv_freq = inv_freq / freq_factors
     angles = (positions.to(torch.float32) / scale)[:, None] * inv_freq[None, :]  # (T, rope_dim/2)
@@ -74,12 +77,16 @@ class Layer(torch.nn.Module):
             info = weights.get(f"blk.{index}.{name}.weight")
             if info is None:
                 if required:
-                    raise ModelFileError(f"Tensor blk.{index}.{name}.weight is missing; the model file is incomplete.")
+                    raise ModelFileError(
+                        f"Tensor blk.{index}.{name}.weight is missing; the model file is incomplete."
+                    )
                 return None
             return make_linear(info, vector(f"{name}.bias"), device=device, mode=linear_mode)
 
         self.attn_norm = vector("attn_norm.weight")
-        self.wq, self.wk, self.wv, self.wo = (linear(n) for n in ("attn_q", "attn_k", "attn_v", "attn_output"))
+        self.wq, self.wk, self.wv, self.wo = (
+            linear(n) for n in ("attn_q", "attn_k", "attn_v", "attn_output")
+        )
         self.q_norm, self.k_norm = vector("attn_q_norm.weight"), vector("attn_k_norm.weight")
         self.post_attn_norm = vector("post_attention_norm.weight")
         self.ffn_norm = vector("ffn_norm.weight")
@@ -88,7 +95,9 @@ class Layer(torch.nn.Module):
         if self.attn_norm is None or self.ffn_norm is None:
             raise ModelFileError(f"Layer {index} lacks its norm weights; the model file is incomplete.")
 
-    def forward(self, x: torch.Tensor, pos: int, cache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pos: int, cache, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         """x: (T, d_model) at positions [pos, pos + T)."""
         c = self.config
         n_new = x.shape[0]
@@ -118,8 +127,14 @@ class Layer(torch.nn.Module):
 
 
 class Transformer(torch.nn.Module):
-    def __init__(self, config: ModelConfig, weights: dict, device: str = "cpu", progress=None,
-                 cpu_weights: str = "fast") -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict,
+        device: str = "cpu",
+        progress=None,
+        cpu_weights: str = "fast",
+    ) -> None:
         super().__init__()
         self.config, self.device = config, device
         if "token_embd.weight" not in weights:
@@ -135,13 +150,18 @@ class Transformer(torch.nn.Module):
         if norm is None:
             raise ModelFileError("Tensor output_norm.weight is missing; the model file is incomplete.")
         self.output_norm = dequantize(norm.data, norm.qtype, norm.shape).to(device)
-        self.lm_head = make_linear(weights.get("output.weight", self.embedding), device=device,
-                                   mode=CPU_WEIGHT_MODES[cpu_weights])  # tied to the embedding if absent
+        self.lm_head = make_linear(
+            weights.get("output.weight", self.embedding), device=device, mode=CPU_WEIGHT_MODES[cpu_weights]
+        )  # tied to the embedding if absent
         factors = weights.get("rope_freqs.weight")
-        self.rope_freq_factors = None if factors is None else dequantize(factors.data, factors.qtype, factors.shape)
+        self.rope_freq_factors = (
+            None if factors is None else dequantize(factors.data, factors.qtype, factors.shape)
+        )
 
     @classmethod
-    def from_gguf(cls, gguf_file, device: str = "cpu", progress=None, cpu_weights: str = "fast") -> Transformer:
+    def from_gguf(
+        cls, gguf_file, device: str = "cpu", progress=None, cpu_weights: str = "fast"
+    ) -> Transformer:
         config = ModelConfig.from_gguf(gguf_file)
         return cls(config, gguf_file.tensors, device, progress, cpu_weights)
 
@@ -152,8 +172,14 @@ class Transformer(torch.nn.Module):
         x = dequantize_rows(self.embedding, tokens.cpu()).to(self.device)  # (T, d_model)
         return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
 
-    def forward(self, tokens: torch.Tensor, pos: int, cache, logits_for: str = "last",
-                capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        pos: int,
+        cache,
+        logits_for: str = "last",
+        capture_layers: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Run tokens (T,) at positions [pos, pos + T) through the model, writing the cache.
 
         logits_for: "last" -> (1, vocab) for the final row only, "all" -> (T, vocab), "none" -> None.
@@ -166,8 +192,9 @@ class Transformer(torch.nn.Module):
         captured = []
         for layer in self.layers:
             if layer.rope_base not in tables:
-                tables[layer.rope_base] = rope_tables(positions, c.rope_dim, layer.rope_base, c.rope_scale,
-                                                      self.rope_freq_factors)
+                tables[layer.rope_base] = rope_tables(
+                    positions, c.rope_dim, layer.rope_base, c.rope_scale, self.rope_freq_factors
+                )
             x = layer(x, pos, cache, tables[layer.rope_base])
             if layer.index in capture_layers:
                 captured.append(x)

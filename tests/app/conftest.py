@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile  # noqa: E402
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("TANDEM_SNAPSHOT_DIR", tempfile.mkdtemp(prefix="tandem-snapshots-"))
 
 import pytest  # noqa: E402
 

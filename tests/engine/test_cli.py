@@ -29,8 +29,21 @@ def test_tokenize_json_has_ids_without_bos(capsys, tiny_path):
 
 
 def test_generate_json_shape_and_stats(capsys, tiny_path):
-    out = run_json(capsys, ["generate", "--model", tiny_path, "--prompt", "hello", "--max-tokens", "5",
-                            "--ctx", "128", "--json"])
+    out = run_json(
+        capsys,
+        [
+            "generate",
+            "--model",
+            tiny_path,
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "5",
+            "--ctx",
+            "128",
+            "--json",
+        ],
+    )
     assert set(out) >= {"text", "token_ids", "stats"}
     assert out["stats"]["new_tokens"] == len(out["token_ids"]) <= 5
     assert out["stats"]["prompt_tokens"] > 0 and out["stats"]["kv_bytes"] > 0
@@ -40,15 +53,32 @@ def test_perplexity_json_matches_its_own_nll(capsys, tiny_path, tmp_path):
     ids = list(range(40, 72))
     tokens_file = tmp_path / "ids.json"
     tokens_file.write_text(json.dumps(ids))
-    out = run_json(capsys, ["perplexity", "--model", tiny_path, "--tokens-file", str(tokens_file), "--ctx", "20",
-                            "--json"])
+    out = run_json(
+        capsys,
+        ["perplexity", "--model", tiny_path, "--tokens-file", str(tokens_file), "--ctx", "20", "--json"],
+    )
     assert out["n_tokens"] == 20 and len(out["nll"]) == 19 and len(out["argmax"]) == 20
     assert out["ppl"] == pytest.approx(math.exp(sum(out["nll"]) / 19))
 
 
 def test_bench_json_reports_throughput(capsys, tiny_path):
-    out = run_json(capsys, ["bench", "--model", tiny_path, "--n-prompt", "16", "--n-gen", "4", "--repeats", "1",
-                            "--ctx", "64", "--json"])
+    out = run_json(
+        capsys,
+        [
+            "bench",
+            "--model",
+            tiny_path,
+            "--n-prompt",
+            "16",
+            "--n-gen",
+            "4",
+            "--repeats",
+            "1",
+            "--ctx",
+            "64",
+            "--json",
+        ],
+    )
     assert out["prefill_tok_per_s"] > 0 and out["decode_tok_per_s"] > 0
 
 

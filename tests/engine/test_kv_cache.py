@@ -27,12 +27,20 @@ def reference_logits(tiny_path):
 
 
 def logits_with(path, kv_k: str, kv_v: str, **kw) -> torch.Tensor:
-    session = Engine.load(EngineConfig(model=str(path), context_length=96, kv_k="f16", kv_v="f16",
-                                       cpu_weights="exact", **kw))
+    session = Engine.load(
+        EngineConfig(model=str(path), context_length=96, kv_k="f16", kv_v="f16", cpu_weights="exact", **kw)
+    )
     c = session.model.config
-    session.cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, 96, kv_k, kv_v,
-                            rotate_k=not EngineConfig(model="", kv_k=kv_k, **kw).rotation_skipped(),
-                            k_smooth=resolve_k_smooth(kw.get("k_smooth", "auto"), kv_k))
+    session.cache = KVCache(
+        c.n_layers,
+        c.n_kv_heads,
+        c.head_dim,
+        96,
+        kv_k,
+        kv_v,
+        rotate_k=not EngineConfig(model="", kv_k=kv_k, **kw).rotation_skipped(),
+        k_smooth=resolve_k_smooth(kw.get("k_smooth", "auto"), kv_k),
+    )
     return session.prefill(PROMPT, 0, logits_for="all")
 
 
@@ -67,7 +75,9 @@ def test_rotation_only_for_quantized_k_and_skip_only_for_q4_0(monkeypatch):
             assert rotated == expected, f"K {k_type}, skip_wht={skip}"
 
 
-@pytest.mark.parametrize("value,skipped", [("1", True), ("0", False), ("true", False), (" 1", False), ("", False)])
+@pytest.mark.parametrize(
+    "value,skipped", [("1", True), ("0", False), ("true", False), (" 1", False), ("", False)]
+)
 def test_skip_wht_environment_variable_needs_exactly_1(monkeypatch, value, skipped):
     monkeypatch.setenv("DFLASH_SKIP_WHT", value)
     assert EngineConfig(model="m", kv_k="q4_0").rotation_skipped() is skipped
@@ -76,7 +86,9 @@ def test_skip_wht_environment_variable_needs_exactly_1(monkeypatch, value, skipp
 
 def test_k_smoothing_leaves_attention_unchanged_on_unquantized_cache():
     gen = torch.Generator().manual_seed(0)
-    k = torch.randn(24, 2, 64, generator=gen) + 5 * torch.randn(1, 2, 64, generator=gen)  # (T, n_kv, D) with a bias
+    k = torch.randn(24, 2, 64, generator=gen) + 5 * torch.randn(
+        1, 2, 64, generator=gen
+    )  # (T, n_kv, D) with a bias
     v = torch.randn(24, 2, 64, generator=gen)
     q = torch.randn(24, 4, 64, generator=gen)  # (T, H, D)
     outs = []

@@ -10,18 +10,47 @@ from engine.session import Engine
 
 # Token ids of "The quick brown fox jumps over the lazy dog. In 1492, Columbus sailed the ocean blue." + more
 # (any ids work for a logits comparison; these are ordinary English tokens in SmolLM2's vocabulary).
-IDS = [504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30, 657, 216, 33, 36, 41, 34, 28, 34087, 14284, 260,
-       5937, 4992, 30, 378, 3853, 314, 1028]
+IDS = [
+    504,
+    2365,
+    6354,
+    16438,
+    27003,
+    690,
+    260,
+    23790,
+    2767,
+    30,
+    657,
+    216,
+    33,
+    36,
+    41,
+    34,
+    28,
+    34087,
+    14284,
+    260,
+    5937,
+    4992,
+    30,
+    378,
+    3853,
+    314,
+    1028,
+]
 
 
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm2_path):
     transformers = pytest.importorskip("transformers")
-    session = Engine.load(EngineConfig(model=str(smollm2_path), context_length=64, kv_k="f16", kv_v="f16",
-                                       cpu_weights="exact"))
+    session = Engine.load(
+        EngineConfig(model=str(smollm2_path), context_length=64, kv_k="f16", kv_v="f16", cpu_weights="exact")
+    )
     ours = session.prefill(IDS, 0, logits_for="all").float()  # (T, vocab)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
-                                                           dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
+    )
     with torch.inference_mode():
         ref = hf(torch.tensor([IDS])).logits[0]  # (T, vocab)
     err = float((ours - ref).norm() / ref.norm())
@@ -32,8 +61,11 @@ def test_smollm2_logits_match_transformers(smollm2_path):
 
 def test_smollm2_golden_greedy_answer(smollm2_path):
     session = Engine.load(EngineConfig(model=str(smollm2_path), context_length=256))
-    events = list(session.chat([{"role": "user", "content": "What is the capital of France?"}],
-                               SamplingParams(max_tokens=24)))
+    events = list(
+        session.chat(
+            [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=24)
+        )
+    )
     final = events[-1]
     assert isinstance(final, Finished)
     assert final.text == "The capital of France is Paris."

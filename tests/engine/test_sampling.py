@@ -46,7 +46,9 @@ def test_seeded_sampling_is_reproducible_and_follows_distribution():
     b = [Sampler(params).pick(LOGITS, []) for _ in range(3)]
     assert a == b
     sampler = Sampler(SamplingParams(temperature=1.0, seed=7))
-    counts = torch.bincount(torch.tensor([sampler.pick(LOGITS, []) for _ in range(4000)]), minlength=5).float()
+    counts = torch.bincount(
+        torch.tensor([sampler.pick(LOGITS, []) for _ in range(4000)]), minlength=5
+    ).float()
     expected = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]) * 4000
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 18.5, f"chi-square {chi2:.1f} (4 dof, p=0.001 critical value 18.5)"

@@ -12,7 +12,29 @@ from engine.errors import SettingsError
 from engine.session import Engine
 from tests.engine.tiny_models import write_tiny_model
 
-PROMPT = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 32, 84, 104, 105, 115, 32, 105, 115]  # 21
+PROMPT = [
+    72,
+    101,
+    108,
+    108,
+    111,
+    44,
+    32,
+    119,
+    111,
+    114,
+    108,
+    100,
+    33,
+    32,
+    84,
+    104,
+    105,
+    115,
+    32,
+    105,
+    115,
+]  # 21
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +52,9 @@ def test_prefill_returns_last_row_of_final_chunk_not_first(tiny_path):
     session = load(tiny_path, prefill_chunk=8)  # chunks of 8, 8, 5: a multi-token final chunk
     last = session.prefill(PROMPT, 0)  # (1, vocab)
     assert torch.allclose(last[0], whole[-1], rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(last[0], whole[-5], rtol=1e-2, atol=1e-2), "returned the final chunk's first row"
+    assert not torch.allclose(last[0], whole[-5], rtol=1e-2, atol=1e-2), (
+        "returned the final chunk's first row"
+    )
     assert session.cached_ids == PROMPT
 
 

@@ -75,6 +75,7 @@ KV_SETTINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", KV_SETTINGS, ids=lambda s: "-".join(str(v) for v in s.values()))
 def test_restore_after_restart_continues_exactly(models, tmp_path, settings):
     store = SnapshotStore(tmp_path)
@@ -308,15 +309,22 @@ def test_default_directory_is_the_user_cache_dir():
 
 
 @pytest.mark.slow
-def test_smollm2_restored_chat_matches_cold(smollm2_path, tmp_path):
-    """A real model with rotated, smoothed q4_0 K: a restored follow-up turn equals a cold prefill."""
-    settings = {"kv_k": "q4_0", "kv_v": "q8_0", "chunk": 64, "ctx": 256}
+@pytest.mark.parametrize("kv", ["f16", "q4_0"])
+def test_smollm2_restored_chat_matches_the_unrestarted_one(smollm2_path, tmp_path, kv):
+    """A real model: after a restart, a restored follow-up turn gives the tokens the running app would have.
+
+    With f16 K it also equals a cold prefill of the whole conversation. With q4_0 K it need not (measured
+    here: the first turn's 44-token prompt was shorter than one chunk, so its smoothing vectors differ from
+    a cold run's; and the answer's K came from single-token decode steps, which q4_0 rounds differently):
+    that is a property of reusing any cache, the in-memory one included, not of the snapshot.
+    """
+    settings = {"kv_k": kv, "kv_v": "q8_0" if kv == "q4_0" else "f16", "chunk": 64, "ctx": 256}
     store = SnapshotStore(tmp_path)
     first = load(smollm2_path, **settings)
     messages = [{"role": "user", "content": "Name three uses of a key-value cache in LLM inference."}]
     prompt = first.encode_chat(messages)
     answer, _ = run(first, prompt, SamplingParams(max_tokens=12))
-    assert first.cache.rotation is not None and first.cache.k_smooth
+    assert (first.cache.rotation is not None and first.cache.k_smooth) == (kv == "q4_0")
     store.save(first)
     messages += [{"role": "assistant", "content": first.tokenizer.decode(answer)},
                  {"role": "user", "content": "Which one matters most?"}]
@@ -325,4 +333,7 @@ def test_smollm2_restored_chat_matches_cold(smollm2_path, tmp_path):
     n = store.restore(restored, follow)
     assert len(prompt) < n < len(follow), "the first turn's prompt at least comes from the snapshot"
     params = SamplingParams(max_tokens=8)
-    assert run(restored, follow, params)[0] == run(load(smollm2_path, **settings), follow, params)[0]
+    tokens = run(restored, follow, params)[0]
+    assert tokens == run(first, follow, params)[0]
+    if kv == "f16":
+        assert tokens == run(load(smollm2_path, **settings), follow, params)[0]

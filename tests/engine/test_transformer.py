@@ -67,11 +67,11 @@ def test_chunked_prefill_matches_one_pass(tmp_path, arch):
 
 
 def test_unsupported_architecture_is_a_readable_error(tmp_path):
-    from engine.errors import ModelFileError
-    from tests.engine.gguf_builders import write_gguf
-
     import numpy as np
     from gguf import GGMLQuantizationType as QT
+
+    from engine.errors import ModelFileError
+    from tests.engine.gguf_builders import write_gguf
 
     path = write_gguf(
         tmp_path / "mamba.gguf",

@@ -44,7 +44,8 @@ def tiny_tokenizer_metadata(vocab: int = VOCAB) -> dict:
         "tokenizer.ggml.eos_token_id": 257,
         "tokenizer.ggml.add_bos_token": False,
         "tokenizer.chat_template": (
-            "{% for m in messages %}<|special_2|>{{ m['role'] }}\n{{ m['content'] }}<|special_1|>\n{% endfor %}"
+            "{% for m in messages %}<|special_2|>{{ m['role'] }}\n{{ m['content'] }}<|special_1|>\n"
+            "{% endfor %}"
             "{% if add_generation_prompt %}<|special_2|>assistant\n{% endif %}"
         ),
     }
@@ -80,7 +81,7 @@ def write_tiny_model(
         tensors["output.weight"] = mat(VOCAB, D_MODEL, QT.Q6_K)
     q_types = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
     for i in range(n_layers):
-        pick = lambda k: q_types[(i * 7 + k) % len(q_types)]  # noqa: E731 - vary types across tensors
+        pick = lambda k, i=i: q_types[(i * 7 + k) % len(q_types)]  # noqa: E731 - vary types across tensors
         p = f"blk.{i}."
         tensors[p + "attn_norm.weight"] = vec(D_MODEL)
         tensors[p + "attn_q.weight"] = mat(n_heads * head_dim, D_MODEL, pick(0))

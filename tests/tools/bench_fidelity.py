@@ -22,7 +22,8 @@ model (--speed-model) is loaded in this process by both engines. A run = prefill
 steps. Runs alternate ours/llama.cpp in ABBA order after one untimed warm-up each; medians are
 reported with min-max as the noise floor, and `uptime` before and after because the machine may
 be shared. Load time = wall time of `Engine.load` (ours) / `Llama(...)` (llama.cpp) with the file
-already in the page cache.
+already in the page cache. On a machine shared with other jobs, set OMP_WAIT_POLICY=PASSIVE: torch's
+spinning OpenMP threads otherwise slow our 2-thread figures by 10x or more (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ class FidelityRow:
     ppl_llama: float
     kl_mean: float  # mean over positions of KL(llama.cpp || ours), nats
     kl_max: float
+    kl_max_position: int
     nll_mae: float  # mean |NLL ours - NLL llama.cpp| over the n - 1 targets
+    ratio_after_first: float  # ppl ratio without the first prediction (the BOS-less first token is special)
     seconds_ours: float
     seconds_llama: float
     disagreements: list[dict] = field(default_factory=list)  # position, tokens, margins
@@ -161,7 +164,9 @@ def compare(model: str, text: str, ids: list[int], bos: bool, ours: torch.Tensor
         model=model, text=text, n=len(ids), bos=bos,
         agree=float((top_ours == top_theirs).double().mean()),
         ppl_ours=float(nll_ours.mean().exp()), ppl_llama=float(nll_theirs.mean().exp()),
-        kl_mean=float(kl.mean()), kl_max=float(kl.max()), nll_mae=float((nll_ours - nll_theirs).abs().mean()),
+        kl_mean=float(kl.mean()), kl_max=float(kl.max()), kl_max_position=int(kl.argmax()),
+        nll_mae=float((nll_ours - nll_theirs).abs().mean()),
+        ratio_after_first=float((nll_ours[1:].mean() - nll_theirs[1:].mean()).exp()),
         seconds_ours=seconds_ours, seconds_llama=seconds_llama, disagreements=disagreements,
     )
 
@@ -192,8 +197,16 @@ def transformers_logits(model_path: str, id_sets: dict[str, list[int]]) -> dict[
     return out
 
 
+def engine_config(path: str, context_length: int, threads: int, cpu_weights: str | None,
+                  **kw: int) -> EngineConfig:
+    config = EngineConfig(model=path, context_length=context_length, threads=threads, device="cpu", **kw)
+    if cpu_weights:
+        config.cpu_weights = cpu_weights  # fast (int4, bf16 math) | exact (float32); None: engine default
+    return config
+
+
 def run_fidelity(models: list[str], texts: list[str], n: int, threads: int,
-                 with_transformers: bool = False) -> list[FidelityRow]:
+                 with_transformers: bool = False, cpu_weights: str | None = None) -> list[FidelityRow]:
     rows = []
     for model in models:
         path = resolve_model(model)
@@ -208,8 +221,8 @@ def run_fidelity(models: list[str], texts: list[str], n: int, threads: int,
             logger.info("llama.cpp: %s on %s (%d tokens)", model, text, len(ids))
             theirs[text] = llama_logits(path, ids, threads)
         logger.info("ours: loading %s", model)
-        session = Engine.load(EngineConfig(model=path, context_length=max(n, 16), prefill_chunk=min(512, n),
-                                           threads=threads, device="cpu"))
+        config = engine_config(path, max(n, 16), threads, cpu_weights, prefill_chunk=min(512, n))
+        session = Engine.load(config)
         ours_logits = {}
         for text, (ids, bos) in token_sets.items():
             session.cached_ids = []
@@ -249,20 +262,26 @@ def time_ours(session, prompt: list[int], n_gen: int) -> tuple[float, float]:
     return len(prompt) / (t1 - t0), n_gen / (t2 - t1)
 
 
+def llama_last_logits(llm) -> np.ndarray:
+    """(vocab,) logits of the last evaluated token (without logits_all, eval() keeps no scores)."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
 def time_llama(llm, prompt: list[int], n_gen: int) -> tuple[float, float]:
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
     t1 = time.perf_counter()
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = int(np.argmax(llama_last_logits(llm)))
     for _ in range(n_gen):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(llama_last_logits(llm)))
     t2 = time.perf_counter()
     return len(prompt) / (t1 - t0), n_gen / (t2 - t1)
 
 
-def run_speed(model: str, threads: int, n_prompt: int, n_gen: int, rounds: int) -> SpeedRow:
+def run_speed(model: str, threads: int, n_prompt: int, n_gen: int, rounds: int,
+              cpu_weights: str | None = None) -> SpeedRow:
     llama_cpp = llama_module()
     path = resolve_model(model)
     ids, _ = tokenize_with_llamacpp(path, TEXTS["code"].read_text(encoding="utf-8"))
@@ -272,8 +291,7 @@ def run_speed(model: str, threads: int, n_prompt: int, n_gen: int, rounds: int) 
     before = uptime()
     Path(path).read_bytes()  # page cache warm for both loads
     t0 = time.perf_counter()
-    session = Engine.load(EngineConfig(model=path, context_length=n_prompt + n_gen + 16, threads=threads,
-                                       device="cpu"))
+    session = Engine.load(engine_config(path, n_prompt + n_gen + 16, threads, cpu_weights))
     load_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(path, n_ctx=n_prompt + n_gen + 16, n_batch=512, n_ubatch=512, n_threads=threads,
@@ -310,14 +328,15 @@ def spread(values: list[float], digits: int) -> str:
 
 
 def fidelity_table(rows: list[FidelityRow]) -> str:
-    lines = ["| model | text | n | BOS | top-1 agreement | ppl ours | ppl llama.cpp | ratio | mean KL "
-             "| max KL | mismatches (near-ties) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | text | n | BOS | top-1 agreement | ppl ours | ppl llama.cpp | ratio | ratio w/o 1st "
+             "| mean KL | max KL @pos | mismatches (near-ties) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ties = sum(d["llama_margin"] < NEAR_TIE_LOGIT_GAP for d in r.disagreements)
         lines.append(f"| {r.model} | {r.text} | {r.n} | {'yes' if r.bos else 'no'} | {100 * r.agree:.2f} % "
-                     f"| {r.ppl_ours:.4f} | {r.ppl_llama:.4f} | {r.ratio:.4f} | {r.kl_mean:.2e} "
-                     f"| {r.kl_max:.2e} | {len(r.disagreements)} ({ties}) |")
+                     f"| {r.ppl_ours:.4f} | {r.ppl_llama:.4f} | {r.ratio:.4f} | {r.ratio_after_first:.4f} "
+                     f"| {r.kl_mean:.2e} | {r.kl_max:.2e} @{r.kl_max_position} "
+                     f"| {len(r.disagreements)} ({ties}) |")
     refs = [r for r in rows if r.reference]
     if refs:
         lines += ["", "Both engines against transformers (float32, gguf-py dequantized weights), same ids:",
@@ -351,7 +370,7 @@ def speed_table(rows: list[SpeedRow]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> str:
+def environment(cpu_weights: str | None = None) -> str:
     import platform
 
     try:
@@ -360,15 +379,17 @@ def environment() -> str:
         llama_version = llama_cpp.__version__
     except ImportError:
         llama_version = "not installed"
+    weights = cpu_weights or getattr(EngineConfig(model=""), "cpu_weights", "?")
+    mode = f"cpu_weights={weights}"
     try:
-        from engine import linear
+        from engine.models.transformer import CPU_WEIGHT_MODES
 
-        linear_mode = getattr(linear, "DEFAULT_CPU_LINEAR_MODE", "?")
+        mode += f" (linear mode {CPU_WEIGHT_MODES.get(weights, '?')})"
     except ImportError:
-        linear_mode = "?"
+        pass
     return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()} {os.cpu_count()} "
             f"CPUs; torch {torch.__version__}; llama-cpp-python {llama_version}; "
-            f"engine CPU linear mode {linear_mode}")
+            f"engine {mode}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="runs per engine (ABBA order; even)")
     p.add_argument("--skip-fidelity", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--cpu-weights", choices=("fast", "exact"),
+                   help="our CPU weight mode (EngineConfig.cpu_weights); default: the engine's default")
     p.add_argument("--transformers", action="store_true",
                    help="also compare both engines with transformers' float32 model (exact weights; slow)")
     p.add_argument("--json-out", help="write all raw numbers (including each disagreement) here")
@@ -392,20 +415,22 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     command = " ".join(["tests/tools/bench_fidelity.py"] + (argv if argv is not None else sys.argv[1:]))
-    out = [f"Environment: {environment()}", f"Command: `.venv/bin/python {command}`",
+    out = [f"Environment: {environment(args.cpu_weights)}", f"Command: `.venv/bin/python {command}`",
            f"Machine load at start: `{uptime()}`", ""]
     print("\n".join(out), flush=True)
     fidelity, speed = [], []
     if not args.skip_fidelity:
         fidelity = run_fidelity(args.models.split(","), args.texts.split(","), args.n, args.threads,
-                                args.transformers)
+                                args.transformers, args.cpu_weights)
         print(fidelity_table(fidelity) + "\n", flush=True)
     if not args.skip_speed:
-        speed = [run_speed(args.speed_model, args.threads, args.n_prompt, args.n_gen, args.rounds)]
+        speed = [run_speed(args.speed_model, args.threads, args.n_prompt, args.n_gen, args.rounds,
+                           args.cpu_weights)]
         print(speed_table(speed) + "\n", flush=True)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({
-            "environment": environment(), "fidelity": [asdict(r) | {"ratio": r.ratio} for r in fidelity],
+            "environment": environment(args.cpu_weights),
+            "fidelity": [asdict(r) | {"ratio": r.ratio} for r in fidelity],
             "speed": [asdict(r) for r in speed]}, indent=1))
     return 0
 

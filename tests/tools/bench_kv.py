@@ -35,8 +35,9 @@ def perplexity(session, ids: list[int]) -> float:
 
 def with_cache(session, kv_k: str, kv_v: str, rotate: bool, smooth: bool) -> None:
     c = session.model.config
-    session.cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, session.max_len, kv_k, kv_v,
-                            rotate_k=rotate, k_smooth=smooth)
+    session.cache = KVCache(
+        c.n_layers, c.n_kv_heads, c.head_dim, session.max_len, kv_k, kv_v, rotate_k=rotate, k_smooth=smooth
+    )
 
 
 def llama_cpp_ppl(path: str, ids: list[int], type_k: int, type_v: int) -> float | None:
@@ -44,8 +45,17 @@ def llama_cpp_ppl(path: str, ids: list[int], type_k: int, type_v: int) -> float 
         import llama_cpp
     except ImportError:
         return None
-    llm = llama_cpp.Llama(model_path=path, n_ctx=len(ids) + 8, n_batch=512, logits_all=True, n_threads=2,
-                          type_k=type_k, type_v=type_v, flash_attn=True, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=path,
+        n_ctx=len(ids) + 8,
+        n_batch=512,
+        logits_all=True,
+        n_threads=2,
+        type_k=type_k,
+        type_v=type_v,
+        flash_attn=True,
+        verbose=False,
+    )
     llm.eval(ids)
     scores = torch.tensor(llm.scores[: len(ids)])  # (n, vocab)
     nll = -torch.log_softmax(scores[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
@@ -54,8 +64,11 @@ def llama_cpp_ppl(path: str, ids: list[int], type_k: int, type_v: int) -> float 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b",
-                                                          "qwen2.5-coder-1.5b", "gemma-3-270m"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma-3-270m"],
+    )
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--k-types", nargs="+", default=["q8_0", "q4_0"])
     parser.add_argument("--json-out")
@@ -65,8 +78,12 @@ def main() -> None:
         path = resolve_model(key)
         session = Engine.load(EngineConfig(model=path, context_length=args.ctx + 8))
         for text_name in ("code", "prose"):
-            text = (TEXTS / ("code.py.txt" if text_name == "code" else "prose.txt")).read_text(encoding="utf-8")
-            ids = session.tokenizer.encode(text, add_bos=session.tokenizer.add_bos, parse_special=False)[: args.ctx]
+            text = (TEXTS / ("code.py.txt" if text_name == "code" else "prose.txt")).read_text(
+                encoding="utf-8"
+            )
+            ids = session.tokenizer.encode(text, add_bos=session.tokenizer.add_bos, parse_special=False)[
+                : args.ctx
+            ]
             started = time.perf_counter()
             with_cache(session, "f16", "f16", False, False)
             base = perplexity(session, ids)
@@ -95,8 +112,13 @@ def main() -> None:
         cells = []
         for k in keys:
             v = r[k]
-            cells.append("n/a" if v is None else f"{v:.3f}" if k in ("f16", "llama.cpp f16")
-                         else f"{v:.3f} ({100 * (v / r['f16'] - 1):+.1f}%)")
+            cells.append(
+                "n/a"
+                if v is None
+                else f"{v:.3f}"
+                if k in ("f16", "llama.cpp f16")
+                else f"{v:.3f} ({100 * (v / r['f16'] - 1):+.1f}%)"
+            )
         print(f"| {r['model']} | {r['text']} | " + " | ".join(cells) + " |")
 
 

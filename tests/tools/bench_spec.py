@@ -129,9 +129,10 @@ def main() -> int:
                    "identical": spec_ids == plain_ids,
                    "draft_s": spec.draft_seconds, "verify_s": spec.verify_seconds}
             rows.append(row)
-            log.info("%s: plain %.2f, spec %.2f, llama.cpp %.2f tok/s, acceptance %.2f, identical %s",
-                     kind, row["plain_tok_s"], row["spec_tok_s"], llama_tps, row["acceptance_length"],
-                     row["identical"])
+            log.info("%s: plain %.2f, spec %.2f, llama.cpp %.2f tok/s, acceptance %.2f, identical %s "
+                     "(spec: draft %.1f s, verify %.1f s; plain decode %.1f s)", kind, row["plain_tok_s"],
+                     row["spec_tok_s"], llama_tps, row["acceptance_length"], row["identical"],
+                     spec.draft_seconds, spec.verify_seconds, plain.decode_seconds)
             index += 1
 
     if args.json:
