@@ -88,7 +88,7 @@ class SettingsPanel(QScrollArea):
         self.draft_open.clicked.connect(self._choose_draft)
         f.addRow("Draft path", self._row(self.draft_path, self.draft_open))
         self.max_draft = QSpinBox()
-        self.max_draft.setRange(1, 64)
+        self.max_draft.setRange(1, 15)  # verify blocks of at most 16 rows stay bit-exact
         self.max_draft.setToolTip("Tokens proposed per step")
         f.addRow("Max draft", self.max_draft)
         self.draft_mode.currentIndexChanged.connect(self._sync_enabled)

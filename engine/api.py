@@ -70,8 +70,8 @@ class EngineConfig:
             )
         if not 16 <= self.context_length <= 1 << 20:
             raise SettingsError(f"Context length {self.context_length} is out of range; use 16..1048576.")
-        if self.draft.max_draft < 1 or self.draft.max_draft > 64:
-            raise SettingsError(f"Max draft {self.draft.max_draft} is out of range; use 1..64.")
+        if self.draft.max_draft < 1 or self.draft.max_draft > 15:
+            raise SettingsError(f"Max draft {self.draft.max_draft} is out of range; use 1..15.")
 
     def rotation_skipped(self) -> bool:
         """Skip-WHT applies to a q4_0 K cache only; the variable must be exactly "1"."""

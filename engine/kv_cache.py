@@ -17,7 +17,8 @@ from engine import kv_quant
 from engine.errors import SettingsError
 from engine.hadamard import Rotation, make_rotation, rotate
 
-FOUR_BIT_TYPES = ("q4_0", "q4_1")
+QUANTIZED_K_TYPES = ("q8_0", "q4_0", "q4_1")
+VERIFY_ROWS_MAX = 16  # speculative verify blocks are at most this long (1 + max draft)
 
 
 def attention_mask(pos: int, n_new: int, n_keys: int, window: int | None, device) -> torch.Tensor | None:
@@ -33,9 +34,15 @@ def attention_mask(pos: int, n_new: int, n_keys: int, window: int | None, device
 
 
 def resolve_k_smooth(mode: str, k_type: str) -> bool:
-    """auto = on for 4-bit K types, where bias-driven K outliers otherwise eat the quantizer's range."""
+    """auto = on for every quantized K type, off for f16/bf16 K.
+
+    Measured (BENCHMARKS.md, KV cache table, 512 tokens of code and prose, K quantized, V f16): with the
+    rotation on, smoothing is the better choice on all four default models for q4_0 except
+    Qwen2.5-Coder-0.5B (where smoothing alone is better still), and for q8_0 it takes Qwen2.5-Coder-0.5B
+    from +2.4%/+3.8% to +0.2%/-0.6% perplexity while changing the others by < 0.3%.
+    """
     if mode == "auto":
-        return k_type in FOUR_BIT_TYPES
+        return k_type in QUANTIZED_K_TYPES
     return mode == "on"
 
 
@@ -124,7 +131,23 @@ class KVCache:
     def attention(
         self, layer: int, q: torch.Tensor, pos: int, scale: float, window: int | None
     ) -> torch.Tensor:
-        """q: (T, H, D) at positions [pos, pos + T), after write(). Returns (T, H, D)."""
+        """q: (T, H, D) at positions [pos, pos + T), after write(). Returns (T, H, D).
+
+        Blocks of up to VERIFY_ROWS_MAX queries (speculative verification) are attended one row at a
+        time through the same code path as single-token decoding: SDPA with a mask picks another
+        kernel and sums in another order, and greedy verification must reproduce plain decoding
+        bit for bit, not merely to rounding (measured: 3 of 6 SmolLM2 n-gram prompts diverged at
+        near-ties before this).
+        """
+        n_new = q.shape[0]
+        if 1 < n_new <= VERIFY_ROWS_MAX:
+            rows = [self._attend(layer, q[i : i + 1], pos + i, scale, window) for i in range(n_new)]
+            return torch.cat(rows)  # (T, H, D)
+        return self._attend(layer, q, pos, scale, window)
+
+    def _attend(
+        self, layer: int, q: torch.Tensor, pos: int, scale: float, window: int | None
+    ) -> torch.Tensor:
         n_new = q.shape[0]
         n_keys = pos + n_new
         start = 0 if window is None else max(0, pos - window + 1)  # keys no query of this block can see
@@ -135,9 +158,9 @@ class KVCache:
             q = rotate(q, self.rotation)  # same basis as the stored K: Q.K unchanged
         mask = attention_mask(pos - start, n_new, n_keys - start, window, q.device)
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(0),
-            k.unsqueeze(0),
-            v.unsqueeze(0),  # (1, H, T, D), (1, n_kv, L, D)
+            q.unsqueeze(0),  # (1, H, T, D)
+            k.unsqueeze(0),  # (1, n_kv, L, D)
+            v.unsqueeze(0),
             attn_mask=mask,
             scale=scale,
             enable_gqa=True,

@@ -117,6 +117,6 @@ def test_rotation_leaves_attention_unchanged_before_quantization():
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
-def test_auto_smoothing_is_on_for_4_bit_k_only():
-    assert [resolve_k_smooth("auto", t) for t in TYPES] == [False, False, False, True, True]
+def test_auto_smoothing_is_on_for_quantized_k_only():
+    assert [resolve_k_smooth("auto", t) for t in TYPES] == [False, False, True, True, True]
     assert resolve_k_smooth("on", "f16") and not resolve_k_smooth("off", "q4_0")

@@ -120,3 +120,17 @@ def test_prompt_longer_than_context_is_a_readable_error(tiny_path):
 def test_bad_setting_is_rejected_before_loading(tiny_path):
     with pytest.raises(SettingsError, match="K cache type 'q3_0'"):
         load(tiny_path, kv_k="q3_0")
+
+
+@pytest.mark.parametrize("kv", ["f16", "q4_0"])
+def test_verify_block_logits_equal_step_by_step_decode_bit_for_bit(tiny_path, kv):
+    """Greedy speculative decoding is lossless only if a verify block reproduces decode exactly."""
+    steps = load(tiny_path, cpu_weights="fast", kv_k=kv, kv_v=kv)
+    steps.prefill(PROMPT, 0)
+    follow = [66, 67, 68, 69, 70, 71]
+    one_by_one = torch.cat([steps.decode_one(t) for t in follow])  # (6, vocab)
+    block = load(tiny_path, cpu_weights="fast", kv_k=kv, kv_v=kv)
+    block.prefill(PROMPT, 0)
+    with torch.inference_mode():
+        logits, _ = block.model(torch.tensor(follow), len(PROMPT), block.cache, logits_for="all")
+    assert torch.equal(logits, one_by_one)
