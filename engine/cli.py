@@ -241,6 +241,27 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.spec != "none":  # speculation on vs off vs llama.cpp over the fixed prompt set
+        from engine import bench_spec
+
+        argv = [
+            "--spec",
+            args.spec,
+            "--max-draft",
+            str(args.max_draft),
+            "--threads",
+            str(args.threads or 2),
+            "--kinds",
+            args.kinds,
+            "--max-tokens",
+            str(args.n_gen),
+        ]
+        argv += ["--model", args.model] if args.model else []
+        argv += ["--draft", args.draft] if args.draft else []
+        argv += ["--block-size", str(args.block_size)] if args.block_size else []
+        argv += ["--per-kind", str(args.per_kind)] if args.per_kind else []
+        argv += ["--json"] if args.json else []
+        return bench_spec.main(argv)
     import torch
 
     session = load_session(args)
@@ -352,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-prompt", type=int, default=512)
     p.add_argument("--n-gen", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kinds", default="code,chat,edit", help="with --spec: prompt kinds to run")
+    p.add_argument("--per-kind", type=int, help="with --spec: only the first N prompts of each kind")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("needle", help="passphrase recall at several depths of a long text")

@@ -53,26 +53,28 @@ def make_needles(count: int, seed: int) -> list[Needle]:
     return needles
 
 
+def needle_sentence(needle: Needle) -> str:
+    return (
+        f"The secret passphrase for vault {needle.vault} is {needle.passphrase}. "
+        f"Remember it: vault {needle.vault}, passphrase {needle.passphrase}."
+    )
+
+
 def build_document(tokenizer, needles: list[Needle], budget_tokens: int) -> str:
-    """The haystack cut to about budget_tokens tokens, with each needle sentence at its depth."""
+    """The haystack cut so that it and the needle sentences take about budget_tokens tokens."""
+    budget_tokens -= sum(len(tokenizer.encode(needle_sentence(n))) + 2 for n in needles)
     text = HAYSTACK.read_text(encoding="utf-8")
     while len(tokenizer.encode(text)) < budget_tokens:
         text += "\n\n" + HAYSTACK.read_text(encoding="utf-8")
-    paragraphs = text.split("\n\n")
     kept, used = [], 0
-    for para in paragraphs:
+    for para in text.split("\n\n"):
         n = len(tokenizer.encode(para)) + 2
         if used + n > budget_tokens:
             break
         kept.append(para)
         used += n
     for needle in sorted(needles, key=lambda x: -x.depth):  # insert from the back so indices stay valid
-        at = max(1, round(needle.depth * len(kept)))
-        kept.insert(
-            at,
-            f"The secret passphrase for vault {needle.vault} is {needle.passphrase}. "
-            f"Remember it: vault {needle.vault}, passphrase {needle.passphrase}.",
-        )
+        kept.insert(max(1, round(needle.depth * len(kept))), needle_sentence(needle))
     return "\n\n".join(kept)
 
 

@@ -99,4 +99,4 @@ def test_needle_document_holds_every_needle_in_depth_order(tiny_path):
     doc = build_document(tokenizer, needles, 3000)
     positions = [doc.index(n.passphrase) for n in needles]
     assert positions == sorted(positions)
-    assert len(tokenizer.encode(doc)) < 3000 + 5 * 60
+    assert 2500 < len(tokenizer.encode(doc)) <= 3000 + 5 * 2

@@ -1,6 +1,6 @@
 """Speculative decoding benchmark: speculation on vs off vs llama.cpp plain decoding, same run.
 
-    .venv/bin/python tests/tools/bench_spec.py --spec draft-model --draft qwen2.5-coder-0.5b \
+    python -m engine bench --spec draft-model --draft qwen2.5-coder-0.5b \
         [--model qwen2.5-coder-1.5b] [--kinds code,chat,edit] [--max-tokens 128] [--threads 2] [--no-llama]
 
 For every prompt of the fixed set (code, chat, input-grounded edits) it runs our plain greedy
@@ -19,12 +19,8 @@ import logging
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from engine.api import DraftConfig, EngineConfig, Finished, SamplingParams, TextDelta  # noqa: E402
-from engine.cli import resolve_model  # noqa: E402
+from engine.api import DraftConfig, EngineConfig, Finished, SamplingParams, TextDelta
 
 log = logging.getLogger("bench_spec")
 
@@ -77,7 +73,7 @@ def run_llama(llm, prompt: str, max_tokens: int) -> tuple[float, int]:
     return (n - 1) / max(time.perf_counter() - first, 1e-9), n
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
     p.add_argument("--spec", default="draft-model")
@@ -90,11 +86,12 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-llama", action="store_true")
     p.add_argument("--json", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 
     import torch
 
+    from engine.cli import resolve_model
     from engine.session import Engine
 
     torch.set_num_threads(args.threads)
