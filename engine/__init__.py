@@ -2,10 +2,13 @@
 
 import os
 
-# torch's OpenMP threads spin while waiting by default; on a desktop where the GUI, a browser or a
-# second process share the cores that collapses throughput (measured on the 2-core dev box under load:
-# 1.5B decode 0.4 -> 5.3 tok/s, load 129 s -> 4 s). Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch's OpenMP threads (libgomp) spin while they wait. Spinning forever collapses throughput when the
+# GUI or other programs share the cores; never spinning (OMP_WAIT_POLICY=PASSIVE) halves small-model
+# decode on an idle machine. A short spin does well in both (SmolLM2, 2 threads, decode tok/s, 2026-11-27,
+# BENCHMARKS.md "OpenMP wait"): idle ACTIVE 50.3 / PASSIVE 20.1 / GOMP_SPINCOUNT=20000 48.3; with two
+# busy processes on the 2 cores ACTIVE 13.3 / PASSIVE 13.3 / 20000 22.7. Must be set before torch loads.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 from engine.api import (
     DraftConfig,
