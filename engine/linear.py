@@ -12,8 +12,10 @@ Three CPU modes (`CPU_LINEAR_MODES`), chosen per call; see tests/tools/bench_lin
   Qwen2.5-Coder-1.5B weights; quantizing the activations to Q8_0 as llama.cpp's CPU path does gave
   ~7e-3). 1.23 GB instead of 6.2 GB for that model; at 1 row 1.6-1.8x faster than "dense" (whole-
   model sweep and LM head, 2 threads, on a heavily shared 2-core machine), slower than "dense" at
-  512 rows. Not lossless: opt-in. Types split in two int4 planes (Q5_0, Q5_1, Q8_0, Q6_K) switch
-  to an exact dequantize + float32 F.linear from `DENSE_FROM_ROWS` rows on (prefill).
+  512 rows. Not lossless. From `DENSE_FROM_ROWS` rows on (prefill chunks) every type switches to an
+  exact dequantize (from the memory-mapped GGUF bytes) + float32 F.linear: Qwen2.5-Coder-1.5B pp512
+  went from 46 to 57 tok/s (BENCHMARKS.md, run 6). Blocks of up to 16 rows (decode, speculative
+  verify) always take the int4 kernel, whose rows are independent of the block size bit for bit.
 
 Types without an int4 repacking (Q2_K, Q3_K, Q5_K, F16, BF16, F32) always use "dense".
 Devices other than CPU use "dense" here; CUDA kernels live in `kernels/`.
@@ -98,7 +100,7 @@ def make_linear(
         compute_dtype = torch.bfloat16 if mode == "int4-bf16" else torch.float32
         out_features, in_features = (int(s) for s in info.shape)
         packed = repack_int4(info.data, info.qtype, (out_features, in_features), compute_dtype)
-        dense_from_rows = DENSE_FROM_ROWS if mode == "int4-bf16" and packed.split_width else None
+        dense_from_rows = DENSE_FROM_ROWS if mode == "int4-bf16" else None  # prefill: float32 GEMM
         return Int4Linear(packed, info, bias32, dense_from_rows)
     weight = dequantize(info.data, info.qtype, info.shape).to(device)  # (out, in) float32
     return DenseLinear(weight, bias32)
