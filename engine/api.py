@@ -15,6 +15,9 @@ KV_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1")
 DRAFT_MODES = ("none", "draft-model", "dflash", "ngram")
 DEVICES = ("auto", "cuda", "cpu")
 K_SMOOTH_MODES = ("auto", "on", "off")
+# Longest speculative verify block (1 + max draft). Blocks up to this size run row by row through the
+# single-token path in attention and dense linears, so greedy verification equals plain decoding bit for bit.
+VERIFY_ROWS_MAX = 16
 
 
 @dataclass
@@ -70,8 +73,10 @@ class EngineConfig:
             )
         if not 16 <= self.context_length <= 1 << 20:
             raise SettingsError(f"Context length {self.context_length} is out of range; use 16..1048576.")
-        if self.draft.max_draft < 1 or self.draft.max_draft > 15:
-            raise SettingsError(f"Max draft {self.draft.max_draft} is out of range; use 1..15.")
+        if self.draft.max_draft < 1 or self.draft.max_draft > VERIFY_ROWS_MAX - 1:
+            raise SettingsError(
+                f"Max draft {self.draft.max_draft} is out of range; use 1..{VERIFY_ROWS_MAX - 1}."
+            )
 
     def rotation_skipped(self) -> bool:
         """Skip-WHT applies to a q4_0 K cache only; the variable must be exactly "1"."""

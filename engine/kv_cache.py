@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from engine import kv_quant
+from engine.api import VERIFY_ROWS_MAX
 from engine.errors import SettingsError
 from engine.hadamard import Rotation, make_rotation, rotate
 
 QUANTIZED_K_TYPES = ("q8_0", "q4_0", "q4_1")
-VERIFY_ROWS_MAX = 16  # speculative verify blocks are at most this long (1 + max draft)
 
 
 def attention_mask(pos: int, n_new: int, n_keys: int, window: int | None, device) -> torch.Tensor | None:
@@ -137,32 +137,39 @@ class KVCache:
         time through the same code path as single-token decoding: SDPA with a mask picks another
         kernel and sums in another order, and greedy verification must reproduce plain decoding
         bit for bit, not merely to rounding (measured: 3 of 6 SmolLM2 n-gram prompts diverged at
-        near-ties before this).
+        near-ties before this). K/V are dequantized once per call either way.
         """
         n_new = q.shape[0]
-        if 1 < n_new <= VERIFY_ROWS_MAX:
-            rows = [self._attend(layer, q[i : i + 1], pos + i, scale, window) for i in range(n_new)]
-            return torch.cat(rows)  # (T, H, D)
-        return self._attend(layer, q, pos, scale, window)
-
-    def _attend(
-        self, layer: int, q: torch.Tensor, pos: int, scale: float, window: int | None
-    ) -> torch.Tensor:
-        n_new = q.shape[0]
-        n_keys = pos + n_new
-        start = 0 if window is None else max(0, pos - window + 1)  # keys no query of this block can see
-        k = self._decode(self.k[layer].narrow(1, start, n_keys - start))  # (n_kv, L, D) float32
-        v = self._decode(self.v[layer].narrow(1, start, n_keys - start))  # (n_kv, L, D) float32
+        first = 0 if window is None else max(0, pos - window + 1)  # keys no query of this block can see
+        k = self._decode(self.k[layer].narrow(1, first, pos + n_new - first))  # (n_kv, L, D) float32
+        v = self._decode(self.v[layer].narrow(1, first, pos + n_new - first))  # (n_kv, L, D) float32
         q = q.transpose(0, 1).to(torch.float32)  # (H, T, D)
         if self.rotation is not None:
             q = rotate(q, self.rotation)  # same basis as the stored K: Q.K unchanged
-        mask = attention_mask(pos - start, n_new, n_keys - start, window, q.device)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(0),  # (1, H, T, D)
-            k.unsqueeze(0),  # (1, n_kv, L, D)
-            v.unsqueeze(0),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )  # (1, H, T, D)
-        return out[0].transpose(0, 1)  # (T, H, D)
+        if 1 < n_new <= VERIFY_ROWS_MAX:
+            rows = [_sdpa(q[:, i : i + 1], k, v, first, pos + i, scale, window) for i in range(n_new)]
+            out = torch.cat(rows, dim=1)  # (H, T, D)
+        else:
+            out = _sdpa(q, k, v, first, pos, scale, window)
+        return out.transpose(0, 1)  # (T, H, D)
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, pos: int, scale: float, window: int | None
+) -> torch.Tensor:
+    """q: (H, T, D) at positions [pos, pos + T); k, v: (n_kv, L, D) holding positions [first, ...)."""
+    n_new = q.shape[1]
+    n_keys = pos + n_new
+    start = 0 if window is None else max(0, pos - window + 1)
+    k = k[:, start - first : n_keys - first]  # (n_kv, keys visible to this block, D)
+    v = v[:, start - first : n_keys - first]
+    mask = attention_mask(pos - start, n_new, n_keys - start, window, q.device)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(0),  # (1, H, T, D)
+        k.unsqueeze(0),  # (1, n_kv, L, D)
+        v.unsqueeze(0),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )  # (1, H, T, D)
+    return out[0]  # (H, T, D)

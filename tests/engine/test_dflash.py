@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.api import DraftConfig, EngineConfig, Finished, SamplingParams, TextDelta
+from engine.api import DraftConfig, EngineConfig, SamplingParams
 from engine.errors import ModelFileError
 from engine.kv_cache import KVCache
+from tests.engine.events import collect_ids
 from tests.engine.tiny_models import D_MODEL, write_tiny_model
 
 PROMPT = [72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 10, 72, 101]
@@ -130,14 +131,7 @@ def load(target, mode="none", draft=None, block=None):
 
 
 def generate(session, prompt, params):
-    ids, flags, final = [], [], None
-    for event in session.generate(prompt, params):
-        if isinstance(event, TextDelta):
-            ids += event.token_ids
-            flags += event.drafted
-        elif isinstance(event, Finished):
-            final = event
-    return ids, flags, final
+    return collect_ids(session.generate(prompt, params))
 
 
 def test_draft_block_matches_reference_at_every_step(models):

@@ -122,14 +122,16 @@ def test_bad_setting_is_rejected_before_loading(tiny_path):
         load(tiny_path, kv_k="q3_0")
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding window of 5 < the block's reach
 @pytest.mark.parametrize("kv", ["f16", "q4_0"])
-def test_verify_block_logits_equal_step_by_step_decode_bit_for_bit(tiny_path, kv):
+def test_verify_block_logits_equal_step_by_step_decode_bit_for_bit(tmp_path, arch, kv):
     """Greedy speculative decoding is lossless only if a verify block reproduces decode exactly."""
-    steps = load(tiny_path, cpu_weights="fast", kv_k=kv, kv_v=kv)
+    path = write_tiny_model(tmp_path / f"{arch}.gguf", arch, seed=3, quantized=True)
+    steps = load(path, cpu_weights="fast", kv_k=kv, kv_v=kv)
     steps.prefill(PROMPT, 0)
     follow = [66, 67, 68, 69, 70, 71]
     one_by_one = torch.cat([steps.decode_one(t) for t in follow])  # (6, vocab)
-    block = load(tiny_path, cpu_weights="fast", kv_k=kv, kv_v=kv)
+    block = load(path, cpu_weights="fast", kv_k=kv, kv_v=kv)
     block.prefill(PROMPT, 0)
     with torch.inference_mode():
         logits, _ = block.model(torch.tensor(follow), len(PROMPT), block.cache, logits_for="all")

@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
-from engine.api import KV_TYPES, DraftConfig, EngineConfig, Finished, SamplingParams, TextDelta
+from engine.api import KV_TYPES, DraftConfig, EngineConfig, SamplingParams
 from engine.errors import ModelFileError, SettingsError
 from engine.gguf_file import GGUFModelFile
 from engine.sampling import Sampler
 from engine.speculative import Draft, verify
+from tests.engine.events import collect_ids
 from tests.engine.tiny_models import write_tiny_model
 
 PROMPT = [72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 10, 72, 101, 108, 108]
@@ -42,14 +43,7 @@ def load(model, mode="none", draft=None, max_draft=4, kv=("f16", "f16")):
 
 
 def run(session, prompt, params):
-    ids, flags, final = [], [], None
-    for event in session.generate(prompt, params):
-        if isinstance(event, TextDelta):
-            ids += event.token_ids
-            flags += event.drafted
-        elif isinstance(event, Finished):
-            final = event
-    return ids, flags, final
+    return collect_ids(session.generate(prompt, params))
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.api import DraftConfig, EngineConfig, Finished, SamplingParams, TextDelta
+from engine.api import DraftConfig, EngineConfig, SamplingParams
 from engine.errors import TandemError
+from tests.engine.events import collect_ids
 
 EDIT_PROMPT = """Rewrite this function with type hints, keeping everything else identical:
 
@@ -29,14 +30,8 @@ def model_path(key: str) -> str:
 
 
 def answer(session, prompt: str, max_tokens: int):
-    ids, flags, final = [], [], None
-    for event in session.chat([{"role": "user", "content": prompt}], SamplingParams(max_tokens=max_tokens)):
-        if isinstance(event, TextDelta):
-            ids += event.token_ids
-            flags += event.drafted
-        elif isinstance(event, Finished):
-            final = event
-    return ids, flags, final
+    messages = [{"role": "user", "content": prompt}]
+    return collect_ids(session.chat(messages, SamplingParams(max_tokens=max_tokens)))
 
 
 @pytest.mark.slow
