@@ -1,0 +1,103 @@
+"""Device layouts of GGUF weights for `kernels.qmatmul`: each block field as its own row-major array.
+
+A GGUF row of a (N, K) weight is K / block_elems blocks of `block_bytes`, each block an
+array-of-structs (Q4_0: an fp16 scale, then 16 bytes of nibbles; 18 bytes, so nothing is
+16-byte aligned). At load the fields are split into one (N, fields per row) array each
+(struct-of-arrays): the bytes are the GGUF bytes, only moved, so memory is exactly the GGUF size
+and `to_gguf_bytes` puts them back byte for byte. Rows of quants then start 16-byte aligned and
+a K-tile of one row is contiguous, so the kernels load 16 bytes per thread.
+
+Roles (the kernel arguments they feed):
+    q  the low 4 bits (Q4_*/Q5_*/Q4_K/Q5_K nibbles, Q6_K `ql`) or the int8 values (Q8_0)
+    h  the high bits (Q5_0/Q5_1 one u32 per block, Q5_K / Q6_K `qh` bytes)
+    s  the K-quant sub-block scales (12 packed 6-bit bytes for Q4_K/Q5_K, 16 int8 for Q6_K)
+    d  the fp16 block / super-block scale
+    m  the fp16 block minimum (Q4_1/Q5_1) or super-block min scale (Q4_K/Q5_K)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from engine.quants import BLOCK_TABLE
+
+
+@dataclass(frozen=True)
+class Field:
+    role: str  # q, h, s, d or m
+    start: int  # byte range inside one block
+    stop: int
+    dtype: torch.dtype  # element type of the split array
+
+
+# Field table per directly-read type: byte ranges inside one GGUF block (gguf-py / ggml-common.h).
+FIELDS: dict[QT, tuple[Field, ...]] = {
+    QT.Q4_0: (Field("d", 0, 2, torch.float16), Field("q", 2, 18, torch.uint8)),
+    QT.Q4_1: (
+        Field("d", 0, 2, torch.float16), Field("m", 2, 4, torch.float16), Field("q", 4, 20, torch.uint8),
+    ),
+    QT.Q5_0: (Field("d", 0, 2, torch.float16), Field("h", 2, 6, torch.int32), Field("q", 6, 22, torch.uint8)),
+    QT.Q5_1: (
+        Field("d", 0, 2, torch.float16), Field("m", 2, 4, torch.float16),
+        Field("h", 4, 8, torch.int32), Field("q", 8, 24, torch.uint8),
+    ),
+    QT.Q8_0: (Field("d", 0, 2, torch.float16), Field("q", 2, 34, torch.int8)),
+    QT.Q4_K: (
+        Field("d", 0, 2, torch.float16), Field("m", 2, 4, torch.float16),
+        Field("s", 4, 16, torch.uint8), Field("q", 16, 144, torch.uint8),
+    ),
+    QT.Q5_K: (
+        Field("d", 0, 2, torch.float16), Field("m", 2, 4, torch.float16), Field("s", 4, 16, torch.uint8),
+        Field("h", 16, 48, torch.uint8), Field("q", 48, 176, torch.uint8),
+    ),
+    QT.Q6_K: (
+        Field("q", 0, 128, torch.uint8), Field("h", 128, 192, torch.uint8),
+        Field("s", 192, 208, torch.int8), Field("d", 208, 210, torch.float16),
+    ),
+}
+
+# Elements of one "group": the kernels split a group's values in a low half and a high half
+# (the two nibbles of the same bytes, or for Q8_0 the two halves of a block), see qmatmul.py.
+GROUP_ELEMS: dict[QT, int] = {
+    QT.Q4_0: 32, QT.Q4_1: 32, QT.Q5_0: 32, QT.Q5_1: 32, QT.Q8_0: 32,
+    QT.Q4_K: 64, QT.Q5_K: 64, QT.Q6_K: 128,
+}
+assert FIELDS.keys() == GROUP_ELEMS.keys()
+
+
+def _check_block_tables() -> None:
+    for qtype, fields in FIELDS.items():
+        _, block_bytes = BLOCK_TABLE[qtype]
+        spans = sorted((f.start, f.stop) for f in fields)
+        assert spans[0][0] == 0 and spans[-1][1] == block_bytes, qtype
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False)), qtype
+
+
+_check_block_tables()
+
+
+def split_fields(raw: torch.Tensor, qtype: QT, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """GGUF bytes (n_bytes,) uint8 -> {role: (N, per-row elements) tensor}, on raw's device."""
+    n_rows, n_cols = shape
+    block_elems, block_bytes = BLOCK_TABLE[qtype]
+    blocks = raw.reshape(n_rows, n_cols // block_elems, block_bytes)  # (N, blocks per row, block bytes)
+    out = {}
+    for field in FIELDS[qtype]:
+        part = blocks[:, :, field.start : field.stop].contiguous()  # (N, nb, field bytes)
+        out[field.role] = part.view(field.dtype).reshape(n_rows, -1)  # (N, nb * field elems)
+    return out
+
+
+def to_gguf_bytes(fields: dict[str, torch.Tensor], qtype: QT, shape: tuple[int, int]) -> torch.Tensor:
+    """The inverse of `split_fields`: (n_bytes,) uint8 GGUF bytes, on the fields' device."""
+    n_rows, n_cols = shape
+    block_elems, _ = BLOCK_TABLE[qtype]
+    n_blocks = n_cols // block_elems
+    parts = []
+    for field in sorted(FIELDS[qtype], key=lambda f: f.start):
+        arr = fields[field.role].contiguous().view(torch.uint8)  # (N, nb * field bytes)
+        parts.append(arr.reshape(n_rows, n_blocks, field.stop - field.start))
+    return torch.cat(parts, dim=2).reshape(-1)  # (n_bytes,)
