@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 from PySide6.QtCore import QCoreApplication, QObject, QThread, Signal
 
-from app.engine_settings import EngineSettings
+from app.engine_settings import EngineSettings, snapshot_directory
 from app.markdown_render import mask_to_spans
 from app.meter import stats_summary
 from app.storage import ChatStore, Message
@@ -53,6 +53,7 @@ class ChatController(QObject):
     _load = Signal(object)
     _generate = Signal(object)
     _shutdown = Signal()
+    _clear_snapshots = Signal(str)
 
     # to the widgets
     load_started = Signal()
@@ -65,6 +66,8 @@ class ChatController(QObject):
     answer_finished = Signal(object, object)  # Message (final), Finished
     answer_failed = Signal(object, str)  # Message (as saved), readable message
     busy_changed = Signal(bool)
+    snapshots_cleared = Signal(int, int)  # files deleted, bytes freed
+    snapshots_clear_failed = Signal(str)
 
     def __init__(
         self,
@@ -82,6 +85,9 @@ class ChatController(QObject):
         self._load.connect(self.worker.load)
         self._generate.connect(self.worker.generate)
         self._shutdown.connect(self.worker.shutdown)
+        self._clear_snapshots.connect(self.worker.clear_snapshots)
+        self.worker.snapshots_cleared.connect(self.snapshots_cleared)
+        self.worker.snapshots_clear_failed.connect(self.snapshots_clear_failed)
         self.worker.load_progress.connect(self.load_progress)
         self.worker.loaded.connect(self._on_loaded)
         self.worker.load_failed.connect(self._on_load_failed)
@@ -122,6 +128,10 @@ class ChatController(QObject):
     def _on_load_failed(self, message: str) -> None:
         self.loading = False
         self.load_failed.emit(message)
+
+    def clear_snapshots(self) -> None:
+        """Delete the KV snapshots on disk, on the worker thread (after any running answer and its save)."""
+        self._clear_snapshots.emit(snapshot_directory())
 
     # conversations -> requests
     def engine_messages(self, conversation_id: int, upto_id: int | None = None) -> list[dict]:

@@ -43,6 +43,7 @@ class EngineSettings:
     kv_v: str = "f16"
     skip_wht: bool = False
     k_smooth: str = "auto"
+    k_equalize: str = "auto"
     prefill_chunk: int = 512
     context_length: int = 4096
     device: str = "auto"
@@ -63,6 +64,7 @@ class EngineSettings:
             kv_v=self.kv_v,
             skip_wht=self.skip_wht and self.kv_k == "q4_0",
             k_smooth=self.k_smooth,
+            k_equalize=self.k_equalize,
             prefill_chunk=self.prefill_chunk,
             context_length=self.context_length,
             device=self.device,

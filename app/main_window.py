@@ -162,6 +162,9 @@ class MainWindow(QMainWindow):
         self.settings_panel.apply_requested.connect(self.apply_settings)
         self.settings_panel.theme_changed.connect(self.set_theme)
         self.settings_panel.tint_changed.connect(self.tint_action.setChecked)
+        self.settings_panel.clear_snapshots_requested.connect(c.clear_snapshots)
+        c.snapshots_cleared.connect(self._on_snapshots_cleared)
+        c.snapshots_clear_failed.connect(self.settings_panel.show_snapshots_clear_failed)
         c.load_started.connect(self._on_load_started)
         c.load_progress.connect(self._on_load_progress)
         c.model_ready.connect(self._on_model_ready)
@@ -420,6 +423,10 @@ class MainWindow(QMainWindow):
         self.status_label.setText("No model loaded")
         self.settings_panel.show_error(message)
         self.show_error("Could not load the model: " + message)
+
+    def _on_snapshots_cleared(self, files: int, freed_bytes: int) -> None:
+        self.settings_panel.show_snapshots_cleared(files, freed_bytes)
+        self.statusBar().showMessage(self.settings_panel.snapshot_status.text(), 5000)
 
     # errors
     def show_error(self, message: str) -> None:

@@ -1,5 +1,6 @@
-"""Live throughput meter: decode and prefill speed, TTFT, acceptance, KV memory, device,
-and a sparkline of decode tok/s over the last minute."""
+"""Live throughput meter: decode and prefill speed, TTFT, prompt tokens taken from the cache
+(the in-memory prefix or a restored snapshot) instead of being prefilled, acceptance, KV memory,
+device, and a sparkline of decode tok/s over the last minute."""
 
 from __future__ import annotations
 
@@ -28,13 +29,27 @@ def acceptance_rate(stats: GenerationStats) -> float | None:
     return stats.accepted / stats.drafted if stats.drafted else None
 
 
+CACHED_TIP = (
+    "Prompt tokens whose K/V came from the cache (earlier turns kept in memory, or a snapshot restored\n"
+    "from disk) instead of being prefilled again, out of all prompt tokens."
+)
+
+
+def cached_tokens_text(stats: GenerationStats) -> str:
+    """'2,950 / 3,010': prompt tokens that were not prefilled, of all prompt tokens."""
+    return f"{stats.cached_tokens:,} / {stats.prompt_tokens:,}"
+
+
 def stats_summary(stats: GenerationStats) -> str:
-    """One line for under an answer: '42 tokens · 25.3 tok/s · TTFT 0.31 s · 2.4 tok/step (68%)'."""
+    """One line for under an answer:
+    '42 tokens · 25.3 tok/s · TTFT 0.31 s · cached 2,950 / 3,010 tokens · 2.4 tok/step (68%)'."""
     parts = [
         f"{stats.new_tokens} tokens",
         f"{stats.decode_tok_per_s:.1f} tok/s",
         f"TTFT {stats.ttft_seconds:.2f} s",
     ]
+    if stats.cached_tokens:
+        parts.append(f"cached {cached_tokens_text(stats)} tokens")
     rate = acceptance_rate(stats)
     if rate is not None:
         parts.append(f"{stats.acceptance_length:.2f} tok/step ({rate:.0%} accepted)")
@@ -82,6 +97,7 @@ class ThroughputMeter(QWidget):
         ("decode", "decode tok/s"),
         ("prefill", "prefill tok/s"),
         ("ttft", "time to first token"),
+        ("cached", "cached / prompt tokens"),
         ("acceptance", "acceptance length · rate"),
         ("kv", "KV memory"),
         ("device", "device"),
@@ -102,6 +118,7 @@ class ThroughputMeter(QWidget):
             grid.addWidget(value, 0, col)
             grid.addWidget(cap, 1, col)
             self.values[key] = value
+        self.values["cached"].setToolTip(CACHED_TIP)
         self.state = QLabel("idle")
         self.state.setObjectName("meterCaption")
         grid.addWidget(self.state, 0, len(self.FIELDS), 2, 1, Qt.AlignRight | Qt.AlignVCenter)
@@ -133,6 +150,7 @@ class ThroughputMeter(QWidget):
         v["decode"].setText(f"{stats.decode_tok_per_s:.1f}")
         v["prefill"].setText(f"{stats.prefill_tok_per_s:.0f}" if stats.prefill_tok_per_s else "–")
         v["ttft"].setText(f"{stats.ttft_seconds:.2f} s" if stats.ttft_seconds else "–")
+        v["cached"].setText(cached_tokens_text(stats) if stats.prompt_tokens else "–")
         rate = acceptance_rate(stats)
         v["acceptance"].setText(f"{stats.acceptance_length:.2f} · {rate:.0%}" if rate is not None else "–")
         v["kv"].setText(format_bytes(stats.kv_bytes) if stats.kv_bytes else "–")

@@ -2,7 +2,8 @@
 
 "Apply" validates the settings here (a bad combination is explained in the panel) and
 asks the controller to reload in the background; a load failure comes back as a message
-in the same place.
+in the same place. "Clear snapshots" asks for the KV snapshots on disk to be deleted (the
+worker thread does it) and shows how much that freed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from PySide6.QtWidgets import (
 )
 
 from app.engine_settings import THEMES, EngineSettings
-from engine.api import DEVICES, K_SMOOTH_MODES, KV_TYPES
+from app.meter import format_bytes
+from engine.api import DEVICES, K_EQUALIZE_MODES, K_SMOOTH_MODES, KV_TYPES
 from engine.errors import TandemError
 
 DRAFT_MODE_LABELS = {
@@ -35,6 +37,12 @@ DRAFT_MODE_LABELS = {
     "ngram": "N-gram (prompt lookup)",
     "dflash": "DFlash folder",
 }
+
+SNAPSHOTS_TIP = (
+    "After each answer the conversation's KV cache is saved to disk, so continuing or reopening\n"
+    "a chat (also after a restart) skips prefilling the earlier turns. The files live in the user\n"
+    "cache folder within a 4 GB budget. Clearing them is safe: the next turn prefills normally."
+)
 
 SKIP_WHT_TIP = (
     "Store the q4_0 K cache without the Walsh–Hadamard rotation.\n"
@@ -62,6 +70,7 @@ def _set_combo(c: QComboBox, value: str) -> None:
 
 class SettingsPanel(QScrollArea):
     apply_requested = Signal(object)  # EngineSettings
+    clear_snapshots_requested = Signal()
     theme_changed = Signal(str)
     tint_changed = Signal(bool)
 
@@ -107,6 +116,11 @@ class SettingsPanel(QScrollArea):
         self.k_smooth = _combo(K_SMOOTH_MODES)
         self.k_smooth.setToolTip("Subtract a per-channel K mean before quantizing (attention is unchanged)")
         f.addRow("K smoothing", self.k_smooth)
+        self.k_equalize = _combo(K_EQUALIZE_MODES)
+        self.k_equalize.setToolTip(
+            "Scale each K channel to a similar width before quantizing, and Q back (attention is unchanged)"
+        )
+        f.addRow("K equalization", self.k_equalize)
         self.prefill_chunk = QSpinBox()
         self.prefill_chunk.setRange(16, 8192)
         self.prefill_chunk.setSingleStep(64)
@@ -119,6 +133,18 @@ class SettingsPanel(QScrollArea):
         f.addRow("Device", self.device)
         self.kv_k.currentIndexChanged.connect(self._sync_enabled)
         outer.addWidget(kv)
+
+        # KV snapshots on disk (applies at once, no reload)
+        snapshots = QGroupBox("Conversation snapshots")
+        snapshots.setToolTip(SNAPSHOTS_TIP)
+        v = QVBoxLayout(snapshots)
+        self.clear_snapshots_button = QPushButton("Clear snapshots")
+        self.clear_snapshots_button.setToolTip(SNAPSHOTS_TIP)
+        self.clear_snapshots_button.clicked.connect(self._request_clear_snapshots)
+        self.snapshot_status = QLabel("")
+        self.snapshot_status.setWordWrap(True)
+        v.addWidget(self._row(self.clear_snapshots_button, self.snapshot_status))
+        outer.addWidget(snapshots)
 
         # sampling
         sampling = QGroupBox("Sampling")
@@ -243,6 +269,7 @@ class SettingsPanel(QScrollArea):
         self._sync_enabled()
         self.skip_wht.setChecked(s.skip_wht and s.kv_k == "q4_0")
         _set_combo(self.k_smooth, s.k_smooth)
+        _set_combo(self.k_equalize, s.k_equalize)
         self.prefill_chunk.setValue(s.prefill_chunk)
         self.context_length.setValue(s.context_length)
         _set_combo(self.device, s.device)
@@ -265,6 +292,7 @@ class SettingsPanel(QScrollArea):
             kv_v=self.kv_v.currentData(),
             skip_wht=self.skip_wht.isEnabled() and self.skip_wht.isChecked(),
             k_smooth=self.k_smooth.currentData(),
+            k_equalize=self.k_equalize.currentData(),
             prefill_chunk=self.prefill_chunk.value(),
             context_length=self.context_length.value(),
             device=self.device.currentData(),
@@ -276,6 +304,24 @@ class SettingsPanel(QScrollArea):
             seed=self.seed.value(),
             max_tokens=self.max_tokens.value(),
         )
+
+    # snapshots
+    def _request_clear_snapshots(self) -> None:
+        self.clear_snapshots_button.setEnabled(False)
+        self.snapshot_status.setText("Clearing…")
+        self.clear_snapshots_requested.emit()
+
+    def show_snapshots_cleared(self, files: int, freed_bytes: int) -> None:
+        self.clear_snapshots_button.setEnabled(True)
+        if files:
+            noun = "snapshot file" if files == 1 else "snapshot files"
+            self.snapshot_status.setText(f"Deleted {files} {noun}, freed {format_bytes(freed_bytes)}.")
+        else:
+            self.snapshot_status.setText("No snapshots to clear.")
+
+    def show_snapshots_clear_failed(self, message: str) -> None:
+        self.clear_snapshots_button.setEnabled(True)
+        self.snapshot_status.setText(message)
 
     def show_error(self, message: str) -> None:
         self.error.setText(message)

@@ -105,6 +105,8 @@ class EngineWorker(QObject):
     stats = Signal(int, object)  # request id, GenerationStats
     finished = Signal(int, object)  # request id, Finished
     failed = Signal(int, str, str)  # request id, readable message, text produced so far
+    snapshots_cleared = Signal(int, int)  # files deleted, bytes freed
+    snapshots_clear_failed = Signal(str)  # readable message
     closed = Signal()
 
     def __init__(
@@ -238,6 +240,20 @@ class EngineWorker(QObject):
             finished = Finished(reason, latest or GenerationStats(), "".join(produced))
         self.stats.emit(rid, finished.stats)
         self.finished.emit(rid, finished)
+
+    # KV snapshots on disk
+    @Slot(str)
+    def clear_snapshots(self, directory: str) -> None:
+        """Delete the snapshot files in directory (engine code: file I/O stays off the GUI thread)."""
+        from engine.snapshots import SnapshotStore
+
+        try:
+            files, freed = SnapshotStore(directory).clear()
+        except Exception as exc:  # noqa: BLE001 - a failure becomes a message
+            log.exception("clearing the snapshots failed")
+            self.snapshots_clear_failed.emit(f"Could not clear the snapshots in {directory}: {exc}")
+            return
+        self.snapshots_cleared.emit(files, freed)
 
     # shutdown
     def _close_session(self) -> None:

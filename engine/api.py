@@ -15,6 +15,7 @@ KV_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1")
 DRAFT_MODES = ("none", "draft-model", "dflash", "ngram")
 DEVICES = ("auto", "cuda", "cpu")
 K_SMOOTH_MODES = ("auto", "on", "off")
+K_EQUALIZE_MODES = ("auto", "on", "off")
 # Longest speculative verify block (1 + max draft). Blocks up to this size run row by row through the
 # single-token path in attention and dense linears, so greedy verification equals plain decoding bit for bit.
 VERIFY_ROWS_MAX = 16
@@ -36,6 +37,7 @@ class EngineConfig:
     kv_v: str = "f16"
     skip_wht: bool = False
     k_smooth: str = "auto"
+    k_equalize: str = "auto"  # per-channel K scales (engine/k_equalize.py): auto = on for quantized K
     prefill_chunk: int = 512
     context_length: int = 4096
     device: str = "auto"
@@ -66,6 +68,10 @@ class EngineConfig:
         if self.k_smooth not in K_SMOOTH_MODES:
             raise SettingsError(
                 f"K smoothing '{self.k_smooth}' is unknown; choose one of {', '.join(K_SMOOTH_MODES)}."
+            )
+        if self.k_equalize not in K_EQUALIZE_MODES:
+            raise SettingsError(
+                f"K equalization '{self.k_equalize}' is unknown; choose one of {', '.join(K_EQUALIZE_MODES)}."
             )
         if not 1 <= self.prefill_chunk <= 8192:
             raise SettingsError(

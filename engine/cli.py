@@ -42,6 +42,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctv", default="f16", help="V cache type")
     p.add_argument("--skip-wht", action="store_true", help="no K rotation for a q4_0 K cache")
     p.add_argument("--k-smooth", default="auto", help="auto | on | off")
+    p.add_argument("--k-equalize", default="auto", help="per-channel K scales: auto (on for quantized K) | on | off")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
     p.add_argument("--ctx", type=int, default=4096, help="context length")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
@@ -75,6 +76,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_v=args.ctv,
         skip_wht=args.skip_wht,
         k_smooth=args.k_smooth,
+        k_equalize=args.k_equalize,
         prefill_chunk=args.chunk,
         context_length=args.ctx,
         device=args.device,
@@ -229,14 +231,18 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     result = {
         "ppl": math.exp(float(nll.mean())),
         "n_tokens": len(ids),
+        "device": session.device,
+        "device_reason": session.device_reason,
         "nll": [float(x) for x in nll],
         "argmax": [int(x) for x in logits.argmax(-1)],
         "seconds": time.perf_counter() - started,
+        **{key: session.info[key] for key in ("kv_k", "kv_v", "k_rotated", "k_smooth", "k_equalize")},
     }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"perplexity {result['ppl']:.4f} over {len(ids)} tokens ({result['seconds']:.1f} s)")
+        print(f"perplexity {result['ppl']:.4f} over {len(ids)} tokens ({result['seconds']:.1f} s) "
+              f"on {session.device} ({session.device_reason})")
     return 0
 
 
@@ -273,6 +279,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "n_prompt": args.n_prompt,
         "n_gen": args.n_gen,
         "device": session.device,
+        "device_reason": session.device_reason,
         "kv_k": args.ctk,
         "kv_v": args.ctv,
         "threads": torch.get_num_threads(),
@@ -282,11 +289,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         session.cached_ids = []
         t0 = time.perf_counter()
         logits = session.prefill(prompt, 0)
+        token = int(logits[0].argmax())  # reading the result waits for the GPU
         prefill_runs.append(args.n_prompt / (time.perf_counter() - t0))
-        token = int(logits[0].argmax())
         t0 = time.perf_counter()
         for _ in range(args.n_gen):
-            token = int(session.decode_one(token)[0].argmax())
+            token = session.decode_greedy(token)  # on the GPU: a graph replay, the argmax read back
         decode_runs.append(args.n_gen / (time.perf_counter() - t0))
     results["prefill_tok_per_s"] = sorted(prefill_runs)[len(prefill_runs) // 2]
     results["decode_tok_per_s"] = sorted(decode_runs)[len(decode_runs) // 2]
@@ -296,7 +303,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         print(
             f"prefill {results['prefill_tok_per_s']:.1f} tok/s (pp{args.n_prompt}), "
-            f"decode {results['decode_tok_per_s']:.2f} tok/s (tg{args.n_gen}), {results['threads']} threads"
+            f"decode {results['decode_tok_per_s']:.2f} tok/s (tg{args.n_gen}), {results['threads']} threads, "
+            f"{session.device} ({session.device_reason})"
         )
     return 0
 
@@ -314,6 +322,7 @@ def cmd_needle(args: argparse.Namespace) -> int:
             "kv_v": args.ctv,
             "k_rotated": session.info["k_rotated"],
             "k_smooth": session.info["k_smooth"],
+            "k_equalize": session.info["k_equalize"],
         }
     )
     if args.json:
@@ -332,6 +341,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     from engine.model_catalog import models_command
 
     return models_command(args)
+
+
+def cmd_gguf_header(args: argparse.Namespace) -> int:
+    from engine.random_gguf import write_header_file
+
+    layout = write_header_file(resolve_model(args.model), args.out)
+    shown = f"{layout.data_offset} header bytes, {len(layout.tensors)} tensors"
+    print(f"wrote {args.out}: {shown}", file=sys.stderr)
+    return 0
+
+
+def cmd_random_gguf(args: argparse.Namespace) -> int:
+    from engine.random_gguf import write_random_gguf
+
+    layout = write_random_gguf(args.header, args.out, seed=args.seed)
+    shown = f"{layout.file_size / 2**20:.1f} MiB, random weights (seed {args.seed})"
+    print(f"wrote {args.out}: {shown}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,6 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--assemble", action="store_true", help="assemble and verify the default models")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("gguf-header", help="write a GGUF's header (metadata, tensor infos; no data)")
+    p.add_argument("--model", help="GGUF path or catalogue key (default: qwen2.5-coder-1.5b)")
+    p.add_argument("--out", required=True, help="the header file; a name ending in .xz is compressed")
+    p.set_defaults(func=cmd_gguf_header)
+
+    p = sub.add_parser("random-gguf", help="write a random-weight GGUF with the layout of a header file")
+    p.add_argument("--header", required=True, help="a file written by gguf-header")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_random_gguf)
     return parser
 
 

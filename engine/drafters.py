@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.api import EngineConfig
+from engine.chat_template import ChatTemplate
 from engine.errors import ModelFileError, TandemError
 from engine.gguf_file import GGUFModelFile
-from engine.kv_cache import KVCache
+from engine.k_equalize import resolve_k_equalize
+from engine.kv_cache import KVCache, make_kv_cache, resolve_k_smooth
 from engine.models.transformer import Transformer
 from engine.sampling import Sampler
 from engine.speculative import Draft, Drafter
@@ -53,31 +55,50 @@ class DraftModelDrafter(Drafter):
     The draft cache is position-indexed like the target's: `cached_ids` says which tokens sit in it,
     and a rejected draft is rolled back by re-running from the first position that differs.
     Draft length adapts: +2 after a fully accepted draft, -1 after a rejection (HF's heuristic).
+    The draft's cache has KV snapshots of its own (engine/snapshots.py; `snapshot_owner`), so a follow-up
+    turn after a restart does not re-prefill the conversation through the draft either.
     """
 
+    snapshot_role = "draft"
+
     def __init__(self, model: Transformer, cache: KVCache, device: str, prefill_chunk: int, max_draft: int,
-                 adaptive: bool = True) -> None:
+                 adaptive: bool = True, gguf_file: GGUFModelFile | None = None,
+                 template: ChatTemplate | None = None, compute_identity: str = "") -> None:
         self.model, self.cache, self.device = model, cache, device
         self.prefill_chunk = prefill_chunk
         self.max_draft = max_draft
         self.adaptive = adaptive
         self.cached_ids: list[int] = []
+        # what snapshots of the draft cache need: the draft file, the target's chat template, the kernels
+        self.gguf_file, self.template, self.compute_identity = gguf_file, template, compute_identity
+
+    @property
+    def snapshot_owner(self) -> DraftModelDrafter | None:
+        """The draft cache as a snapshot owner (engine/snapshots.py), or None when it cannot be identified."""
+        return self if self.gguf_file is not None and self.template is not None and self.cache is not None \
+            else None
 
     @classmethod
-    def load(cls, config: EngineConfig, target_file: GGUFModelFile, device: str) -> DraftModelDrafter:
+    def load(cls, config: EngineConfig, target_file: GGUFModelFile, device: str,
+             template: ChatTemplate | None = None, compute_identity: str = "") -> DraftModelDrafter:
         draft_file = GGUFModelFile.open(config.draft.path)
         check_same_vocabulary(target_file, draft_file)
         try:
             with torch.inference_mode():
                 model = Transformer.from_gguf(draft_file, device=device, cpu_weights=config.cpu_weights)
             c = model.config
-            cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, config.context_length, config.kv_k,
-                            config.kv_v, device=device)
+            # the draft's cache follows the same K recipe as the target's (rotation, smoothing,
+            # equalization): a q4_0 K cache without smoothing ruins Qwen2.5 drafts
+            cache = make_kv_cache(c.n_layers, c.n_kv_heads, c.head_dim, config.context_length, config.kv_k,
+                                  config.kv_v, device=device, rotate_k=not config.rotation_skipped(),
+                                  k_smooth=resolve_k_smooth(config.k_smooth, config.kv_k),
+                                  k_equalize=resolve_k_equalize(config.k_equalize, config.kv_k, device))
         except (MemoryError, torch.OutOfMemoryError) as exc:
             raise TandemError(f"Not enough memory to load the draft {draft_file.path.name}: {exc}. "
                               "Pick a smaller draft or turn speculative decoding off.") from exc
         log.info("draft model %s: %d layers", draft_file.path.name, model.config.n_layers)
-        return cls(model, cache, device, config.prefill_chunk, config.draft.max_draft)
+        return cls(model, cache, device, config.prefill_chunk, config.draft.max_draft, gguf_file=draft_file,
+                   template=template, compute_identity=compute_identity)
 
     def _run(self, ids: list[int], pos: int) -> torch.Tensor:
         """Feed ids at [pos, pos + len) in chunks; return the last row's logits (vocab,)."""
@@ -155,7 +176,8 @@ def make_drafter(config: EngineConfig, session: Session) -> Drafter | None:
     if mode == "ngram":
         return NgramDrafter()
     if mode == "draft-model":
-        return DraftModelDrafter.load(config, session.gguf_file, session.device)
+        return DraftModelDrafter.load(config, session.gguf_file, session.device, template=session.template,
+                                      compute_identity=session.compute_identity)
     if mode == "dflash":
         from engine.dflash import DFlashDrafter
 

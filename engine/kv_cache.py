@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine import kv_quant
+from engine import k_equalize, kv_quant
 from engine.api import VERIFY_ROWS_MAX
 from engine.errors import SettingsError
 from engine.hadamard import Rotation, make_rotation, rotate
@@ -46,6 +46,30 @@ def resolve_k_smooth(mode: str, k_type: str) -> bool:
     return mode == "on"
 
 
+def make_kv_cache(
+    n_layers: int,
+    n_kv_heads: int,
+    head_dim: int,
+    max_len: int,
+    k_type: str = "f16",
+    v_type: str = "f16",
+    device: str | torch.device = "cpu",
+    rotate_k: bool | None = None,
+    k_smooth: bool = False,
+    k_equalize: bool = False,
+) -> KVCache:
+    """The cache for a device: this module's torch path on CPU, the Triton kernels' on CUDA."""
+    if torch.device(device).type == "cuda":
+        from engine.cuda_kv_cache import CudaKVCache
+
+        if k_equalize:  # k-equalize: the CUDA cache does not scale K/Q yet (k_equalize.CUDA_SUPPORTED)
+            raise SettingsError("K equalization is not available on the GPU yet; set it to auto or off.")
+        return CudaKVCache(n_layers, n_kv_heads, head_dim, max_len, k_type, v_type, device, rotate_k, k_smooth)
+    return KVCache(
+        n_layers, n_kv_heads, head_dim, max_len, k_type, v_type, device, rotate_k, k_smooth, k_equalize
+    )
+
+
 class KVCache:
     def __init__(
         self,
@@ -58,6 +82,7 @@ class KVCache:
         device: str | torch.device = "cpu",
         rotate_k: bool | None = None,
         k_smooth: bool = False,
+        k_equalize: bool = False,
     ) -> None:
         for name, kind in (("K", k_type), ("V", v_type)):
             if kind not in kv_quant.KV_TYPES and kind != "f32":
@@ -78,6 +103,9 @@ class KVCache:
             self.rotation = self.rotation.to(device)
         self.k_smooth = k_smooth
         self.k_mean: list[torch.Tensor | None] = [None] * n_layers  # per layer (n_kv, D) float32
+        # k-equalize: per layer (n_kv, D) float32 powers of two (engine/k_equalize.py); K / s is stored
+        self.k_equalize = k_equalize
+        self.k_scale: list[torch.Tensor | None] = [None] * n_layers
         shape = (n_kv_heads, max_len)
         self.k = [self._allocate(k_type, shape, device) for _ in range(n_layers)]
         self.v = [self._allocate(v_type, shape, device) for _ in range(n_layers)]
@@ -92,12 +120,13 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.k + self.v) + sum(
-            m.numel() * 4 for m in self.k_mean if m is not None
+            m.numel() * 4 for m in self.k_mean + self.k_scale if m is not None
         )
 
     def reset(self) -> None:
         """Forget the smoothing vectors (a new conversation will take them from its first chunk)."""
         self.k_mean = [None] * len(self.k_mean)
+        self.k_scale = [None] * len(self.k_scale)  # k-equalize
 
     @staticmethod
     def _encode(x: torch.Tensor, kind: str) -> kv_quant.KVStore:
@@ -109,20 +138,27 @@ class KVCache:
     def _decode(store: kv_quant.KVStore) -> torch.Tensor:
         return store.qs.to(torch.float32) if store.kv_type == "f32" else kv_quant.dequantize(store)
 
-    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: (T, n_kv, D) for positions [pos, pos + T)."""
-        n_new = k.shape[0]
+    def _check_room(self, pos: int, n_new: int) -> None:
         if pos + n_new > self.max_len:
             raise SettingsError(
                 f"The conversation needs {pos + n_new} tokens of context but only {self.max_len} "
                 "are allocated; raise the context length or start a new chat."
             )
+
+    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (T, n_kv, D) for positions [pos, pos + T)."""
+        n_new = k.shape[0]
+        self._check_room(pos, n_new)
         k = k.transpose(0, 1).to(torch.float32)  # (n_kv, T, D)
         v = v.transpose(0, 1)  # (n_kv, T, D)
         if self.k_smooth:
             if self.k_mean[layer] is None or pos == 0:
                 self.k_mean[layer] = k.mean(dim=1)  # (n_kv, D), fixed for the rest of the conversation
             k = k - self.k_mean[layer][:, None, :]
+        if self.k_equalize:  # k-equalize: scales from the first chunk, like the mean
+            if self.k_scale[layer] is None or pos == 0:
+                self.k_scale[layer] = k_equalize.channel_scales(k)  # (n_kv, D)
+            k = k / self.k_scale[layer][:, None, :]
         if self.rotation is not None:
             k = rotate(k, self.rotation)  # (n_kv, T, D)
         self.k[layer].narrow(1, pos, n_new).copy_(self._encode(k, self.k_type))
@@ -144,6 +180,8 @@ class KVCache:
         k = self._decode(self.k[layer].narrow(1, first, pos + n_new - first))  # (n_kv, L, D) float32
         v = self._decode(self.v[layer].narrow(1, first, pos + n_new - first))  # (n_kv, L, D) float32
         q = q.transpose(0, 1).to(torch.float32)  # (H, T, D)
+        if self.k_equalize:  # k-equalize: (q * s) . (k / s) = q . k
+            q = q * k_equalize.query_scales(self.k_scale[layer], q.shape[0])
         if self.rotation is not None:
             q = rotate(q, self.rotation)  # same basis as the stored K: Q.K unchanged
         if 1 < n_new <= VERIFY_ROWS_MAX:

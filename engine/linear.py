@@ -18,16 +18,23 @@ Three CPU modes (`CPU_LINEAR_MODES`), chosen per call; see tests/tools/bench_lin
   verify) always take the int4 kernel, whose rows are independent of the block size bit for bit.
 
 Types without an int4 repacking (Q2_K, Q3_K, Q5_K, F16, BF16, F32) always use "dense".
-Devices other than CPU use "dense" here; CUDA kernels live in `kernels/`.
+
+On CUDA every weight stays in its GGUF blocks on the device and goes through `kernels.qmatmul`
+(`GpuLinear`, which can also hold several weights that share an input, their rows concatenated, so
+Q/K/V or gate/up of one type cost one launch). qmatmul's rows of a block of up to 16 are bitwise
+independent of the block size (one GEMV kernel for 1..16 rows, every type), so speculative
+verification stays exactly equal to decoding.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from engine.api import VERIFY_ROWS_MAX
+from engine.errors import ModelFileError
 from engine.gguf_file import TensorInfo
 from engine.int4_repack import INT4_TYPES, PackedInt4, int4_matmul, repack_int4
 from engine.quants import dequantize
@@ -92,6 +99,73 @@ class Int4Linear(torch.nn.Module):
         return y.reshape(*lead, self.out_features)  # (..., N)
 
 
+class GpuLinear(torch.nn.Module):
+    """`x @ W.T (+ bias)` on CUDA for one or more GGUF weights of one type sharing an input.
+
+    `matmul` is the engine's path: (M, K) float16/bfloat16 -> (M, sum of out_features) same dtype, the
+    weights' outputs side by side (`split` cuts them apart as views). `forward` is the drop-in form of
+    the CPU modules: (..., K) float -> (..., N) float32, computed in `compute_dtype`.
+    """
+
+    def __init__(
+        self,
+        infos: list[TensorInfo],
+        biases: list[torch.Tensor | None] | None = None,
+        device: str | torch.device = "cuda",
+        compute_dtype: torch.dtype = torch.float16,
+    ) -> None:
+        from kernels.qmatmul import QuantizedWeight
+
+        super().__init__()
+        first = infos[0]
+        for info in infos:
+            if len(info.shape) != 2:
+                raise ModelFileError(f"{info.name}: a linear weight must be 2-D, got shape {info.shape}")
+            if info.qtype != first.qtype or info.shape[1] != first.shape[1]:
+                raise ValueError(f"{info.name} cannot share a matmul with {first.name}: type or width differ")
+        self.out_splits = [int(info.shape[0]) for info in infos]
+        self.in_features, self.out_features = int(first.shape[1]), sum(self.out_splits)
+        data = first.data if len(infos) == 1 else np.concatenate([np.asarray(i.data) for i in infos])
+        shape = (self.out_features, self.in_features)
+        self.weight = QuantizedWeight.from_bytes(data, first.qtype, shape, device)
+        biases = biases or [None] * len(infos)
+        self.bias = None
+        if any(b is not None for b in biases):
+            parts = [
+                torch.zeros(n) if b is None else b.reshape(-1).to("cpu", torch.float32)
+                for b, n in zip(biases, self.out_splits, strict=True)
+            ]
+            self.bias = torch.cat(parts).to(device)  # (N,) float32
+        self.compute_dtype = compute_dtype
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (M, K) bfloat16/float16 -> (M, N) same dtype."""
+        from kernels.qmatmul import qmatmul
+
+        return qmatmul(x, self.weight, self.bias)
+
+    def split(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """(M, N) -> one (M, out_features) view per weight."""
+        return list(torch.split(y, self.out_splits, dim=-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)  # (M, K)
+        return self.matmul(x2).to(torch.float32).reshape(*lead, self.out_features)  # (..., N)
+
+
+def group_by_type(infos: list[TensorInfo]) -> list[list[TensorInfo]]:
+    """Consecutive weights of one type and width, grouped so each group is one GpuLinear (one launch)."""
+    groups: list[list[TensorInfo]] = []
+    for info in infos:
+        last = groups[-1][-1] if groups else None
+        if last is not None and last.qtype == info.qtype and last.shape[1:] == info.shape[1:]:
+            groups[-1].append(info)
+        else:
+            groups.append([info])
+    return groups
+
+
 def make_linear(
     info: TensorInfo,
     bias: torch.Tensor | None = None,
@@ -99,6 +173,8 @@ def make_linear(
     mode: str = DEFAULT_CPU_LINEAR_MODE,
 ) -> torch.nn.Module:
     """A module computing `x @ W.T (+ bias)` for the (out, in) GGUF weight `info`."""
+    if torch.device(device).type == "cuda":
+        return GpuLinear([info], [bias], device)
     if mode not in CPU_LINEAR_MODES:
         raise ValueError(f"unknown CPU linear mode {mode!r}; expected one of {CPU_LINEAR_MODES}")
     if len(info.shape) != 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
@@ -13,9 +14,11 @@ import torch
 
 from engine.api import EngineConfig, Event, Finished, GenerationStats, SamplingParams, StatsUpdate, TextDelta
 from engine.chat_template import ChatTemplate
+from engine.config import ModelConfig
 from engine.errors import SettingsError, TandemError
 from engine.gguf_file import GGUFModelFile
-from engine.kv_cache import KVCache, resolve_k_smooth
+from engine.k_equalize import resolve_k_equalize
+from engine.kv_cache import make_kv_cache, resolve_k_smooth
 from engine.models.transformer import Transformer
 from engine.sampling import Sampler
 from engine.snapshots import SnapshotStore
@@ -28,20 +31,55 @@ Progress = Callable[[str, float], None]
 STATS_INTERVAL_S = 0.25
 
 
-def pick_device(requested: str) -> tuple[str, str]:
-    """Return (device, reason): users should always see why they got the CPU."""
-    has_cuda = torch.cuda.is_available()
-    if requested == "cuda":
-        if not has_cuda:
-            raise SettingsError(
-                "Device 'cuda' was requested but no CUDA GPU is available; choose 'auto' or 'cpu'."
-            )
-        return "cuda", f"requested; {torch.cuda.get_device_name(0)}"
+MIN_CUDA_CAPABILITY = (8, 0)  # Ampere and newer: float16/bfloat16 tensor-core dots in the Triton kernels
+
+
+def cuda_status() -> tuple[bool, str]:
+    """(usable, what was found): whether the GPU path can run here, in words a user understands."""
+    if torch.version.cuda is None:
+        return False, f"this PyTorch ({torch.__version__}) was built without CUDA"
+    if not torch.cuda.is_available():
+        return False, (
+            f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) found no CUDA device: no NVIDIA GPU, "
+            "or its driver is missing or too old"
+        )
+    name = torch.cuda.get_device_name(0)
+    major, minor = torch.cuda.get_device_capability(0)
+    if (major, minor) < MIN_CUDA_CAPABILITY:
+        return False, f"{name} has compute capability {major}.{minor}; the GPU path needs 8.0 or newer"
+    if importlib.util.find_spec("triton") is None:
+        return False, f"found {name}, but Triton is not installed (the GPU kernels need it)"
+    return True, f"{name} (compute capability {major}.{minor})"
+
+
+def gpu_model_problem(config: ModelConfig | None) -> str | None:
+    """Why the GPU kernels cannot run this model, or None. The rule of
+    kernels.kv_blocks.check_kernel_head_dim, restated so that choosing a device never imports Triton."""
+    if config is None:
+        return None
+    d = config.head_dim
+    if d < 32 or d > 256 or d & (d - 1):
+        return f"this model's head size {d} is not a power of two in 32..256, as the GPU kernels need"
+    return None
+
+
+def pick_device(requested: str, model_config: ModelConfig | None = None) -> tuple[str, str]:
+    """Return (device, reason): users should always see which device they got and why."""
     if requested == "cpu":
         return "cpu", "requested"
-    if has_cuda:
-        return "cuda", f"auto: found {torch.cuda.get_device_name(0)}"
-    return "cpu", "auto: no CUDA GPU found"
+    usable, found = cuda_status()
+    problem = gpu_model_problem(model_config) if usable else None
+    if requested == "cuda":
+        if not usable:
+            raise SettingsError(f"Device 'cuda' was requested but {found}; choose 'auto' or 'cpu'.")
+        if problem:
+            raise SettingsError(f"Device 'cuda' was requested but {problem}; choose 'auto' or 'cpu'.")
+        return "cuda", f"requested: {found}"
+    if usable and problem is None:
+        return "cuda", f"auto: found {found}"
+    if usable:
+        return "cpu", f"auto: found {found}, but {problem}"
+    return "cpu", f"auto: no usable GPU ({found})"
 
 
 class Engine:
@@ -56,7 +94,8 @@ class Engine:
         gguf_file = GGUFModelFile.open(config.model)
         tokenizer = Tokenizer.from_gguf(gguf_file)
         template = ChatTemplate.from_gguf(gguf_file, tokenizer)
-        device, reason = pick_device(config.device)
+        device, reason = pick_device(config.device, ModelConfig.from_gguf(gguf_file))
+        log.info("device %s (%s)", device, reason)
         try:
             with torch.inference_mode():
                 model = Transformer.from_gguf(
@@ -80,6 +119,7 @@ class Engine:
 
 class Session:
     drafter = None  # engine.speculative.Drafter, set by Engine.load when config.draft.mode is not "none"
+    snapshot_role = "target"  # in the snapshot fingerprint: this is the target model's cache
 
     def __init__(
         self,
@@ -97,7 +137,7 @@ class Session:
         c = model.config
         self.max_len = config.context_length
         try:
-            self.cache = KVCache(
+            self.cache = make_kv_cache(
                 c.n_layers,
                 c.n_kv_heads,
                 c.head_dim,
@@ -107,6 +147,7 @@ class Session:
                 device=device,
                 rotate_k=not config.rotation_skipped(),
                 k_smooth=resolve_k_smooth(config.k_smooth, config.kv_k),
+                k_equalize=resolve_k_equalize(config.k_equalize, config.kv_k, device),
             )
         except (MemoryError, torch.OutOfMemoryError) as exc:
             raise TandemError(
@@ -132,6 +173,7 @@ class Session:
             "kv_bytes": self.cache.nbytes,
             "k_rotated": self.cache.rotation is not None,
             "k_smooth": self.cache.k_smooth,
+            "k_equalize": self.cache.k_equalize,
         }
 
     def close(self) -> None:
@@ -140,12 +182,45 @@ class Session:
         self.cache = None
         self.model = None
 
+    @property
+    def compute_identity(self) -> str:
+        """How K/V are computed, for the snapshot fingerprint (another kernel gives other bits)."""
+        return compute_identity(self.device, self.config.cpu_weights)
+
+    def _snapshot_owners(self) -> list:
+        """The caches that snapshots cover: the target's, and the draft model's when it has one."""
+        draft_cache = self.drafter.snapshot_owner if self.drafter is not None else None
+        return [self] + ([draft_cache] if draft_cache is not None else [])
+
+    def restore_snapshots(self, prompt_ids: list[int]) -> int:
+        """Load the longest usable snapshot into each cache (target, draft model) that it beats.
+
+        Returns the tokens restored into the target's cache. A failed restore must never break the chat:
+        that cache then keeps what it had and prefills the rest.
+        """
+        restored = 0
+        for owner in self._snapshot_owners():
+            try:
+                n = self.snapshots.restore(owner, prompt_ids)
+            except Exception:
+                log.exception("restoring a KV snapshot failed")
+                n = 0
+            if owner is self:
+                restored = n
+        return restored
+
     def save_snapshot(self) -> None:
-        """Write the cache's valid prefix to disk; a failed snapshot must never break the chat."""
-        try:
-            self.snapshots.save(self)
-        except Exception:
-            log.exception("saving a KV snapshot failed")
+        """Write each cache's valid prefix to disk; a failed snapshot must never break the chat."""
+        for owner in self._snapshot_owners():
+            try:
+                self.snapshots.save(owner)
+            except Exception:
+                log.exception("saving a KV snapshot failed")
+
+    def end_turn(self, reason: str) -> None:
+        """After an answer (before its Finished event): snapshot the caches unless it was cancelled."""
+        if self.snapshots is not None and reason != "cancelled":
+            self.save_snapshot()
 
     # -- low level ---------------------------------------------------------------------------------------
     def prefill(self, ids: list[int], start: int, logits_for: str = "last") -> torch.Tensor:
@@ -158,7 +233,7 @@ class Session:
         outputs = []
         with torch.inference_mode():
             for offset in range(0, len(ids), chunk):
-                piece = torch.tensor(ids[offset : offset + chunk], dtype=torch.long, device=self.device)
+                piece = torch.tensor(ids[offset : offset + chunk], dtype=torch.long)  # the model uploads it
                 final = offset + chunk >= len(ids)
                 want = logits_for if (final or logits_for == "all") else "none"
                 logits, _ = self.model(piece, start + offset, self.cache, logits_for=want)
@@ -170,10 +245,23 @@ class Session:
     def decode_one(self, token: int) -> torch.Tensor:
         """Append one token at the next position; return its logits (1, vocab)."""
         with torch.inference_mode():
-            piece = torch.tensor([token], dtype=torch.long, device=self.device)
+            piece = torch.tensor([token], dtype=torch.long)
             logits, _ = self.model(piece, len(self.cached_ids), self.cache, logits_for="last")
         self.cached_ids.append(token)
         return logits
+
+    def decode_greedy(self, token: int) -> int:
+        """decode_one followed by the argmax of its logits, reading a single integer from the device:
+        on the GPU the step graph computes the argmax itself."""
+        pos = len(self.cached_ids)
+        with torch.inference_mode():
+            if hasattr(self.model, "step"):  # the GPU model
+                pick = int(self.model.step([token], pos, self.cache).argmax[0])
+            else:
+                logits, _ = self.model(torch.tensor([token], dtype=torch.long), pos, self.cache)
+                pick = int(torch.argmax(logits[0]))
+        self.cached_ids.append(token)
+        return pick
 
     def reusable_prefix(self, ids: list[int]) -> int:
         """How many leading tokens of ids already sit in the cache (keeping at least one to run)."""
@@ -215,12 +303,13 @@ class Session:
                 f"The prompt has {len(prompt_ids)} tokens but the context holds {self.max_len}; "
                 "raise the context length or shorten the conversation."
             )
+        started = time.perf_counter()  # time to first token counts the snapshot restore too
         if self.snapshots is not None:
-            self.snapshots.restore(self, prompt_ids)  # sets cached_ids when it beats what memory holds
+            self.restore_snapshots(prompt_ids)  # sets cached_ids where a snapshot beats what memory holds
         if self.drafter is not None:
             from engine.speculative import speculative_generate
 
-            yield from speculative_generate(self, self.drafter, prompt_ids, params, cancel)
+            yield from speculative_generate(self, self.drafter, prompt_ids, params, cancel, started)
             return
         stats = GenerationStats(
             prompt_tokens=len(prompt_ids),
@@ -229,12 +318,14 @@ class Session:
             device_reason=self.device_reason,
         )
         sampler = Sampler(params)
+        # plain argmax: the next token comes straight from the step (one integer read per token)
+        fast_greedy = sampler.greedy and params.repeat_penalty == 1.0
         stream = TextStream(params.stop)
-        started = time.perf_counter()
         reuse = self.reusable_prefix(prompt_ids)
         stats.cached_tokens = reuse
+        prefill_started = time.perf_counter()
         logits = self.prefill(prompt_ids[reuse:], reuse)
-        stats.prefill_seconds = time.perf_counter() - started
+        stats.prefill_seconds = time.perf_counter() - prefill_started
         stats.prefill_tok_per_s = (len(prompt_ids) - reuse) / max(stats.prefill_seconds, 1e-9)
         context = list(prompt_ids)
         answer = []
@@ -242,11 +333,12 @@ class Session:
         reason = "max_tokens"
         last_stats = time.perf_counter()
         first_token_at = None
+        next_token = None  # set by decode_greedy on the fast greedy path
         while True:
             if cancel.is_set():
                 reason = "cancelled"
                 break
-            token = sampler.pick(logits[0], context)
+            token = next_token if next_token is not None else sampler.pick(logits[0], context)
             now = time.perf_counter()
             if first_token_at is None:
                 first_token_at = now
@@ -270,7 +362,10 @@ class Session:
             if len(context) >= self.max_len:
                 reason = "context_full"
                 break
-            logits = self.decode_one(token)
+            if fast_greedy:
+                next_token = self.decode_greedy(token)
+            else:
+                logits = self.decode_one(token)
             now = time.perf_counter()
             stats.decode_seconds = now - first_token_at
             stats.decode_tok_per_s = (stats.new_tokens) / max(stats.decode_seconds, 1e-9)
@@ -282,9 +377,13 @@ class Session:
             answer.append(tail)
             yield TextDelta(tail, pending_ids, [False] * len(pending_ids))
         stats.acceptance_length = 1.0 if stats.new_tokens else 0.0
-        if self.snapshots is not None and reason != "cancelled":
-            self.save_snapshot()
+        self.end_turn(reason)
         yield Finished(reason, stats, "".join(answer))
+
+
+def compute_identity(device: str, cpu_weights: str) -> str:
+    """"cuda", or "cpu/fast" | "cpu/exact": the kernels that produced a cache's K/V."""
+    return f"cpu/{cpu_weights}" if device == "cpu" else device
 
 
 def default_threads() -> int:

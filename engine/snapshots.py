@@ -1,12 +1,16 @@
 """Warm-restore snapshots of the KV cache (DESIGN.md, "Snapshots").
 
 After an assistant turn, `SnapshotStore.save(session)` writes the cache's valid prefix (positions
-[0, n) of every K/V store, in the cache's own types, plus the K smoothing vectors) to one file.
+[0, n) of every K/V store, in the cache's own types, plus the K smoothing and equalization vectors)
+to one file.
 `restore(session, prompt_ids)` later loads the snapshot sharing the longest token prefix with the
 prompt, so reopening or continuing a chat skips that part of the prefill.
 
 A snapshot is only used when its fingerprint equals the session's: format version, model identity,
-K/V types, K rotation (seed, group, sign vectors), K smoothing, layer/head layout and chat template.
+K/V types, K rotation (seed, group, sign vectors), K smoothing, K equalization (its recipe),
+layer/head layout, chat template, which cache it is (the target's or a draft model's) and how K/V
+were computed (device, CPU weight mode: the same tokens give slightly different K/V bits through
+another kernel, and a restored greedy run must give exactly the tokens of a cold one).
 Restoring rotated K into an unrotated cache (or the reverse) would silently give garbage attention,
 so any difference means "not usable". The file name starts with a hash of the fingerprint, so a
 restore only opens files made under the same settings.
@@ -16,8 +20,13 @@ File layout (every byte is covered by a checksum; a damaged or truncated file is
   | token ids (int32 little-endian, n_tokens of them) | payload (tensors, 64-byte aligned)
 The header holds the fingerprint, n_tokens, the tokens' sha256, the payload's size and sha256,
 and the tensor table [name, dtype, shape, offset]. Per layer l the payload has k.l.qs, k.l.d,
-k.l.m, v.l.qs, ... (whichever the type has), each (n_kv, n_tokens, X), and k_mean.l (n_kv, D)
-when smoothing is on.
+k.l.m, v.l.qs, ... (whichever the type has), each (n_kv, n_tokens, X), k_mean.l (n_kv, D)
+when smoothing is on and k_scale.l (n_kv, D) when K equalization is on.
+
+The store works on any cache owner with these attributes (engine.session.Session, and
+engine.drafters.DraftModelDrafter for the draft model's own cache): `cache` (KVCache), `cached_ids`
+(tokens at positions 0..n-1), `gguf_file`, `template` (the target's chat template), `snapshot_role`
+("target" | "draft") and `compute_identity` (e.g. "cpu/fast", "cuda").
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from engine import k_equalize
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +93,7 @@ def _model_data_sha256(gguf_file) -> str:
 
 
 def fingerprint(session) -> dict:
-    """Everything a snapshot's K/V bytes depend on, besides the tokens themselves."""
+    """Everything a snapshot's K/V bytes depend on, besides the tokens themselves (session: a cache owner)."""
     cache = session.cache
     rotation = cache.rotation
     signs = None
@@ -101,10 +112,13 @@ def fingerprint(session) -> dict:
         "rotation_group": None if rotation is None else int(rotation.group),
         "rotation_signs_sha256": signs,
         "k_smooth": bool(cache.k_smooth),
+        "k_equalize": k_equalize.RECIPE if cache.k_equalize else None,
         "n_layers": len(cache.k),
         "n_kv_heads": int(cache.n_kv_heads),
         "head_dim": int(cache.head_dim),
         "chat_template_sha256": session.template.sha256,
+        "cache_role": session.snapshot_role,
+        "compute": session.compute_identity,
     }
 
 
@@ -117,9 +131,11 @@ def _tokens_bytes(ids: list[int]) -> bytes:
 
 
 def _differences(have: dict, want: dict) -> str:
+    """The fields that differ; a field one side lacks (another engine version) shows as <absent>."""
+    absent = "<absent>"
     keys = sorted(set(have) | set(want))
-    return ", ".join(f"{k} {have.get(k)!r} (session: {want.get(k)!r})"
-                     for k in keys if have.get(k) != want.get(k))
+    shown = [(k, have.get(k, absent), want.get(k, absent)) for k in keys]
+    return ", ".join(f"{k} {a!r} (session: {b!r})" for k, a, b in shown if a != b)
 
 
 def _common_prefix(a: np.ndarray, b: list[int]) -> int:
@@ -180,9 +196,16 @@ class SnapshotStore:
     def total_bytes(self) -> int:
         return sum(_size(p) for p in self._files())
 
-    def clear(self) -> None:
+    def clear(self) -> tuple[int, int]:
+        """Delete every snapshot (and temp file) in the directory; return (files deleted, bytes freed)."""
+        files, freed = 0, 0
         for path in self._files() + self._files(".*.tmp"):
-            _remove(path)
+            size = _size(path)
+            if _remove(path):
+                files, freed = files + 1, freed + size
+        if files:
+            log.info("cleared %d snapshot files (%d bytes) from %s", files, freed, self.directory)
+        return files, freed
 
     def _discard(self, path: Path, why: str) -> None:
         log.warning("snapshot %s is damaged (%s); deleted it, the chat will prefill normally", path.name, why)
@@ -223,6 +246,11 @@ class SnapshotStore:
                     log.info("not saving a snapshot: layer %d has no K smoothing vector yet", layer)
                     return None
                 parts.append((f"k_mean.{layer}", cache.k_mean[layer]))  # (n_kv, D) float32
+            if cache.k_equalize:
+                if cache.k_scale[layer] is None:
+                    log.info("not saving a snapshot: layer %d has no K equalization scales yet", layer)
+                    return None
+                parts.append((f"k_scale.{layer}", cache.k_scale[layer]))  # (n_kv, D) float32
         table, blobs, offset = [], [], 0
         payload_sha = hashlib.sha256()
         for name, t in parts:
@@ -313,7 +341,7 @@ class SnapshotStore:
         snapshot beats what the session's cache already holds. At least one prompt token is left to run.
         """
         limit = min(len(prompt_ids) - 1, session.cache.max_len)
-        already = max(0, session.reusable_prefix(prompt_ids)) if session.cached_ids else 0
+        already = min(_common_prefix(np.asarray(session.cached_ids, dtype=np.int64), prompt_ids), limit)
         if limit <= already or not self.directory.is_dir():
             return 0
         fp = fingerprint(session)
@@ -401,11 +429,20 @@ class SnapshotStore:
                 if tuple(mean.shape) != (cache.n_kv_heads, cache.head_dim) or mean.dtype != torch.float32:
                     raise _Corrupt(f"k_mean.{layer} is {tuple(mean.shape)} {mean.dtype}")
                 means[layer] = mean.clone()
+        scales: list[torch.Tensor | None] = [None] * len(cache.k)
+        if cache.k_equalize:
+            for layer in range(len(cache.k)):
+                scale = tensors[f"k_scale.{layer}"]  # (n_kv, D) float32
+                if tuple(scale.shape) != (cache.n_kv_heads, cache.head_dim) or scale.dtype != torch.float32:
+                    raise _Corrupt(f"k_scale.{layer} is {tuple(scale.shape)} {scale.dtype}")
+                scales[layer] = scale.clone()
         for dest, src in copies:
             dest.copy_(src)
         if cache.k_smooth:
             device = cache.k[0].qs.device
             cache.k_mean = [m.to(device) for m in means]
+        if cache.k_equalize:
+            cache.k_scale = [s.to(cache.k[0].qs.device) for s in scales]
 
 
 def _size(path: Path) -> int:
@@ -415,13 +452,16 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _remove(path: Path) -> None:
+def _remove(path: Path) -> bool:
+    """Delete path; True when this call deleted it."""
     try:
         path.unlink()
+        return True
     except FileNotFoundError:
-        pass
+        return False
     except OSError as exc:
         log.warning("could not delete %s: %s", path, exc)
+        return False
 
 
 def _mtime(path: Path) -> int:

@@ -46,6 +46,7 @@ class Drafter:
     """What the speculative loop needs from a drafter (engine/drafters.py, engine/dflash.py)."""
 
     capture_layers: tuple[int, ...] = ()  # target layers whose outputs the drafter needs (DFlash)
+    snapshot_owner = None  # a drafter with its own KV cache: that cache as a snapshot owner (snapshots.py)
 
     def reusable_prefix(self, ids: list[int]) -> int:
         """How many leading prompt tokens the drafter can pick up without the target re-running them."""
@@ -86,7 +87,7 @@ def target_forward(session: Session, ids: list[int], pos: int, logits_for: str,
     outputs, captured = [], []
     with torch.inference_mode():
         for offset in range(0, len(ids), chunk):
-            piece = torch.tensor(ids[offset : offset + chunk], dtype=torch.long, device=session.device)
+            piece = torch.tensor(ids[offset : offset + chunk], dtype=torch.long)  # the model uploads it
             final = offset + chunk >= len(ids)
             want = logits_for if (final or logits_for == "all") else "none"
             logits, hidden = session.model(piece, pos + offset, session.cache, logits_for=want,
@@ -107,12 +108,15 @@ def verify(sampler: Sampler, logits: torch.Tensor, draft: Draft, context: list[i
     drafts = draft.tokens
     recent = list(context)
     if sampler.greedy:
+        # without a repeat penalty every row's pick is its argmax: one read from the device for the block
+        picks = logits.argmax(-1).tolist() if sampler.params.repeat_penalty == 1.0 else None
         for i, d in enumerate(drafts):
-            target = sampler.pick(logits[i], recent)
+            target = picks[i] if picks is not None else sampler.pick(logits[i], recent)
             if target != d:
                 return drafts[:i] + [target], i
             recent.append(d)
-        return drafts + [sampler.pick(logits[len(drafts)], recent)], len(drafts)
+        bonus = picks[len(drafts)] if picks is not None else sampler.pick(logits[len(drafts)], recent)
+        return drafts + [bonus], len(drafts)
     for i, d in enumerate(drafts):
         p = sampler.probabilities(logits[i], recent)  # (vocab,)
         q_d = 1.0 if draft.probs is None else float(draft.probs[i, d])
@@ -164,8 +168,14 @@ class SpeculativeStats:
 
 
 def speculative_generate(session: Session, drafter: Drafter, prompt_ids: list[int], params: SamplingParams,
-                         cancel: threading.Event) -> Iterator[Event]:
-    """The decode loop with drafting; same events and stop rules as Session.generate's plain loop."""
+                         cancel: threading.Event, started: float | None = None) -> Iterator[Event]:
+    """The decode loop with drafting; same events and stop rules as Session.generate's plain loop.
+
+    The target prefills only what its cache (the in-memory prefix, or a snapshot restored by the session)
+    lacks. The first token comes from the target alone, so the drafter catches up on the prompt (a draft
+    model prefills what its own cache lacks) after that token is out: it is not in the time to first token.
+    started: when the request began (time to first token counts from there); None = now.
+    """
     stats = GenerationStats(prompt_tokens=len(prompt_ids), kv_bytes=session.cache.nbytes,
                             device=session.device, device_reason=session.device_reason)
     sampler = Sampler(params)
@@ -174,13 +184,15 @@ def speculative_generate(session: Session, drafter: Drafter, prompt_ids: list[in
     max_draft = session.config.draft.max_draft
     spec = SpeculativeStats(max_draft)
     capture = drafter.capture_layers
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
+    # DFlash needs the target's hidden states of every prompt token its context lacks: the target re-runs them
     reuse = min(session.reusable_prefix(prompt_ids), drafter.reusable_prefix(prompt_ids))
     stats.cached_tokens = reuse
+    prefill_started = time.perf_counter()
     logits, hidden = target_forward(session, prompt_ids[reuse:], reuse, "last", capture)
-    stats.prefill_seconds = time.perf_counter() - started
+    stats.prefill_seconds = time.perf_counter() - prefill_started
     stats.prefill_tok_per_s = (len(prompt_ids) - reuse) / max(stats.prefill_seconds, 1e-9)
-    drafter.begin(session, list(prompt_ids), reuse, hidden)
+    begun = False  # drafter.begin runs before the first draft, after the first token is out
 
     context = list(prompt_ids)  # prompt + committed answer; the cache holds all but the last token
     answer: list[str] = []
@@ -230,6 +242,9 @@ def speculative_generate(session: Session, drafter: Drafter, prompt_ids: list[in
         # context, and draft no more than the tokens still wanted.
         budget = min(k, params.max_tokens - stats.new_tokens - 1, session.max_len - len(context))
         t0 = time.perf_counter()
+        if not begun:
+            drafter.begin(session, list(prompt_ids), reuse, hidden)
+            begun, hidden = True, None
         draft = drafter.propose(context, budget, sampler) if budget > 0 else Draft([])
         draft.tokens = draft.tokens[: max(budget, 0)]
         t1 = time.perf_counter()
@@ -262,4 +277,5 @@ def speculative_generate(session: Session, drafter: Drafter, prompt_ids: list[in
     stats.decode_tok_per_s = stats.new_tokens / max(stats.decode_seconds, 1e-9)
     if not spec.target_forwards:
         stats.acceptance_length = 1.0 if stats.new_tokens else 0.0
+    session.end_turn(reason)
     yield Finished(reason, stats, "".join(answer))

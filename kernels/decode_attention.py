@@ -9,6 +9,13 @@ max and sum. Step 2 (`_decode_reduce_kernel`) merges the chunks.
 q: (B, Hq, D), already in K's basis: rotate it with engine.hadamard.rotate when K is stored rotated.
 Stores: (B, Hkv, max_positions, X) as engine.kv_quant lays them out. window W (0/None = full):
 the query at position L - 1 sees keys j > L - 1 - W.
+
+Speculative verify rows: pass one cache as a batch with stride 0 (`store.qs.expand(R, ...)`), the
+rows' queries as q (R, Hq, D) and per-row lengths. With the same `split_size`, row r then runs exactly
+the arithmetic of a single-query decode at length lengths[r] (the splits and tiles depend only on
+split_size and the length), so verification reproduces decoding bit for bit. With a device lengths
+tensor and `max_length` given the launcher never reads the device, so it can be captured in a CUDA
+graph; splits past a sequence's length do no work and merge as empty.
 """
 
 from __future__ import annotations
@@ -139,7 +146,7 @@ _SM_COUNT: dict[int, int] = {}
 PROGRAMS_PER_SM = 2  # H200, Hq 12 / Hkv 2 / D 128, L = 32768: 2 -> 17.5 us (f16), 4 -> 25 us, 8 -> 41 us
 
 
-def _default_split_size(device: torch.device, n_heads: int, max_len: int, block_n: int) -> int:
+def default_split_size(device: torch.device, n_heads: int, max_len: int, block_n: int = 64) -> int:
     """Enough splits for PROGRAMS_PER_SM programs per SM, never fewer than block_n positions each."""
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -155,13 +162,14 @@ def _default_split_size(device: torch.device, n_heads: int, max_len: int, block_
 def decode_attention(
     q: torch.Tensor, k_store: KVStore, v_store: KVStore, lengths: int | torch.Tensor, *,
     scale: float | None = None, window: int | None = None, max_length: int | None = None,
-    split_size: int | None = None, block_n: int = 64, num_warps: int = 4,
+    split_size: int | None = None, block_n: int = 64, num_warps: int = 4, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over cache positions [0, lengths[b]) -> (B, Hq, D).
 
     lengths: an int (all sequences) or a (B,) int tensor; max_length bounds it (read from the
     tensor, a host sync, when not given). split_size: positions per split (a multiple of block_n);
     by default about PROGRAMS_PER_SM programs per SM, never fewer than block_n positions each.
+    out: an optional (B, Hq, D) tensor (any float dtype, contiguous heads) to write the result into.
     """
     bsz, hq, dim = q.shape
     check_kernel_head_dim(dim)
@@ -179,7 +187,7 @@ def decode_attention(
     if q.stride(-1) != 1:
         q = q.contiguous()
     if split_size is None:
-        split_size = _default_split_size(q.device, bsz * hkv, max_len, block_n)
+        split_size = default_split_size(q.device, bsz * hkv, max_len, block_n)
     if block_n < 32:
         # measured: q4 tiles of 16 rows come out wrong on an H200 with Triton 3.6 (32 and up are exact)
         raise ValueError(f"block_n must be at least 32, got {block_n}")
@@ -198,7 +206,10 @@ def decode_attention(
         K_TYPE=ka[9], V_TYPE=va[9], PER_SEQ_LENGTH=not isinstance(lengths, int),
         num_warps=num_warps,
     )
-    out = torch.empty_like(q)  # (B, Hq, D)
+    if out is None:
+        out = torch.empty_like(q)  # (B, Hq, D)
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} must be {tuple(q.shape)} with a contiguous last dim")
     _decode_reduce_kernel[(bsz * hq,)](
         o_part, ml, out, out.stride(0), out.stride(1), hq, n_splits,
         D=dim, BLOCK_S=32,

@@ -4,6 +4,10 @@ Layouts: k (B, Hkv, T, D) float (any strides, last dim contiguous) holds the K o
 [start_pos, start_pos + T) after RoPE; the store is (B, Hkv, max_positions, X) (engine.kv_quant).
 `mean` (Hkv, D) is the K-smoothing vector subtracted first; `rotation` (engine.hadamard.Rotation)
 or None is the WHT switch: pass None for f16/bf16 K and for skip-WHT q4_0 K.
+
+Positions: `start_pos` (an int: rows go to [start_pos, start_pos + T)) or `positions`, a (T,) integer
+tensor on the device giving each row's position (negative = skip the row). The tensor form never reads
+a position on the host, so a captured CUDA graph can replay the write at any position.
 """
 
 from __future__ import annotations
@@ -17,14 +21,20 @@ import triton.language as tl
 from engine import hadamard, kv_quant
 from engine.hadamard import Rotation
 from engine.kv_quant import KVStore
-from kernels.kv_blocks import _fwht_rows, _quantize_store_rows, check_kernel_head_dim, store_args
+from kernels.kv_blocks import (
+    _fwht_rows,
+    _quantize_store_rows,
+    check_kernel_head_dim,
+    check_positions,
+    store_args,
+)
 
 log = logging.getLogger(__name__)
 
 
 def k_write_reference(
-    k: torch.Tensor, store: KVStore, start_pos: int, *, mean: torch.Tensor | None = None,
-    rotation: Rotation | None = None,
+    k: torch.Tensor, store: KVStore, start_pos: int | None = None, *, mean: torch.Tensor | None = None,
+    rotation: Rotation | None = None, positions: torch.Tensor | None = None,
 ) -> None:
     """Plain-torch K write: the oracle of `k_write` and the CPU path."""
     x = k.to(torch.float32)  # (B, Hkv, T, D)
@@ -32,7 +42,18 @@ def k_write_reference(
         x = x - mean.to(torch.float32)[None, :, None, :]  # (B, Hkv, T, D)
     if rotation is not None:
         x = hadamard.rotate(x, rotation)  # (B, Hkv, T, D)
-    store.narrow(2, start_pos, k.shape[2]).copy_(kv_quant.quantize(x, store.kv_type))
+    write_rows_reference(kv_quant.quantize(x, store.kv_type), store, start_pos, positions)
+
+
+def write_rows_reference(rows: KVStore, store: KVStore, start_pos: int | None,
+                         positions: torch.Tensor | None) -> None:
+    """Copy encoded rows (B, H, T, X) to [start_pos, start_pos + T) or to per-row `positions` (< 0: skip)."""
+    if positions is None:
+        store.narrow(2, start_pos, rows.qs.shape[2]).copy_(rows)
+        return
+    for t, p in enumerate(positions.tolist()):
+        if p >= 0:
+            store.narrow(2, p, 1).copy_(rows.narrow(2, t, 1))
 
 
 @triton.jit
@@ -41,9 +62,10 @@ def _k_write_kernel(
     mean_ptr, stride_mh,
     s1_ptr, s2_ptr, rot_scale,
     qs_ptr, d_ptr, m_ptr, stride_qb, stride_qh, stride_qt, stride_sb, stride_sh, stride_st,
-    T, H, start_pos,
+    T, H, start_pos, pos_ptr,
     D: tl.constexpr, BLOCK_T: tl.constexpr, KV_TYPE: tl.constexpr,
     SMOOTH: tl.constexpr, ROTATE: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr,
+    POS_TENSOR: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -63,28 +85,35 @@ def _k_write_kernel(
         xg = _fwht_rows(xg, BLOCK_T * (D // G), G, LOG2_G)
         xg = xg * tl.load(s2_ptr + gl)[None, :]
         x = tl.reshape(xg * rot_scale, (BLOCK_T, D))
-    pos = (start_pos + t).to(tl.int64)
+    if POS_TENSOR:
+        pos = tl.load(pos_ptr + t, mask=row_mask, other=-1).to(tl.int64)
+        row_mask = row_mask & (pos >= 0)
+    else:
+        pos = (start_pos + t).to(tl.int64)
     qs_row = b.to(tl.int64) * stride_qb + h * stride_qh + pos * stride_qt
     s_row = b.to(tl.int64) * stride_sb + h * stride_sh + pos * stride_st
     _quantize_store_rows(x, row_mask, qs_ptr, d_ptr, m_ptr, qs_row, s_row, BLOCK_T, D, KV_TYPE)
 
 
 def k_write(
-    k: torch.Tensor, store: KVStore, start_pos: int, *, mean: torch.Tensor | None = None,
-    rotation: Rotation | None = None, block_t: int = 16,
+    k: torch.Tensor, store: KVStore, start_pos: int | None = None, *, mean: torch.Tensor | None = None,
+    rotation: Rotation | None = None, block_t: int = 16, positions: torch.Tensor | None = None,
 ) -> None:
-    """Write K rows (B, Hkv, T, D) at positions [start_pos, start_pos + T) of a (B, Hkv, P, X) store."""
+    """Write K rows (B, Hkv, T, D) at positions [start_pos, start_pos + T) of a (B, Hkv, P, X) store,
+    or at per-row `positions` (T,) (a device tensor; rows < 0 are skipped; positions are not checked
+    against the store's length on the host: the caller keeps them in range)."""
     b, h, t, dim = k.shape
     check_kernel_head_dim(dim)
-    if store.head_dim != dim or store.qs.shape[:2] != (b, h) or start_pos + t > store.qs.shape[2]:
-        raise ValueError(f"K {tuple(k.shape)} at {start_pos} does not fit the store {store.shape}")
+    check_positions(start_pos, positions, t, store.qs.shape[2])
+    if store.head_dim != dim or store.qs.shape[:2] != (b, h):
+        raise ValueError(f"K {tuple(k.shape)} does not fit the store {store.shape}")
     if k.stride(-1) != 1:
         k = k.contiguous()
     if rotation is not None and rotation.head_dim != dim:
         raise ValueError(f"rotation for head_dim {rotation.head_dim} used on head_dim {dim}")
     if t == 0:
         return
-    dummy = torch.zeros(1, dtype=torch.float32, device=k.device)
+    dummy = k  # stands in for pointers the constexpr switches leave unread (no allocation: graph-friendly)
     mean_t = dummy if mean is None else mean.to(device=k.device, dtype=torch.float32).contiguous()  # (Hkv, D)
     rot = rotation
     if rot is not None and rot.s1.device != k.device:
@@ -97,8 +126,8 @@ def k_write(
         dummy if rot is None else rot.s1, dummy if rot is None else rot.s2,
         1.0 if rot is None else rot.scale,
         *store_args(store)[:9],
-        t, h, start_pos,
+        t, h, start_pos or 0, dummy if positions is None else positions,
         D=dim, BLOCK_T=block_t, KV_TYPE=store_args(store)[9],
         SMOOTH=mean is not None, ROTATE=rot is not None, G=group, LOG2_G=group.bit_length() - 1,
-        enable_fp_fusion=False,
+        POS_TENSOR=positions is not None, enable_fp_fusion=False,
     )

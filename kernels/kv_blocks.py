@@ -34,6 +34,21 @@ def check_kernel_head_dim(head_dim: int) -> None:
         )
 
 
+def check_positions(
+    start_pos: int | None, positions: torch.Tensor | None, n_rows: int, capacity: int
+) -> None:
+    """A write takes either start_pos (an int) or positions (a (T,) integer tensor), never both."""
+    if (start_pos is None) == (positions is None):
+        raise ValueError("pass exactly one of start_pos and positions")
+    if positions is not None:
+        if positions.shape != (n_rows,) or positions.dtype.is_floating_point:
+            raise ValueError(f"positions must be a ({n_rows},) integer tensor, got {tuple(positions.shape)}")
+    elif start_pos < 0 or start_pos + n_rows > capacity:
+        raise ValueError(
+            f"rows [{start_pos}, {start_pos + n_rows}) do not fit a store of {capacity} positions"
+        )
+
+
 def store_args(store: KVStore) -> tuple:
     """(qs, d, m, stride_b, stride_h, stride_t, sstride_b, sstride_h, sstride_t, type code) for a launcher.
 

@@ -1,7 +1,8 @@
 """V-cache write: quantize new V rows straight into the cache (V is never rotated or smoothed).
 
 Layouts: v (B, Hkv, T, D) float holds positions [start_pos, start_pos + T); the store is
-(B, Hkv, max_positions, X) (engine.kv_quant).
+(B, Hkv, max_positions, X) (engine.kv_quant). Positions as in kernels.k_write: `start_pos` or a
+device tensor `positions` (T,) (negative = skip the row), for CUDA-graph replay at any position.
 """
 
 from __future__ import annotations
@@ -14,22 +15,24 @@ import triton.language as tl
 
 from engine import kv_quant
 from engine.kv_quant import KVStore
-from kernels.kv_blocks import _quantize_store_rows, check_kernel_head_dim, store_args
+from kernels.k_write import write_rows_reference
+from kernels.kv_blocks import _quantize_store_rows, check_kernel_head_dim, check_positions, store_args
 
 log = logging.getLogger(__name__)
 
 
-def v_write_reference(v: torch.Tensor, store: KVStore, start_pos: int) -> None:
+def v_write_reference(v: torch.Tensor, store: KVStore, start_pos: int | None = None, *,
+                      positions: torch.Tensor | None = None) -> None:
     """Plain-torch V write: the oracle of `v_write` and the CPU path."""
-    store.narrow(2, start_pos, v.shape[2]).copy_(kv_quant.quantize(v.to(torch.float32), store.kv_type))
+    write_rows_reference(kv_quant.quantize(v.to(torch.float32), store.kv_type), store, start_pos, positions)
 
 
 @triton.jit
 def _v_write_kernel(
     v_ptr, stride_vb, stride_vh, stride_vt,
     qs_ptr, d_ptr, m_ptr, stride_qb, stride_qh, stride_qt, stride_sb, stride_sh, stride_st,
-    T, H, start_pos,
-    D: tl.constexpr, BLOCK_T: tl.constexpr, KV_TYPE: tl.constexpr,
+    T, H, start_pos, pos_ptr,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, KV_TYPE: tl.constexpr, POS_TENSOR: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -41,18 +44,25 @@ def _v_write_kernel(
     row = b.to(tl.int64) * stride_vb + h * stride_vh + t.to(tl.int64) * stride_vt  # [BLOCK_T]
     x = tl.load(v_ptr + row[:, None] + cols[None, :], mask=row_mask[:, None], other=0.0)
     x = x.to(tl.float32)  # [BLOCK_T, D]
-    pos = (start_pos + t).to(tl.int64)
+    if POS_TENSOR:
+        pos = tl.load(pos_ptr + t, mask=row_mask, other=-1).to(tl.int64)
+        row_mask = row_mask & (pos >= 0)
+    else:
+        pos = (start_pos + t).to(tl.int64)
     qs_row = b.to(tl.int64) * stride_qb + h * stride_qh + pos * stride_qt
     s_row = b.to(tl.int64) * stride_sb + h * stride_sh + pos * stride_st
     _quantize_store_rows(x, row_mask, qs_ptr, d_ptr, m_ptr, qs_row, s_row, BLOCK_T, D, KV_TYPE)
 
 
-def v_write(v: torch.Tensor, store: KVStore, start_pos: int, *, block_t: int = 16) -> None:
-    """Write V rows (B, Hkv, T, D) at positions [start_pos, start_pos + T) of a (B, Hkv, P, X) store."""
+def v_write(v: torch.Tensor, store: KVStore, start_pos: int | None = None, *, block_t: int = 16,
+            positions: torch.Tensor | None = None) -> None:
+    """Write V rows (B, Hkv, T, D) at positions [start_pos, start_pos + T) of a (B, Hkv, P, X) store,
+    or at per-row `positions` (T,) (a device tensor; rows < 0 are skipped)."""
     b, h, t, dim = v.shape
     check_kernel_head_dim(dim)
-    if store.head_dim != dim or store.qs.shape[:2] != (b, h) or start_pos + t > store.qs.shape[2]:
-        raise ValueError(f"V {tuple(v.shape)} at {start_pos} does not fit the store {store.shape}")
+    check_positions(start_pos, positions, t, store.qs.shape[2])
+    if store.head_dim != dim or store.qs.shape[:2] != (b, h):
+        raise ValueError(f"V {tuple(v.shape)} does not fit the store {store.shape}")
     if v.stride(-1) != 1:
         v = v.contiguous()
     if t == 0:
@@ -60,6 +70,7 @@ def v_write(v: torch.Tensor, store: KVStore, start_pos: int, *, block_t: int = 1
     args = store_args(store)
     grid = (triton.cdiv(t, block_t), b * h)
     _v_write_kernel[grid](
-        v, v.stride(0), v.stride(1), v.stride(2), *args[:9], t, h, start_pos,
-        D=dim, BLOCK_T=block_t, KV_TYPE=args[9], enable_fp_fusion=False,
+        v, v.stride(0), v.stride(1), v.stride(2), *args[:9], t, h, start_pos or 0,
+        v if positions is None else positions,
+        D=dim, BLOCK_T=block_t, KV_TYPE=args[9], POS_TENSOR=positions is not None, enable_fp_fusion=False,
     )

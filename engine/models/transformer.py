@@ -162,6 +162,12 @@ class Transformer(torch.nn.Module):
     def from_gguf(
         cls, gguf_file, device: str = "cpu", progress=None, cpu_weights: str = "fast"
     ) -> Transformer:
+        """The model on `device`: this module on CPU, engine.models.cuda_transformer on CUDA (the same
+        interface; cpu_weights does not apply there)."""
+        if torch.device(device).type == "cuda":
+            from engine.models.cuda_transformer import CudaTransformer
+
+            return CudaTransformer.from_gguf(gguf_file, device, progress)
         config = ModelConfig.from_gguf(gguf_file)
         return cls(config, gguf_file.tensors, device, progress, cpu_weights)
 

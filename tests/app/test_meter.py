@@ -11,6 +11,8 @@ def test_meter_shows_stats_and_keeps_final_figures(qtbot):
     qtbot.addWidget(m)
     m.begin_answer()
     s = GenerationStats(
+        prompt_tokens=3010,
+        cached_tokens=2950,
         new_tokens=42,
         decode_tok_per_s=25.34,
         prefill_tok_per_s=812.0,
@@ -27,6 +29,7 @@ def test_meter_shows_stats_and_keeps_final_figures(qtbot):
         "decode": "25.3",
         "prefill": "812",
         "ttft": "0.31 s",
+        "cached": "2,950 / 3,010",
         "acceptance": "2.50 · 75%",
         "kv": "3.0 MiB",
         "device": "cpu",
@@ -36,8 +39,26 @@ def test_meter_shows_stats_and_keeps_final_figures(qtbot):
     assert not m.streaming and m.values["decode"].text() == "25.3" and "eos" in m.state.text()
     assert (
         stats_summary(s)
-        == "42 tokens · 25.3 tok/s · TTFT 0.31 s · 2.50 tok/step (75% accepted) · prefill 812 tok/s"
+        == "42 tokens · 25.3 tok/s · TTFT 0.31 s · cached 2,950 / 3,010 tokens · 2.50 tok/step (75% accepted)"
+        " · prefill 812 tok/s"
     )
+
+
+def test_cached_tokens_follow_each_answer(qtbot):
+    """A cold answer shows 0 cached; the live figure updates with every stats event; no prompt: a dash."""
+    m = ThroughputMeter()
+    qtbot.addWidget(m)
+    assert m.values["cached"].text() == "–" and "snapshot" in m.values["cached"].toolTip()
+    m.begin_answer()
+    m.update_stats(GenerationStats(prompt_tokens=3010, cached_tokens=0, decode_tok_per_s=1.0))
+    assert m.values["cached"].text() == "0 / 3,010"
+    m.end_answer(GenerationStats(prompt_tokens=3010, cached_tokens=0, new_tokens=5), "eos")
+    assert "cached" not in stats_summary(GenerationStats(prompt_tokens=3010, new_tokens=5))
+    m.begin_answer()
+    m.update_stats(GenerationStats(prompt_tokens=3062, cached_tokens=3047))
+    assert m.values["cached"].text() == "3,047 / 3,062"
+    m.update_stats(GenerationStats())
+    assert m.values["cached"].text() == "–"
 
 
 def test_no_draft_shows_no_acceptance(qtbot):

@@ -120,3 +120,16 @@ def test_settings_persist_across_restart(make_window, qtbot, fake_engine, tmp_pa
         256,
         "ngram",
     )
+
+
+def test_k_equalization_setting_reaches_the_engine_config(qtbot):
+    from app.settings_panel import SettingsPanel
+
+    panel = SettingsPanel()
+    qtbot.addWidget(panel)
+    panel.set_settings(EngineSettings(kv_k="q4_0", k_equalize="off"))
+    assert panel.k_equalize.currentData() == "off"
+    panel.k_equalize.setCurrentIndex(panel.k_equalize.findData("on"))
+    s = panel.settings()
+    assert s.k_equalize == "on" and s.to_engine_config("m.gguf", "d.gguf").k_equalize == "on"
+    assert EngineSettings().to_engine_config("m.gguf", "d.gguf").k_equalize == "auto"

@@ -100,3 +100,20 @@ def test_needle_document_holds_every_needle_in_depth_order(tiny_path):
     positions = [doc.index(n.passphrase) for n in needles]
     assert positions == sorted(positions)
     assert 2500 < len(tokenizer.encode(doc)) <= 3000 + 5 * 2
+
+
+def test_perplexity_honours_k_equalize(capsys, tiny_path, tmp_path):
+    tokens_file = tmp_path / "ids.json"
+    tokens_file.write_text(json.dumps(list(range(40, 72))))
+    base = ["perplexity", "--model", tiny_path, "--tokens-file", str(tokens_file), "--ctx", "32", "--json"]
+    out = {
+        (k_type, mode): run_json(capsys, base + ["--ctk", k_type, "--k-equalize", mode])
+        for k_type in ("f16", "q4_0")
+        for mode in ("on", "off", "auto")
+    }
+    assert [out[k, m]["k_equalize"] for k in ("f16", "q4_0") for m in ("on", "off", "auto")] == [
+        True, False, False, True, False, True
+    ]
+    assert out["f16", "on"]["nll"] == out["f16", "off"]["nll"], "exact on an f16 K cache (power-of-two scales)"
+    assert main(base + ["--k-equalize", "maybe"]) != 0
+    assert "K equalization 'maybe' is unknown" in capsys.readouterr().err

@@ -1,13 +1,17 @@
-"""The engine's KV cache: every K x V type pair, rotation and skip-WHT rules, K smoothing."""
+"""The engine's KV cache: every K x V type pair, rotation and skip-WHT rules, K smoothing and equalization."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
+from engine import k_equalize
 from engine.api import EngineConfig
+from engine.errors import SettingsError
+from engine.k_equalize import resolve_k_equalize
 from engine.kv_cache import KVCache, resolve_k_smooth
 from engine.session import Engine
 from tests.engine.tiny_models import write_tiny_model
@@ -40,6 +44,7 @@ def logits_with(path, kv_k: str, kv_v: str, **kw) -> torch.Tensor:
         kv_v,
         rotate_k=not EngineConfig(model="", kv_k=kv_k, **kw).rotation_skipped(),
         k_smooth=resolve_k_smooth(kw.get("k_smooth", "auto"), kv_k),
+        k_equalize=resolve_k_equalize(kw.get("k_equalize", "auto"), kv_k),
     )
     return session.prefill(PROMPT, 0, logits_for="all")
 
@@ -120,3 +125,82 @@ def test_rotation_leaves_attention_unchanged_before_quantization():
 def test_auto_smoothing_is_on_for_quantized_k_only():
     assert [resolve_k_smooth("auto", t) for t in TYPES] == [False, False, True, True, True]
     assert resolve_k_smooth("on", "f16") and not resolve_k_smooth("off", "q4_0")
+
+
+# ---- K equalization (engine/k_equalize.py) ----------------------------------------------------------
+
+
+def biased_keys(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k, v (24, 2, 64) and q (24, 4, 64): K with a bias and channels of very different widths."""
+    gen = torch.Generator().manual_seed(seed)
+    widths = torch.exp2(torch.randint(-3, 6, (1, 2, 64), generator=gen).float())  # 1/8 .. 32
+    k = torch.randn(24, 2, 64, generator=gen) * widths + 5 * torch.randn(1, 2, 64, generator=gen)
+    return k, torch.randn(24, 2, 64, generator=gen), torch.randn(24, 4, 64, generator=gen)
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16"])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_k_equalization_leaves_attention_unchanged_on_unquantized_cache(kind, smooth):
+    # the scales are powers of two, so q * s and k / s are exact: the very same scores, bit for bit
+    k, v, q = biased_keys(2)
+    outs = []
+    for equalize in (False, True):
+        cache = KVCache(1, 2, 64, 32, kind, kind, k_smooth=smooth, k_equalize=equalize)
+        cache.write(0, 0, k[:16], v[:16])  # first chunk: the scales are taken here
+        cache.write(0, 16, k[16:], v[16:])
+        outs.append(cache.attention(0, q[16:], 16, 0.125, None))
+    scales = cache.k_scale[0]
+    assert scales.shape == (2, 64) and bool((scales != 1).any()), "the test K should need scaling"
+    assert torch.equal(outs[0], outs[1]), "equalization changed attention"
+
+
+def test_k_equalization_scales_come_from_the_first_chunk_and_stay():
+    k, v, _ = biased_keys(3)
+    cache = KVCache(1, 2, 64, 32, "q4_0", "f16", k_smooth=True, k_equalize=True)
+    cache.write(0, 0, k[:16], v[:16])
+    centred = (k[:16] - k[:16].mean(0)).transpose(0, 1)  # (n_kv, T, D) as the cache smooths it
+    first = cache.k_scale[0].clone()
+    assert torch.equal(first, k_equalize.channel_scales(centred)) and bool((first != 1).any())
+    cache.write(0, 16, k[16:].flip(-1), v[16:])  # later chunks do not move them
+    assert torch.equal(cache.k_scale[0], first)
+    assert cache.nbytes == KVCache(1, 2, 64, 32, "q4_0", "f16").nbytes + 2 * 2 * 64 * 4  # mean + scales
+    cache.reset()
+    assert cache.k_scale == [None]
+    cache.write(0, 0, k[:16].flip(-1), v[:16])  # a new conversation takes new ones
+    assert torch.equal(cache.k_scale[0], first.flip(-1))
+
+
+def test_channel_scales_follow_the_recipe():
+    gen = torch.Generator().manual_seed(4)
+    widths = torch.tensor([8.0, 1.0, 0.001, 3.0, 0.3])  # channel 2 is far below the head's RMS
+    k = torch.randn(1, 4000, 5, generator=gen) * widths  # (n_kv, T, D)
+    scales = k_equalize.channel_scales(k)
+    rms = k[0].pow(2).mean(0).sqrt().tolist()
+    head = math.sqrt(sum(r * r for r in rms) / len(rms))
+    expected = [
+        2.0 ** round(k_equalize.ALPHA * math.log2(max(r, head * k_equalize.RMS_FLOOR) / head)) for r in rms
+    ]
+    assert scales[0].tolist() == expected
+    assert torch.equal(torch.exp2(torch.log2(scales).round()), scales), "powers of two"
+    assert len(set(expected)) > 1, "the test channels should get different scales"
+    assert torch.equal(k_equalize.channel_scales(16 * k), scales), "only the channels' relative widths count"
+    assert torch.equal(k_equalize.channel_scales(torch.zeros(2, 1, 4)), torch.ones(2, 4)), "all-zero head"
+
+
+def test_auto_equalization_is_on_for_quantized_k_on_the_cpu_cache():
+    assert [resolve_k_equalize("auto", t) for t in TYPES] == [False, False, True, True, True]
+    assert resolve_k_equalize("on", "f16") and not resolve_k_equalize("off", "q4_0")
+    if not k_equalize.CUDA_SUPPORTED:
+        assert resolve_k_equalize("auto", "q4_0", "cuda") is False
+        with pytest.raises(SettingsError, match="GPU"):
+            resolve_k_equalize("on", "q4_0", "cuda")
+    with pytest.raises(SettingsError, match="K equalization"):
+        EngineConfig(model="m", k_equalize="yes").validate()
+
+
+def test_session_resolves_equalization(tiny_path):
+    on = Engine.load(EngineConfig(model=str(tiny_path), context_length=64, kv_k="q4_0", kv_v="q8_0"))
+    off = Engine.load(EngineConfig(model=str(tiny_path), context_length=64, kv_k="q4_0", k_equalize="off"))
+    f16 = Engine.load(EngineConfig(model=str(tiny_path), context_length=64, kv_k="f16"))
+    assert (on.cache.k_equalize, off.cache.k_equalize, f16.cache.k_equalize) == (True, False, False)
+    assert on.info["k_equalize"] is True

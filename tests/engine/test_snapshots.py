@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine import k_equalize
 from engine.api import EngineConfig, Finished, SamplingParams, TextDelta
 from engine.session import Engine
 from engine.snapshots import SUFFIX, SnapshotStore, default_directory, fingerprint
@@ -62,6 +63,9 @@ def assert_same_stores(a, b, n):
                     assert torch.equal(ta[:, :n], tb[:, :n]), f"layer {layer} {sa.kv_type} {field} differs"
         if a.cache.k_smooth:
             assert torch.equal(a.cache.k_mean[layer], b.cache.k_mean[layer]), f"k_mean {layer} differs"
+        assert a.cache.k_equalize == b.cache.k_equalize
+        if a.cache.k_equalize:
+            assert torch.equal(a.cache.k_scale[layer], b.cache.k_scale[layer]), f"k_scale {layer} differs"
 
 
 KV_SETTINGS = [
@@ -72,6 +76,8 @@ KV_SETTINGS = [
     {"kv_k": "q4_0", "kv_v": "q8_0", "skip_wht": True},
     {"kv_k": "q4_1", "kv_v": "bf16"},
     {"kv_k": "q4_0", "kv_v": "f16", "k_smooth": "off"},
+    {"kv_k": "q4_0", "kv_v": "q4_0", "k_equalize": "off"},
+    {"kv_k": "f16", "kv_v": "q4_0", "k_equalize": "on"},
 ]
 
 
@@ -104,6 +110,8 @@ def test_fingerprint_records_rotation_and_smoothing(models):
     assert not skipped["k_rotated"] and skipped["rotation_seed"] is None
     unsmoothed = fingerprint(load(models["llama"], kv_k="q4_0", k_smooth="off"))
     assert rotated["k_smooth"] and not unsmoothed["k_smooth"]
+    unequalized = fingerprint(load(models["llama"], kv_k="q4_0", k_equalize="off"))
+    assert rotated["k_equalize"] == k_equalize.RECIPE and unequalized["k_equalize"] is None
     assert (rotated["n_layers"], rotated["n_kv_heads"], rotated["head_dim"]) == (2, 2, 64)
 
 
@@ -120,6 +128,8 @@ MISMATCHES = {
                           "k_smooth"),
     "no_smooth->smooth": ({"kv_k": "q8_0", "k_smooth": "off"}, {"kv_k": "q8_0", "k_smooth": "on"},
                           "k_smooth"),
+    "equalized->not": ({"kv_k": "q4_0"}, {"kv_k": "q4_0", "k_equalize": "off"}, "k_equalize"),
+    "not->equalized": ({"kv_k": "q8_0", "k_equalize": "off"}, {"kv_k": "q8_0"}, "k_equalize"),
     "model seed3->seed4": ({}, {"model": "llama_seed4"}, "model_data_sample_sha256"),
     "model seed4->seed3": ({"model": "llama_seed4"}, {}, "model_data_sample_sha256"),
     "model llama->qwen2": ({}, {"model": "qwen2"}, "model_header_sha256"),
@@ -290,9 +300,14 @@ def test_clear_and_total_bytes(models, tmp_path):
     session = load(models["llama"])
     session.prefill(PROMPT, 0)
     path = store.save(session)
-    assert store.total_bytes() == path.stat().st_size > 0
+    size = path.stat().st_size
+    assert store.total_bytes() == size > 0
     assert not list((tmp_path / "snaps").glob(".*.tmp"))
-    store.clear()
+    (tmp_path / "snaps" / ".left-by-a-crash.tkv.123.abcd.tmp").write_bytes(b"x" * 10)
+    (tmp_path / "snaps" / "notes.txt").write_bytes(b"not ours")  # only snapshot files are deleted
+    assert store.clear() == (2, size + 10)
+    assert store.clear() == (0, 0)
+    (tmp_path / "snaps" / "notes.txt").unlink()
     assert store.total_bytes() == 0 and list((tmp_path / "snaps").iterdir()) == []
     assert store.restore(load(models["llama"]), PROMPT) == 0
 

@@ -86,3 +86,29 @@ def test_decode_real_shapes_gpu(k_type, v_type, dim, gqa, window):
     got = decode_attention(q, ks, vs, lens, window=window)
     want = decode_attention_reference(q, ks, vs, lens, window=window)
     assert_close_rms(f"decode output ({k_type} K, {v_type} V, D={dim})", got, want, TOL)
+
+
+def _one_cache_as_rows(store, rows):
+    """A (1, Hkv, P, X) store seen as a batch of `rows` sequences sharing it (stride 0)."""
+    expand = lambda t: None if t is None else t.expand(rows, *t.shape[1:])
+    return kv_quant.KVStore(store.kv_type, expand(store.qs), expand(store.d), expand(store.m))
+
+
+@pytest.mark.parametrize("k_type,v_type,window", [("q4_0", "q8_0", None), ("f16", "q4_1", 20)])
+def test_verify_rows_equal_single_decodes_bit_for_bit(k_type, v_type, window):
+    # rows of a verify block = independent decode queries over one cache with per-row lengths
+    q, ks, vs, _ = _case(k_type, v_type, 1, 2, 3, 64, [1], 100, seed=4)
+    gen = torch.Generator().manual_seed(9)
+    rows_q = torch.randn(4, 6, 64, generator=gen).to(DEVICE)  # (R, Hq, D)
+    lengths = torch.tensor([61, 62, 63, 0], dtype=torch.int32, device=DEVICE)  # last row: padding
+    out = torch.full((4, 6, 64), float("nan"), device=DEVICE)
+    decode_attention(rows_q, _one_cache_as_rows(ks, 4), _one_cache_as_rows(vs, 4), lengths,
+                     max_length=100, split_size=32, block_n=32, window=window, out=out)
+    for r in range(3):
+        single = decode_attention(rows_q[r : r + 1], ks, vs, lengths[r : r + 1], max_length=100,
+                                  split_size=32, block_n=32, window=window)
+        assert torch.equal(out[r : r + 1], single), f"row {r} differs from its decode"
+    assert torch.equal(out[3], torch.zeros_like(out[3]))  # an empty row attends to nothing
+    want = decode_attention_reference(rows_q[:3], _one_cache_as_rows(ks, 3), _one_cache_as_rows(vs, 3),
+                                      lengths[:3], window=window)
+    assert_close_rms("verify rows", out[:3].float(), want, 5e-3)

@@ -63,3 +63,31 @@ def test_k_write_real_shapes_gpu(kv_type, block_t, dim):
     _, _, _, got, want = _run_both(kv_type, 1, 8, 1000, dim, start=123, positions=2048, smooth=True,
                                    rotate=rotate, block_t=block_t)
     assert_stores_equal(got, want)
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0", "q4_0"])
+def test_k_write_at_positions_from_a_tensor(kv_type):
+    # the CUDA-graph form: each row's position read on the device, -1 rows (padding) skipped
+    gen = torch.Generator().manual_seed(5)
+    k = torch.randn(1, 2, 4, 64, generator=gen).to(DEVICE)  # (B, H, T, D)
+    mean = torch.randn(2, 64, generator=gen).to(DEVICE)
+    rot = hadamard.make_rotation(64) if kv_type != "f16" else None
+    positions = torch.tensor([9, 10, -1, 3], device=DEVICE)
+    got = kv_quant.allocate(kv_type, (1, 2, 12), 64, DEVICE)
+    want = kv_quant.allocate(kv_type, (1, 2, 12), 64, DEVICE)
+    k_write(k, got, mean=mean, rotation=rot, positions=positions)
+    k_write_reference(k, want, mean=mean, rotation=rot, positions=positions)
+    assert_stores_equal(got, want)
+    assert int((got.qs[:, :, [0, 1, 2, 4, 5, 6, 7, 8, 11]] != 0).sum()) == 0  # padding wrote nothing
+    contiguous = kv_quant.allocate(kv_type, (1, 2, 12), 64, DEVICE)
+    k_write(k[:, :, :2], contiguous, 9, mean=mean, rotation=rot)  # same rows through start_pos
+    assert_stores_equal(got.narrow(2, 9, 2), contiguous.narrow(2, 9, 2))
+
+
+def test_k_write_needs_one_kind_of_position():
+    k = torch.zeros(1, 1, 2, 32, device=DEVICE)
+    store = kv_quant.allocate("f16", (1, 1, 4), 32, DEVICE)
+    with pytest.raises(ValueError, match="exactly one"):
+        k_write(k, store, 0, positions=torch.tensor([0, 1], device=DEVICE))
+    with pytest.raises(ValueError, match="do not fit"):
+        k_write(k, store, 3)

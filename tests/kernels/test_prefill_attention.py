@@ -58,3 +58,15 @@ def test_prefill_real_shapes_gpu(k_type, v_type, dim, gqa, start, t, window):
     got = prefill_attention(q, ks, vs, start, window=window)
     want = prefill_attention_reference(q, ks, vs, start, window=window)
     assert_close_rms(f"prefill output ({k_type} K, {v_type} V, D={dim})", got, want, TOL)
+
+
+def test_prefill_writes_into_a_given_buffer():
+    gen = torch.Generator().manual_seed(3)
+    ks = random_store("q8_0", (1, 2, 40), 64, gen)
+    vs = random_store("f16", (1, 2, 40), 64, gen)
+    q_rows = torch.randn(9, 4, 64, generator=gen).to(DEVICE)  # (T, Hq, D) as the engine holds it
+    out_rows = torch.full((9, 4, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    view = lambda t: t.permute(1, 0, 2)[None]  # (1, Hq, T, D)
+    prefill_attention(view(q_rows), ks, vs, 31, block_n=32, out=view(out_rows))
+    want = prefill_attention_reference(view(q_rows), ks, vs, 31)
+    assert_close_rms("prefill output in a (T, Hq, D) bf16 buffer", view(out_rows).float(), want, 5e-3)

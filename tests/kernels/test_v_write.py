@@ -43,3 +43,16 @@ def test_v_write_from_strided_input():
 def test_v_write_real_shapes_gpu(kv_type):
     got, want = _run_both(kv_type, 1, 8, 1000, 128, start=123, positions=2048)
     assert_stores_equal(got, want)
+
+
+@pytest.mark.parametrize("kv_type", ["bf16", "q4_1"])
+def test_v_write_at_positions_from_a_tensor(kv_type):
+    gen = torch.Generator().manual_seed(2)
+    v = torch.randn(1, 1, 3, 64, generator=gen).to(DEVICE)  # (B, H, T, D)
+    positions = torch.tensor([-1, 6, 2], device=DEVICE)
+    got = kv_quant.allocate(kv_type, (1, 1, 8), 64, DEVICE)
+    want = kv_quant.allocate(kv_type, (1, 1, 8), 64, DEVICE)
+    v_write(v, got, positions=positions)
+    v_write_reference(v, want, positions=positions)
+    assert_stores_equal(got, want)
+    assert int((got.qs[:, :, [0, 1, 3, 4, 5, 7]] != 0).sum()) == 0

@@ -1,16 +1,20 @@
-"""KV cache quality table: perplexity for every K type x rotation x smoothing, per model and text.
+"""KV cache quality table: perplexity for every K/V type pair x rotation x smoothing x K equalization.
 
 Usage (from the repo root):
     .venv/bin/python -m tests.tools.bench_kv --models smollm2-135m qwen2.5-coder-0.5b --ctx 512
-The model is loaded once per model; only the cache is rebuilt between runs. V stays f16 in the
-K-only rows (the quantity the rotation/smoothing switches act on), then the shipped defaults are
-measured for whole K/V pairs. llama.cpp's own q4_0/q4_0 cache is measured on the same tokens when
-llama-cpp-python is installed.
+    .venv/bin/python -m tests.tools.bench_kv --pairs q4_0/f16 --equalize 0   # K-only rows, as in run 1
+The model is loaded once per model; only the cache is rebuilt between runs. For each pair (K/V) every
+combination of the three K switches is measured, then the shipped defaults (engine.session's
+resolution of skip-WHT off, k_smooth=auto, k_equalize=auto) are named in their own column. Besides
+perplexity, the JSON rows hold the mean KL divergence of each run's next-token distribution from the
+f16 cache's (a steadier measure of the damage than the perplexity change, which a noisy run can move
+either way). llama.cpp's own caches are measured on the same tokens when llama-cpp-python is installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -20,27 +24,39 @@ import torch
 
 from engine.api import EngineConfig
 from engine.cli import resolve_model
+from engine.k_equalize import resolve_k_equalize
 from engine.kv_cache import KVCache, resolve_k_smooth
 from engine.session import Engine
 
 TEXTS = Path(__file__).resolve().parents[1] / "fixtures" / "eval_text"
 
 
-def perplexity(session, ids: list[int]) -> float:
+def all_logits(session, ids: list[int]) -> torch.Tensor:
     session.cached_ids = []
-    logits = session.prefill(ids, 0, logits_for="all").float()  # (n, vocab)
-    nll = -torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-    return math.exp(float(nll.mean()))
+    return session.prefill(ids, 0, logits_for="all").float()  # (n, vocab)
 
 
-def with_cache(session, kv_k: str, kv_v: str, rotate: bool, smooth: bool) -> None:
+def perplexity(session, ids: list[int]) -> float:
+    return score(all_logits(session, ids), ids)[0]
+
+
+def score(logits: torch.Tensor, ids: list[int], ref_logp: torch.Tensor | None = None) -> tuple[float, float]:
+    """(perplexity, mean KL(ref || this) over the predicted positions; 0 without a reference)."""
+    logp = torch.log_softmax(logits[:-1], -1)  # (n - 1, vocab)
+    nll = -logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    kl = 0.0 if ref_logp is None else float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+    return math.exp(float(nll.mean())), kl
+
+
+def with_cache(session, kv_k: str, kv_v: str, rotate: bool, smooth: bool, equalize: bool = False) -> None:
     c = session.model.config
     session.cache = KVCache(
-        c.n_layers, c.n_kv_heads, c.head_dim, session.max_len, kv_k, kv_v, rotate_k=rotate, k_smooth=smooth
+        c.n_layers, c.n_kv_heads, c.head_dim, session.max_len, kv_k, kv_v,
+        rotate_k=rotate, k_smooth=smooth, k_equalize=equalize,
     )
 
 
-def llama_cpp_ppl(path: str, ids: list[int], type_k: int, type_v: int) -> float | None:
+def llama_cpp_ppl(path: str, ids: list[int], type_k: int, type_v: int, threads: int | None) -> float | None:
     try:
         import llama_cpp
     except ImportError:
@@ -50,7 +66,7 @@ def llama_cpp_ppl(path: str, ids: list[int], type_k: int, type_v: int) -> float 
         n_ctx=len(ids) + 8,
         n_batch=512,
         logits_all=True,
-        n_threads=2,
+        n_threads=threads or 2,
         type_k=type_k,
         type_v=type_v,
         flash_attn=True,
@@ -62,6 +78,13 @@ def llama_cpp_ppl(path: str, ids: list[int], type_k: int, type_v: int) -> float 
     return math.exp(float(nll.mean()))
 
 
+GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3}
+
+
+def cell_name(pair: str, rotate: bool, smooth: bool, equalize: bool) -> str:
+    return f"{pair} rot={int(rotate)} smooth={int(smooth)} eq={int(equalize)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -69,15 +92,27 @@ def main() -> None:
         nargs="+",
         default=["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma-3-270m"],
     )
+    parser.add_argument("--texts", nargs="+", default=["code", "prose"], choices=["code", "prose"])
     parser.add_argument("--ctx", type=int, default=512)
-    parser.add_argument("--k-types", nargs="+", default=["q8_0", "q4_0"])
+    parser.add_argument(
+        "--chunk", type=int, default=512,
+        help="prefill chunk: the smoothing mean and equalization scales come from the first one",
+    )
+    parser.add_argument("--pairs", nargs="+", default=["q8_0/q8_0", "q4_0/q4_0"], help="K/V type pairs")
+    parser.add_argument("--rotate", nargs="+", type=int, default=[0, 1], help="rotation values to measure")
+    parser.add_argument("--smooth", nargs="+", type=int, default=[0, 1], help="smoothing values to measure")
+    parser.add_argument("--equalize", nargs="+", type=int, default=[0, 1], help="K equalization values")
+    parser.add_argument("--threads", type=int, help="CPU threads (ours and llama.cpp's); default: torch's")
+    parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp's runs")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     rows = []
     for key in args.models:
         path = resolve_model(key)
-        session = Engine.load(EngineConfig(model=path, context_length=args.ctx + 8))
-        for text_name in ("code", "prose"):
+        session = Engine.load(EngineConfig(
+            model=path, context_length=args.ctx + 8, prefill_chunk=args.chunk, threads=args.threads
+        ))
+        for text_name in args.texts:
             text = (TEXTS / ("code.py.txt" if text_name == "code" else "prose.txt")).read_text(
                 encoding="utf-8"
             )
@@ -86,40 +121,67 @@ def main() -> None:
             ]
             started = time.perf_counter()
             with_cache(session, "f16", "f16", False, False)
-            base = perplexity(session, ids)
-            row = {"model": key, "text": text_name, "n": len(ids), "f16": base}
-            for k_type in args.k_types:
-                for rotate in (False, True):
-                    for smooth in (False, True):
-                        with_cache(session, k_type, "f16", rotate, smooth)
-                        row[f"{k_type} rot={int(rotate)} smooth={int(smooth)}"] = perplexity(session, ids)
-            for kv_k, kv_v in (("q8_0", "q8_0"), ("q4_0", "q4_0")):
-                with_cache(session, kv_k, kv_v, True, resolve_k_smooth("auto", kv_k))
-                row[f"default {kv_k}/{kv_v}"] = perplexity(session, ids)
-            q8, q4 = 8, 2  # GGML type ids
-            row["llama.cpp f16"] = llama_cpp_ppl(path, ids, 1, 1)
-            row["llama.cpp q8_0/q8_0"] = llama_cpp_ppl(path, ids, q8, q8)
-            row["llama.cpp q4_0/q4_0"] = llama_cpp_ppl(path, ids, q4, q4)
+            ref = all_logits(session, ids)
+            ref_logp = torch.log_softmax(ref[:-1], -1)
+            base = score(ref, ids)[0]
+            row = {"model": key, "text": text_name, "n": len(ids), "chunk": args.chunk, "threads": args.threads,
+                   "f16": base, "kl": {}}
+            for pair in args.pairs:
+                kv_k, kv_v = pair.split("/")
+                for rotate, smooth, equalize in itertools.product(args.rotate, args.smooth, args.equalize):
+                    with_cache(session, kv_k, kv_v, bool(rotate), bool(smooth), bool(equalize))
+                    name = cell_name(pair, rotate, smooth, equalize)
+                    row[name], row["kl"][name] = score(all_logits(session, ids), ids, ref_logp)
+                    print(f"  {key} {text_name} {name}: {row[name]:.4f} KL {row['kl'][name]:.4f}", flush=True)
+                # the defaults a session resolves for this pair (rotation on: skip-WHT is off by default)
+                default = cell_name(
+                    pair, True, resolve_k_smooth("auto", kv_k), resolve_k_equalize("auto", kv_k)
+                )
+                if default not in row:
+                    with_cache(session, kv_k, kv_v, True, resolve_k_smooth("auto", kv_k),
+                               resolve_k_equalize("auto", kv_k))
+                    row[default], row["kl"][default] = score(all_logits(session, ids), ids, ref_logp)
+                row[f"default {pair}"] = row[default]
+                row["kl"][f"default {pair}"] = row["kl"][default]
+            if not args.no_llama:
+                row["llama.cpp f16"] = llama_cpp_ppl(path, ids, 1, 1, args.threads)
+                for pair in args.pairs:
+                    kv_k, kv_v = pair.split("/")
+                    if kv_k in GGML_TYPES and kv_v in GGML_TYPES:
+                        row[f"llama.cpp {pair}"] = llama_cpp_ppl(
+                            path, ids, GGML_TYPES[kv_k], GGML_TYPES[kv_v], args.threads
+                        )
             row["seconds"] = time.perf_counter() - started
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1))
-    keys = [k for k in rows[0] if k not in ("model", "text", "n", "seconds")]
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    """One markdown table: perplexity (change against our f16) per run; llama.cpp against its own f16."""
+    keys = [k for k in rows[0] if k not in ("model", "text", "n", "chunk", "threads", "seconds", "kl")]
     print("\n| model | text | " + " | ".join(keys) + " |")
     print("|---|---|" + "---|" * len(keys))
     for r in rows:
         cells = []
         for k in keys:
-            v = r[k]
-            cells.append(
-                "n/a"
-                if v is None
-                else f"{v:.3f}"
-                if k in ("f16", "llama.cpp f16")
-                else f"{v:.3f} ({100 * (v / r['f16'] - 1):+.1f}%)"
-            )
+            v = r.get(k)
+            ref = r.get("llama.cpp f16") if k.startswith("llama.cpp") else r["f16"]
+            if v is None:
+                cells.append("n/a")
+            elif k in ("f16", "llama.cpp f16") or not ref:
+                cells.append(f"{v:.3f}")
+            else:
+                cells.append(f"{v:.3f} ({100 * (v / ref - 1):+.1f}%)")
         print(f"| {r['model']} | {r['text']} | " + " | ".join(cells) + " |")
+    kl_keys = list(rows[0]["kl"])
+    print("\nMean KL divergence from the f16 cache's next-token distribution (nats/token):\n")
+    print("| model | text | " + " | ".join(kl_keys) + " |")
+    print("|---|---|" + "---|" * len(kl_keys))
+    for r in rows:
+        print(f"| {r['model']} | {r['text']} | " + " | ".join(f"{r['kl'][k]:.4f}" for k in kl_keys) + " |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+"""CUDA graphs of the model's small steps: decode (1 row) and speculative verify (2..16 rows).
+
+A step of R rows is a few hundred kernel launches (about 14 per layer); launched one by one from
+Python they would cost more than the GPU work. Each row bucket (1, 2, 4, 8, 16; a block is padded up
+to its bucket) is captured once per model and cache, on first use, and then replayed:
+
+- static inputs: one (2, R) int64 device tensor [token ids; positions], filled by a single
+  asynchronous copy from a pinned host buffer. Padding rows get position -1: the cache kernels skip
+  their writes and their attention length is 0.
+- static cache: the graph holds the addresses of the cache stores, its smoothing buffers, the RoPE
+  tables and the weights; a different cache object drops the graphs and captures anew.
+- static outputs: logits (R, vocab) float32, their argmax (R,) (greedy picks computed on the device),
+  and any captured hidden states; valid until the next replay.
+Nothing inside a step reads the device from the host; the caller reads the picks once per step.
+
+Capture runs the step once eagerly first (compiling the Triton kernels; it writes the same cache rows
+the replay then writes again), then records it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.api import VERIFY_ROWS_MAX
+
+log = logging.getLogger(__name__)
+
+ROW_BUCKETS = (1, 2, 4, 8, 16)
+assert ROW_BUCKETS[-1] == VERIFY_ROWS_MAX
+
+
+def bucket_for(n_rows: int) -> int:
+    for rows in ROW_BUCKETS:
+        if rows >= n_rows:
+            return rows
+    raise ValueError(f"a graph step takes at most {ROW_BUCKETS[-1]} rows, got {n_rows}")
+
+
+def fill_step_inputs(host: torch.Tensor, ids: list[int], pos: int) -> None:
+    """host: (2, R) int64 [token ids; positions]; rows past len(ids) become padding (token 0, position -1)."""
+    n = len(ids)
+    view = host.numpy()
+    view[0, :n] = ids
+    view[0, n:] = 0
+    view[1, :n] = range(pos, pos + n)
+    view[1, n:] = -1
+
+
+def record_graph(body, device: torch.device):
+    """Run body() once eagerly on a side stream (compiles kernels, initialises libraries), then capture
+    it into a CUDA graph, which is returned. body must not read the device from the host."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        body()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph
+
+
+class StepGraph:
+    """One captured step of `rows` rows for one cache and one set of captured layers."""
+
+    def __init__(self, model, cache, rows: int, capture_layers: tuple[int, ...]) -> None:
+        self.model, self.cache, self.rows, self.capture_layers = model, cache, rows, capture_layers
+        device = model.device
+        self.host = torch.zeros(2, rows, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.inputs = torch.zeros(2, rows, dtype=torch.long, device=device)  # [tokens; positions]
+        self.uploaded = torch.cuda.Event() if device.type == "cuda" else None
+        self.graph = None
+        self.logits = self.argmax = None
+        self.hidden: list[torch.Tensor] = []
+
+    def set_inputs(self, ids: list[int], pos: int) -> None:
+        if self.uploaded is not None:
+            self.uploaded.synchronize()  # the previous upload has read the pinned buffer (long done)
+        fill_step_inputs(self.host, ids, pos)
+        self.inputs.copy_(self.host, non_blocking=True)
+        if self.uploaded is not None:
+            self.uploaded.record()
+
+    def _body(self) -> None:
+        from engine.models.cuda_transformer import StepInputs
+
+        positions = self.inputs[1]
+        lengths = (positions + 1).to(torch.int32)  # (R,), 0 for padding rows
+        logits, hidden = self.model.run_rows(
+            StepInputs(self.inputs[0], positions, lengths), self.cache, None, "all", self.capture_layers
+        )
+        self.logits, self.argmax, self.hidden = logits, logits.argmax(-1), hidden
+
+    def capture(self) -> None:
+        """Record the step (inputs must be set). Without CUDA (tests of this logic on the CPU) nothing is
+        recorded and `replay` runs the step eagerly."""
+        if self.model.device.type != "cuda":
+            return
+        self.graph = record_graph(self._body, self.model.device)
+        log.info("captured a %d-row step graph (capture layers %s)", self.rows, self.capture_layers)
+
+    def replay(self) -> None:
+        if self.graph is None:  # no CUDA (tests of this logic on the CPU): run the body eagerly
+            self._body()
+        else:
+            self.graph.replay()
+
+
+class StepGraphs:
+    """The model's step graphs, keyed by row bucket and captured layers, for the cache last used."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.cache = None
+        self.graphs: dict[tuple[int, tuple[int, ...]], StepGraph] = {}
+
+    def run(self, ids: list[int], pos: int, cache, capture: tuple[int, ...] = ()):
+        """Rows ids at [pos, pos + len(ids)); returns a StepOutput of views into the graph's outputs."""
+        from engine.models.cuda_transformer import StepOutput
+
+        if cache is not self.cache:
+            self.graphs.clear()  # the graphs hold the old cache's addresses
+            self.cache = cache
+        key = (bucket_for(len(ids)), capture)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = StepGraph(self.model, cache, key[0], capture)
+            graph.set_inputs(ids, pos)
+            graph.capture()
+            self.graphs[key] = graph
+        else:
+            graph.set_inputs(ids, pos)
+        graph.replay()
+        n = len(ids)
+        return StepOutput(graph.logits[:n], graph.argmax[:n], [h[:n] for h in graph.hidden])

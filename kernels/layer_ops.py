@@ -1,0 +1,276 @@
+"""Small fused kernels of a transformer layer on the GPU, each with its torch reference.
+
+The CUDA engine path (engine/models/cuda_transformer.py) runs a decode step as a CUDA graph of a
+few hundred launches; every elementwise op that torch would run as 3-10 separate kernels is one
+launch here:
+
+- `add_rms_norm`: residual += delta * delta_scale (optionally RMS-normed first: Gemma's post-norms),
+  then h = RMSNorm(residual) in the activation dtype. The residual stream stays float32, updated in place.
+- `rope_heads`: per head of Q and K: optional RMSNorm (qwen3/gemma3 Q/K norms), RoPE at per-row
+  positions read from a device tensor (so a captured graph replays at any position), and for Q the
+  K cache's Walsh–Hadamard rotation (the same butterfly as kernels.k_write). Outputs float32.
+- `gated_activation`: act(gate) * up * scale (SiLU or tanh-GELU) in the activation dtype. With a
+  power-of-two scale (exact) the engine keeps the FFN-down matmul's float16 output far from overflow and
+  undoes the scale in float32 when adding it to the residual.
+
+Every kernel works row by row (no reduction across rows), so a row's result does not depend on how
+many rows are in the launch: speculative verify blocks reproduce single-token decode bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from engine.hadamard import Rotation, rotate
+from kernels.kv_blocks import _fwht_rows
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+
+
+# ---- references ----------------------------------------------------------------------------------
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: (..., D) float32; the same expression as engine.models.transformer.rms_norm."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None,
+    delta_weight: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
+    delta_scale: float = 1.0,
+) -> torch.Tensor:
+    """x: (T, D) float32, updated in place: x += delta * delta_scale (RMS-normed with delta_weight first
+    if given). Returns RMSNorm(x) * weight as (T, D) out_dtype."""
+    if delta is not None:
+        d = delta.to(torch.float32) * delta_scale
+        if delta_weight is not None:
+            d = rms_norm_reference(d, delta_weight, eps)
+        x += d
+    return rms_norm_reference(x, weight, eps).to(out_dtype)
+
+
+def rope_heads_reference(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+    neox: bool, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+    rotation: Rotation | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: (T, Hq, D), k: (T, Hkv, D) any float; positions (T,) (negative = padding, treated as 0);
+    cos, sin: (P, rope_dim / 2) tables. Returns float32 (q, k); q rotated when `rotation` is given."""
+    from engine.models.transformer import apply_rope
+
+    pos = positions.to(torch.long).clamp_min(0)
+    c, s = cos[pos], sin[pos]  # (T, half)
+    q, k = q.to(torch.float32), k.to(torch.float32)
+    if q_norm is not None:
+        q = rms_norm_reference(q, q_norm, eps)
+        k = rms_norm_reference(k, k_norm, eps)
+    q, k = apply_rope(q, c, s, neox), apply_rope(k, c, s, neox)
+    if rotation is not None:
+        q = rotate(q, rotation)
+    return q, k
+
+
+def gated_activation_reference(
+    gate: torch.Tensor, up: torch.Tensor, activation: str, scale: float = 1.0
+) -> torch.Tensor:
+    g = gate.to(torch.float32)
+    g = F.gelu(g, approximate="tanh") if activation == "gelu_tanh" else F.silu(g)
+    return (g * up.to(torch.float32) * scale).to(gate.dtype)
+
+
+# ---- add + RMSNorm -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, stride_x, delta_ptr, stride_d, dw_ptr, w_ptr, out_ptr, stride_o, N, eps, delta_scale,
+    BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, DELTA_NORM: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32) * delta_scale
+        if DELTA_NORM:
+            dr = tl.math.rsqrt(tl.sum(d * d, axis=0) / N + eps)
+            d = d * dr * tl.load(dw_ptr + cols, mask=mask, other=0.0)
+        x = x + d
+        tl.store(x_ptr + row * stride_x + cols, x, mask=mask)
+    r = tl.math.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    h = x * r * tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_o + cols, h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None,
+    delta_weight: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
+    delta_scale: float = 1.0, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Kernel of `add_rms_norm_reference`: x (T, D) float32 updated in place, returns (T, D) out_dtype."""
+    rows, n = x.shape
+    if x.dtype != torch.float32 or x.stride(-1) != 1:
+        raise ValueError("the residual stream must be a float32 (T, D) tensor with contiguous rows")
+    if delta is not None and (delta.shape != x.shape or delta.stride(-1) != 1):
+        raise ValueError(f"delta {tuple(delta.shape)} does not match x {tuple(x.shape)}")
+    out = torch.empty(rows, n, dtype=out_dtype, device=x.device) if out is None else out
+    if rows == 0:
+        return out
+    block = triton.next_power_of_2(n)
+    _add_rms_norm_kernel[(rows,)](
+        x, x.stride(0), x if delta is None else delta, 0 if delta is None else delta.stride(0),
+        weight if delta_weight is None else delta_weight, weight, out, out.stride(0), n, eps, delta_scale,
+        BLOCK=block, HAS_DELTA=delta is not None, DELTA_NORM=delta_weight is not None,
+        num_warps=max(1, min(16, block // 256)),
+    )
+    return out
+
+
+# ---- per-head norm + RoPE (+ Q rotation) ---------------------------------------------------------
+
+
+@triton.jit
+def _rope_one_head(
+    src_ptr, dst_ptr, norm_ptr, cos_ptr, sin_ptr, s1_ptr, s2_ptr, rot_scale, eps,
+    D: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr, HEAD_NORM: tl.constexpr,
+    ROTATE: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr,
+):
+    cols = tl.arange(0, D)
+    rotated = cols < 2 * HALF
+    if NEOX:  # pairs (i, i + HALF)
+        upper = cols >= HALF
+        partner = tl.where(upper, cols - HALF, cols + HALF)
+        j = tl.where(upper, cols - HALF, cols)
+    else:  # pairs (2i, 2i + 1)
+        upper = (cols % 2) == 1
+        partner = tl.where(upper, cols - 1, cols + 1)
+        j = cols // 2
+    partner = tl.where(rotated, partner, cols)
+    j = tl.where(rotated, j, 0)
+    x = tl.load(src_ptr + cols).to(tl.float32)  # [D]
+    xp = tl.load(src_ptr + partner).to(tl.float32)  # [D] the pair partner of each channel
+    if HEAD_NORM:
+        r = tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        x = x * r * tl.load(norm_ptr + cols)
+        xp = xp * r * tl.load(norm_ptr + partner)
+    c = tl.load(cos_ptr + j)
+    s = tl.load(sin_ptr + j)
+    # lower element of a pair: a*cos - b*sin; upper: a*sin + b*cos (a = lower, b = upper), as apply_rope
+    y = tl.where(upper, xp * s + x * c, x * c - xp * s)
+    y = tl.where(rotated, y, x)
+    if ROTATE:
+        gl = tl.arange(0, G)
+        yg = tl.reshape(y, (D // G, G)) * tl.load(s1_ptr + gl)[None, :]
+        yg = _fwht_rows(yg, D // G, G, LOG2_G)
+        yg = yg * tl.load(s2_ptr + gl)[None, :]
+        y = tl.reshape(yg * rot_scale, (D,))
+    tl.store(dst_ptr + cols, y)
+
+
+@triton.jit
+def _rope_heads_kernel(
+    q_ptr, stride_qt, k_ptr, stride_kt, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr, stride_cs,
+    qn_ptr, kn_ptr, s1_ptr, s2_ptr, rot_scale, eps, HQ, HKV,
+    D: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr, HEAD_NORM: tl.constexpr,
+    ROTATE_Q: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    pos = tl.maximum(tl.load(pos_ptr + t), 0).to(tl.int64)  # padding rows (-1) read position 0
+    cos_row = cos_ptr + pos * stride_cs
+    sin_row = sin_ptr + pos * stride_cs
+    if h < HQ:
+        _rope_one_head(q_ptr + t * stride_qt + h * D, qo_ptr + (t * HQ + h) * D, qn_ptr, cos_row, sin_row,
+                       s1_ptr, s2_ptr, rot_scale, eps, D, HALF, NEOX, HEAD_NORM, ROTATE_Q, G, LOG2_G)
+    else:
+        hk = h - HQ
+        _rope_one_head(k_ptr + t * stride_kt + hk * D, ko_ptr + (t * HKV + hk) * D, kn_ptr, cos_row, sin_row,
+                       s1_ptr, s2_ptr, rot_scale, eps, D, HALF, NEOX, HEAD_NORM, False, G, LOG2_G)
+
+
+def rope_heads(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+    neox: bool, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+    rotation: Rotation | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel of `rope_heads_reference`. q: (T, Hq, D) and k: (T, Hkv, D) with contiguous heads (row
+    strides free: they may be column slices of one fused QKV output).
+    Returns float32 (T, Hq, D), (T, Hkv, D)."""
+    t, hq, dim = q.shape
+    hkv = k.shape[1]
+    if k.shape[0] != t or k.shape[2] != dim or q.stride(2) != 1 or k.stride(2) != 1:
+        raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)}: need (T, H, D) with contiguous heads")
+    if q.stride(1) != dim or k.stride(1) != dim:
+        raise ValueError("the heads of a row must be contiguous")
+    if dim & (dim - 1):
+        raise ValueError(f"rope_heads needs a power-of-two head_dim, got {dim}")
+    half = cos.shape[1]
+    if cos.stride(1) != 1 or sin.stride() != cos.stride() or 2 * half > dim:
+        raise ValueError("cos/sin tables must be contiguous (P, rope_dim / 2) with rope_dim <= head_dim")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("pass both Q and K head norms, or neither")
+    q_out = torch.empty(t, hq, dim, dtype=torch.float32, device=q.device)
+    k_out = torch.empty(t, hkv, dim, dtype=torch.float32, device=q.device)
+    if t == 0:
+        return q_out, k_out
+    rot = rotation
+    if rot is not None and rot.s1.device != q.device:
+        rot = rot.to(q.device)
+    group = rot.group if rot is not None else 32
+    dummy = cos
+    _rope_heads_kernel[(t, hq + hkv)](
+        q, q.stride(0), k, k.stride(0), q_out, k_out, positions, cos, sin, cos.stride(0),
+        dummy if q_norm is None else q_norm, dummy if k_norm is None else k_norm,
+        dummy if rot is None else rot.s1, dummy if rot is None else rot.s2,
+        1.0 if rot is None else rot.scale, eps, hq, hkv,
+        D=dim, HALF=half, NEOX=neox, HEAD_NORM=q_norm is not None, ROTATE_Q=rot is not None,
+        G=group, LOG2_G=group.bit_length() - 1, num_warps=1 if dim <= 128 else 2,
+    )
+    return q_out, k_out
+
+
+# ---- act(gate) * up ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gated_activation_kernel(
+    g_ptr, stride_g, u_ptr, stride_u, o_ptr, stride_o, N, scale,
+    BLOCK: tl.constexpr, ACT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 0:  # SiLU
+        a = g / (1.0 + tl.exp(-g))
+    else:  # GELU, tanh approximation; tanh(z) = 1 - 2 / (exp(2z) + 1), 2z capped where tanh is 1 in fp32
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = 0.5 * g * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * z, 80.0)) + 1.0))
+    tl.store(o_ptr + row * stride_o + cols, (a * u * scale).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def gated_activation(
+    gate: torch.Tensor, up: torch.Tensor, activation: str, scale: float = 1.0
+) -> torch.Tensor:
+    """Kernel of `gated_activation_reference`: gate, up (T, F) (row strides free) -> (T, F) gate.dtype."""
+    rows, n = gate.shape
+    if up.shape != gate.shape or gate.stride(1) != 1 or up.stride(1) != 1:
+        raise ValueError(f"gate {tuple(gate.shape)} / up {tuple(up.shape)}: need (T, F) with contiguous rows")
+    out = torch.empty(rows, n, dtype=gate.dtype, device=gate.device)
+    if rows == 0:
+        return out
+    block = min(2048, triton.next_power_of_2(n))
+    _gated_activation_kernel[(rows, triton.cdiv(n, block))](
+        gate, gate.stride(0), up, up.stride(0), out, out.stride(0), n, scale,
+        BLOCK=block, ACT=ACTIVATIONS[activation], num_warps=4,
+    )
+    return out

@@ -1,0 +1,500 @@
+"""The GPU engine path (engine/models/cuda_transformer.py, engine/cuda_kv_cache.py, engine/cuda_graphs.py)
+against the CPU engine (cpu_weights=exact: float32, bit-exact weights), and device selection.
+
+GPU machine (`gpu` marker): every architecture with f16 and q4_0 caches, graph replay against eager
+steps bit for bit, verify rows against decode steps bit for bit, greedy speculative decoding against
+plain greedy decoding. Without CUDA the same kernel path (the Triton kernels under TRITON_INTERPRET=1,
+on CPU tensors) runs two small cases and the verify-rows check, with the graph logic run eagerly.
+
+Tolerances (relative RMS error against the CPU engine):
+- f16 cache, logits: 5e-3. The GPU path rounds every linear's input and output to float16 (2^-11
+  relative) and sums in other orders; measured under the interpreter 9e-4 (qwen2), 1.5e-3 (gemma3).
+- quantized caches: float16-sized differences in K/V flip some roundings of the quantizer, each flip a
+  whole quantization step, and later layers amplify them; on these random models the logits then differ
+  by 0.3-0.7x the cache type's own error (CPU q8_0/q4_0 against CPU f16). So the sharp check is on
+  what layer 0 stored, before any amplification: its dequantized K and V must agree within
+  LAYER0_TOL[type] (measured under the interpreter: q4_0 1.4e-2, q8_0 2.6e-3, f16 5e-4; with K
+  smoothing left out, qwen2 q4_0's layer-0 K was off by 0.34 while its logits moved only 0.69x the
+  cache error, attention being unchanged in exact arithmetic). The logits must stay within 1x the cache
+  type's own error (with Q left unrotated they were off by 6.5x).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernels module is imported
+
+from engine.api import DraftConfig, EngineConfig, SamplingParams  # noqa: E402
+from engine.errors import SettingsError  # noqa: E402
+from engine.gguf_file import GGUFModelFile  # noqa: E402
+from engine.kv_cache import KVCache, make_kv_cache, resolve_k_smooth  # noqa: E402
+from engine.models.transformer import Transformer  # noqa: E402
+from tests.engine.events import collect_ids  # noqa: E402
+from tests.engine.tiny_models import write_tiny_model  # noqa: E402
+
+F16_TOL = 5e-3
+QUANT_TOL_FRACTION = 1.0
+LAYER0_TOL = {"f16": 2e-3, "bf16": 8e-3, "q8_0": 1e-2, "q4_0": 5e-2, "q4_1": 5e-2}
+PROMPT = [72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 10, 72, 101, 108, 108, 111, 33, 63, 10]
+BLOCK = [87, 104, 97]  # a 3-row verify block after the prompt
+CONTEXT = 64
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+interpreter_only = pytest.mark.skipif(HAS_CUDA, reason="the GPU runs the full versions of these checks")
+
+
+def rel_rms(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double().cpu(), want.double().cpu()
+    return ((got - want).pow(2).mean() / want.pow(2).mean()).sqrt().item()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cuda_engine")
+    return {
+        arch: write_tiny_model(d / f"{arch}.gguf", arch, seed=3, quantized=True)
+        for arch in ("llama", "qwen2", "qwen3", "gemma3")
+    }
+
+
+@pytest.fixture
+def fast_qmatmul(monkeypatch):
+    """Under the interpreter, kernels.qmatmul's Triton kernel takes ~85% of these tests' time (it has its own
+    tests): use its torch reference instead, one row at a time (rows independent of the block, as the
+    kernel's are), with each weight dequantized once."""
+    import kernels.qmatmul as qm
+
+    dense: dict[int, torch.Tensor] = {}
+
+    def rowwise(x, w, bias=None):
+        if id(w) not in dense:
+            dense[id(w)] = w.dequantize()  # (N, K) float32
+        weight = dense[id(w)]
+        if x.shape[0] <= 16:
+            y = torch.cat([x[i : i + 1].float() @ weight.T for i in range(x.shape[0])])  # (M, N)
+        else:
+            y = x.float() @ weight.T
+        return (y + bias.float() if bias is not None else y).to(x.dtype)
+
+    monkeypatch.setattr(qm, "qmatmul", rowwise)
+
+
+def cpu_model(path, kv):
+    model = Transformer.from_gguf(GGUFModelFile.open(path), cpu_weights="exact")
+    c = model.config
+    cache = KVCache(
+        c.n_layers, c.n_kv_heads, c.head_dim, CONTEXT, kv, kv, k_smooth=resolve_k_smooth("auto", kv)
+    )
+    return model, cache
+
+
+def kernel_model(path, kv, device):
+    """The GPU path's model and cache; on a machine without CUDA, on CPU tensors under the interpreter."""
+    from engine.models.cuda_transformer import CudaTransformer
+
+    model = CudaTransformer.from_gguf(GGUFModelFile.open(path), device=device)
+    c = model.config
+    cache = make_kv_cache(
+        c.n_layers,
+        c.n_kv_heads,
+        c.head_dim,
+        CONTEXT,
+        kv,
+        kv,
+        device=device,
+        k_smooth=resolve_k_smooth("auto", kv),
+    )
+    if device == "cpu":  # make_kv_cache gives the CPU cache there; the kernel path needs its own
+        from engine.cuda_kv_cache import CudaKVCache
+
+        cache = CudaKVCache(
+            c.n_layers,
+            c.n_kv_heads,
+            c.head_dim,
+            CONTEXT,
+            kv,
+            kv,
+            device="cpu",
+            k_smooth=resolve_k_smooth("auto", kv),
+        )
+    return model, cache
+
+
+def scenario_logits(model, cache, prompt=PROMPT, block=BLOCK) -> torch.Tensor:
+    """Teacher-forced: a prefill chunk (more than 16 rows: the chunk path), a verify block (the rows
+    path), one decode step -> (len(prompt) + len(block) + 1, vocab)."""
+    with torch.inference_mode():
+        prefill, _ = model(torch.tensor(prompt), 0, cache, logits_for="all")  # (P, vocab)
+        verify, _ = model(torch.tensor(block), len(prompt), cache, logits_for="all")  # (B, vocab)
+        decode, _ = model(torch.tensor([block[-1]]), len(prompt) + len(block), cache)  # (1, vocab)
+    return torch.cat([prefill, verify, decode]).float().cpu()
+
+
+def check_against_cpu(path, kv, device, prompt=PROMPT, block=BLOCK) -> None:
+    from engine import kv_quant
+
+    cpu, gpu_side = cpu_model(path, kv), kernel_model(path, kv, device)
+    want, got = scenario_logits(*cpu, prompt, block), scenario_logits(*gpu_side, prompt, block)
+    n = len(prompt) + len(block)
+    for side in ("k", "v"):
+        stored = [
+            kv_quant.dequantize(getattr(c, side)[0].narrow(1, 0, n)).cpu() for c in (gpu_side[1], cpu[1])
+        ]
+        err = rel_rms(*stored)
+        assert err <= LAYER0_TOL[kv], (
+            f"layer 0 {side.upper()} ({kv}): relative RMS {err:.2e} > {LAYER0_TOL[kv]}"
+        )
+    err = rel_rms(got, want)
+    if kv in ("f16", "bf16"):
+        assert err <= F16_TOL, f"{kv} cache: logits relative RMS error {err:.2e} > {F16_TOL:.0e}"
+    else:
+        cache_error = rel_rms(want, scenario_logits(*cpu_model(path, "f16"), prompt, block))
+        bound = QUANT_TOL_FRACTION * cache_error
+        assert err <= bound, (
+            f"{kv} cache: logits relative RMS error {err:.2e} > {QUANT_TOL_FRACTION} x the "
+            f"cache's own error {cache_error:.2e}"
+        )
+
+
+# ---- kernel path against the CPU engine --------------------------------------------------------------
+
+
+@interpreter_only
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,kv", [("qwen2", "q4_0"), ("gemma3", "f16")])
+def test_kernel_path_matches_cpu_engine_interpreted(models, arch, kv, fast_qmatmul):
+    # qwen2 q4_0: biases, K rotation + smoothing; gemma3 f16: sliding window, Q/K norms, post-norms, GELU.
+    # A shorter scenario than the GPU's: the interpreter is slow
+    check_against_cpu(models[arch], kv, "cpu", PROMPT[:17], BLOCK[:2])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kv", ["f16", "bf16", "q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_cuda_logits_match_cpu_engine(models, arch, kv):
+    check_against_cpu(models[arch], kv, "cuda")
+
+
+# ---- verify rows, graphs and speculative decoding: bit for bit ----------------------------------------
+
+
+def rows_equal_decodes(model, cache_a, cache_b, prompt, block) -> list[list[int]]:
+    """Row p of a verify block must be the decode step at p bit for bit (both through model.step).
+    Returns the row buckets of the model's graphs after the decode steps and after the block."""
+    buckets = []
+    with torch.inference_mode():
+        model(torch.tensor(prompt), 0, cache_a, logits_for="none")
+        model(torch.tensor(prompt), 0, cache_b, logits_for="none")
+        singles = [model.step([t], len(prompt) + i, cache_a).logits.clone() for i, t in enumerate(block)]
+        buckets.append(sorted(key[0] for key in model.graphs.graphs) if model.graphs else [])
+        rows = model.step(block, len(prompt), cache_b)
+        buckets.append(sorted(key[0] for key in model.graphs.graphs) if model.graphs else [])
+        for i, single in enumerate(singles):
+            assert torch.equal(rows.logits[i : i + 1], single), f"verify row {i} differs from its decode step"
+            assert int(rows.argmax[i]) == int(single.argmax()), f"argmax of row {i}"
+    return buckets
+
+
+@interpreter_only
+@pytest.mark.slow
+def test_verify_rows_equal_decode_steps_interpreted(models, fast_qmatmul):
+    from engine.cuda_graphs import StepGraphs
+
+    model, cache_a = kernel_model(models["qwen2"], "q4_0", "cpu")
+    _, cache_b = kernel_model(models["qwen2"], "q4_0", "cpu")
+    model.graphs = StepGraphs(model)  # the graph logic (buckets, padding rows) without CUDA: run eagerly
+    # the decode steps ran through the 1-row "graph", the 3-row block through the 4-row one (a new cache
+    # drops the graphs of the old one)
+    assert rows_equal_decodes(model, cache_a, cache_b, PROMPT[:4], [1, 2, 3]) == [[1], [4]]
+
+
+def cuda_session(path, kv=("f16", "f16"), mode="none", draft=None, graphs=True):
+    from engine.session import Engine
+
+    config = EngineConfig(
+        model=str(path),
+        kv_k=kv[0],
+        kv_v=kv[1],
+        device="cuda",
+        context_length=128,
+        prefill_chunk=8,
+        draft=DraftConfig(mode=mode, path=str(draft) if draft else None, max_draft=4),
+    )
+    session = Engine.load(config)
+    if not graphs:
+        session.model.graphs = None
+    return session
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kv", ["f16", "q4_0"])
+def test_cuda_verify_rows_equal_decode_steps(models, kv):
+    s = cuda_session(models["qwen2"], (kv, kv))
+    from engine.cuda_kv_cache import CudaKVCache
+    from engine.models.cuda_transformer import CudaTransformer
+
+    assert isinstance(s.model, CudaTransformer) and isinstance(s.cache, CudaKVCache)
+    c = s.model.config
+    other = make_kv_cache(  # the same capacity: decode attention's split boundaries depend on it
+        c.n_layers,
+        c.n_kv_heads,
+        c.head_dim,
+        s.max_len,
+        kv,
+        kv,
+        device="cuda",
+        k_smooth=resolve_k_smooth("auto", kv),
+    )
+    block = [PROMPT[-1], *BLOCK, 5]  # 5 rows: padded to the 8-row bucket
+    assert rows_equal_decodes(s.model, s.cache, other, PROMPT, block) == [[1], [8]]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_graph_replay_equals_eager(models, arch):
+    graphed, eager = (
+        cuda_session(models[arch], ("q4_0", "q8_0")),
+        cuda_session(models[arch], ("q4_0", "q8_0"), graphs=False),
+    )
+    with torch.inference_mode():
+        for s in (graphed, eager):
+            s.prefill(PROMPT, 0)
+        token, pos = PROMPT[-1], len(PROMPT)
+        for _ in range(6):
+            a, b = (
+                graphed.model.step([token], pos, graphed.cache),
+                eager.model.step([token], pos, eager.cache),
+            )
+            assert torch.equal(a.logits, b.logits) and torch.equal(a.argmax, b.argmax)
+            token, pos = int(a.argmax[0]), pos + 1
+        for block in ([token, 7, 9], [token, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25]):
+            a, b = graphed.model.step(block, pos, graphed.cache), eager.model.step(block, pos, eager.cache)
+            assert torch.equal(a.logits, b.logits), f"{len(block)}-row step"
+    assert graphed.model.graphs.graphs and eager.model.graphs is None
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kv", [("f16", "f16"), ("q4_0", "q4_0")])
+def test_cuda_greedy_speculative_equals_plain(models, tmp_path, kv):
+    target = models["qwen2"]
+    draft = write_tiny_model(tmp_path / "draft.gguf", "qwen2", seed=4, quantized=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=40)
+    prompt = PROMPT * 2
+    plain_ids, _, plain = collect_ids(cuda_session(target, kv).generate(prompt, greedy))
+    assert len(plain_ids) >= 20
+    for mode, path in (("ngram", None), ("draft-model", draft), ("draft-model", target)):
+        ids, flags, final = collect_ids(cuda_session(target, kv, mode, path).generate(prompt, greedy))
+        assert ids == plain_ids, f"{mode} ({path.name if path else 'prompt lookup'}) changed the output"
+        assert final.text == plain.text and final.stats.device == "cuda"
+        if path == target:
+            assert final.stats.accepted == final.stats.drafted > 0  # drafting for itself: all accepted
+
+
+@gpu
+@needs_cuda
+def test_cuda_session_generates_and_reports_the_device(models):
+    s = cuda_session(models["llama"])
+    ids, _, final = collect_ids(s.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=12)))
+    assert len(ids) == 12 or final.stop_reason == "eos"
+    assert final.stats.device == "cuda" and torch.cuda.get_device_name(0) in final.stats.device_reason
+    sampled = collect_ids(s.generate(PROMPT, SamplingParams(temperature=0.8, seed=1, max_tokens=12)))[0]
+    assert sampled and all(0 <= t < s.model.config.vocab_size for t in sampled)
+
+
+# ---- device selection (runs everywhere) ----------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Pretend torch found a given GPU; returns a setter."""
+    import importlib.util
+
+    def set_gpu(name=None, capability=(9, 0), built_with_cuda=True, triton=True):
+        monkeypatch.setattr(torch.version, "cuda", "12.8" if built_with_cuda else None)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: name is not None)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
+        real_find_spec = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util,
+            "find_spec",
+            lambda mod, *a: None if mod == "triton" and not triton else real_find_spec(mod, *a),
+        )
+
+    return set_gpu
+
+
+def model_config(head_dim: int):
+    from engine.config import ModelConfig
+
+    return ModelConfig(
+        "qwen2",
+        2,
+        256,
+        512,
+        4,
+        2,
+        head_dim,
+        320,
+        1e-6,
+        1e4,
+        head_dim,
+        True,
+        1e4,
+        1.0,
+        256,
+        head_dim**-0.5,
+        None,
+        1,
+        1.0,
+        "silu",
+    )
+
+
+def test_auto_picks_the_gpu_and_names_it(fake_cuda):
+    from engine.session import pick_device
+
+    fake_cuda("NVIDIA H200")
+    assert pick_device("auto", model_config(128)) == (
+        "cuda",
+        "auto: found NVIDIA H200 (compute capability 9.0)",
+    )
+    assert pick_device("cuda", model_config(64))[0] == "cuda"
+    assert pick_device("cpu", model_config(64)) == ("cpu", "requested")
+
+
+@pytest.mark.parametrize(
+    "gpu_kwargs,reason",
+    [
+        (dict(name=None, built_with_cuda=False), "built without CUDA"),
+        (dict(name=None), "found no CUDA device"),
+        (
+            dict(name="NVIDIA GeForce GTX 1080", capability=(6, 1)),
+            "compute capability 6.1; the GPU path needs 8.0",
+        ),
+        (dict(name="NVIDIA RTX A4000", triton=False), "Triton is not installed"),
+    ],
+    ids=["cpu-torch", "no-device", "old-gpu", "no-triton"],
+)
+def test_auto_falls_back_to_cpu_and_says_why(fake_cuda, gpu_kwargs, reason):
+    from engine.session import pick_device
+
+    fake_cuda(**gpu_kwargs)
+    device, why = pick_device("auto", model_config(128))
+    assert device == "cpu" and why.startswith("auto: no usable GPU (") and reason in why
+    with pytest.raises(SettingsError, match=f"Device 'cuda' was requested but .*{reason.split(';')[0]}"):
+        pick_device("cuda", model_config(128))
+
+
+def test_a_model_the_kernels_cannot_run_stays_on_cpu_with_auto(fake_cuda):
+    from engine.session import pick_device
+
+    fake_cuda("NVIDIA H100 80GB HBM3")
+    device, why = pick_device("auto", model_config(80))
+    assert device == "cpu" and "found NVIDIA H100 80GB HBM3" in why and "head size 80" in why
+    with pytest.raises(SettingsError, match="head size 80"):
+        pick_device("cuda", model_config(80))
+
+
+def test_model_rule_agrees_with_the_kernels():
+    from engine.session import gpu_model_problem
+    from kernels.kv_blocks import check_kernel_head_dim
+
+    for head_dim in (16, 32, 48, 64, 80, 96, 128, 192, 256, 512):
+        try:
+            check_kernel_head_dim(head_dim)
+            kernels_ok = True
+        except SettingsError:
+            kernels_ok = False
+        assert (gpu_model_problem(model_config(head_dim)) is None) == kernels_ok, head_dim
+
+
+def test_cuda_requested_without_a_gpu_is_a_settings_error(models, fake_cuda):
+    from engine.session import Engine
+
+    fake_cuda(None)
+    with pytest.raises(SettingsError, match="Device 'cuda' was requested but"):
+        Engine.load(EngineConfig(model=str(models["llama"]), device="cuda"))
+
+
+def test_stats_say_which_device_and_why(models, fake_cuda):
+    from engine.session import Engine
+
+    fake_cuda(None)
+    session = Engine.load(EngineConfig(model=str(models["llama"]), device="auto", context_length=64))
+    final = collect_ids(session.generate(PROMPT[:4], SamplingParams(max_tokens=2)))[2]
+    assert final.stats.device == "cpu" and "found no CUDA device" in final.stats.device_reason
+    assert session.info["device_reason"] == final.stats.device_reason
+
+
+@pytest.mark.parametrize("command", ["generate", "bench", "perplexity"])
+def test_cli_device_flag_reaches_the_engine(command, models, fake_cuda, capsys):
+    from engine import cli
+
+    args = cli.build_parser().parse_args([command, "--model", str(models["llama"]), "--device", "cuda"])
+    assert cli.engine_config(args).device == "cuda"
+    fake_cuda(None)
+    extra = (
+        ["--prompt", "hi"]
+        if command == "generate"
+        else ["--text-file", __file__]
+        if command == "perplexity"
+        else []
+    )
+    assert cli.main([command, "--model", str(models["llama"]), "--device", "cuda", *extra]) == 2
+    assert "Device 'cuda' was requested but" in capsys.readouterr().err
+
+
+# ---- graph inputs (runs everywhere) --------------------------------------------------------------------
+
+
+def test_row_buckets_and_padding():
+    from engine.cuda_graphs import ROW_BUCKETS, bucket_for, fill_step_inputs
+
+    assert [bucket_for(n) for n in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+    assert ROW_BUCKETS[-1] == 16
+    with pytest.raises(ValueError):
+        bucket_for(17)
+    host = torch.full((2, 8), 99, dtype=torch.long)
+    fill_step_inputs(host, [5, 6, 7], 40)
+    assert host.tolist() == [[5, 6, 7, 0, 0, 0, 0, 0], [40, 41, 42, -1, -1, -1, -1, -1]]
+
+
+def test_record_graph_warms_up_then_captures(monkeypatch):
+    # the CUDA calls of a capture, on fakes: one eager run on a side stream, then one run being recorded
+    from engine import cuda_graphs
+
+    events = []
+
+    class Fake:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, other):
+            events.append("wait")
+
+        def __enter__(self):
+            events.append("enter")
+
+        def __exit__(self, *exc):
+            events.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Fake())
+    monkeypatch.setattr(torch.cuda, "Stream", Fake)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: Fake())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Fake)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: Fake())
+    graph = cuda_graphs.record_graph(lambda: events.append("body"), torch.device("cpu"))
+    assert isinstance(graph, Fake)
+    assert events == ["wait", "enter", "body", "exit", "wait", "enter", "body", "exit"]
