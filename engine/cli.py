@@ -42,7 +42,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctv", default="f16", help="V cache type")
     p.add_argument("--skip-wht", action="store_true", help="no K rotation for a q4_0 K cache")
     p.add_argument("--k-smooth", default="auto", help="auto | on | off")
-    p.add_argument("--k-equalize", default="auto", help="per-channel K scales: auto (on for quantized K) | on | off")
+    p.add_argument(
+        "--k-equalize", default="auto", help="per-channel K scales: auto (on for quantized K) | on | off"
+    )
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
     p.add_argument("--ctx", type=int, default=4096, help="context length")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")

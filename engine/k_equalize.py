@@ -29,7 +29,8 @@ from engine.errors import SettingsError
 # channel that was (nearly) constant in the first chunk is not blown up when it moves later.
 RMS_FLOOR = 1.0 / 16
 ALPHA = 0.5
-RECIPE = f"rms^{ALPHA}-pow2-floor{round(1 / RMS_FLOOR)}"  # in snapshot fingerprints: change it with the scales
+# recorded in snapshot fingerprints: change it whenever the scales would change
+RECIPE = f"rms^{ALPHA}-pow2-floor{round(1 / RMS_FLOOR)}"
 CUDA_SUPPORTED = False  # engine.cuda_kv_cache does not scale K and Q yet
 
 

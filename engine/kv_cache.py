@@ -6,6 +6,8 @@ rotated (engine/hadamard.py) before quantization and Q the same way before atten
 skip-WHT turned the rotation off; with K smoothing, a per-layer, per-head channel mean taken from
 the first prefill chunk is subtracted from K first. Both leave attention unchanged in exact
 arithmetic: the rotation is orthonormal, and the mean shifts every score of a query equally.
+With K equalization (engine/k_equalize.py), K is then divided per channel by power-of-two scales
+from the same first chunk and Q multiplied by them: (q * s) . (k / s) = q . k, exactly.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ def make_kv_cache(
 
         if k_equalize:  # k-equalize: the CUDA cache does not scale K/Q yet (k_equalize.CUDA_SUPPORTED)
             raise SettingsError("K equalization is not available on the GPU yet; set it to auto or off.")
-        return CudaKVCache(n_layers, n_kv_heads, head_dim, max_len, k_type, v_type, device, rotate_k, k_smooth)
+        return CudaKVCache(
+            n_layers, n_kv_heads, head_dim, max_len, k_type, v_type, device, rotate_k, k_smooth
+        )
     return KVCache(
         n_layers, n_kv_heads, head_dim, max_len, k_type, v_type, device, rotate_k, k_smooth, k_equalize
     )

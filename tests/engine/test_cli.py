@@ -114,6 +114,7 @@ def test_perplexity_honours_k_equalize(capsys, tiny_path, tmp_path):
     assert [out[k, m]["k_equalize"] for k in ("f16", "q4_0") for m in ("on", "off", "auto")] == [
         True, False, False, True, False, True
     ]
-    assert out["f16", "on"]["nll"] == out["f16", "off"]["nll"], "exact on an f16 K cache (power-of-two scales)"
+    # exact on an f16 K cache (power-of-two scales)
+    assert out["f16", "on"]["nll"] == out["f16", "off"]["nll"]
     assert main(base + ["--k-equalize", "maybe"]) != 0
     assert "K equalization 'maybe' is unknown" in capsys.readouterr().err

@@ -105,7 +105,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads (ours and llama.cpp's); default: torch's")
     parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp's runs")
     parser.add_argument("--json-out")
+    parser.add_argument("--tables-from", help="only print the tables of a saved --json-out file")
     args = parser.parse_args()
+    if args.tables_from:
+        print_tables(json.loads(Path(args.tables_from).read_text()))
+        return
     rows = []
     for key in args.models:
         path = resolve_model(key)
@@ -124,8 +128,8 @@ def main() -> None:
             ref = all_logits(session, ids)
             ref_logp = torch.log_softmax(ref[:-1], -1)
             base = score(ref, ids)[0]
-            row = {"model": key, "text": text_name, "n": len(ids), "chunk": args.chunk, "threads": args.threads,
-                   "f16": base, "kl": {}}
+            row = {"model": key, "text": text_name, "n": len(ids), "chunk": args.chunk}
+            row.update({"threads": args.threads, "f16": base, "kl": {}})
             for pair in args.pairs:
                 kv_k, kv_v = pair.split("/")
                 for rotate, smooth, equalize in itertools.product(args.rotate, args.smooth, args.equalize):
@@ -156,32 +160,35 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1))
-    print_table(rows)
+    print_tables(rows)
 
 
-def print_table(rows: list[dict]) -> None:
-    """One markdown table: perplexity (change against our f16) per run; llama.cpp against its own f16."""
-    keys = [k for k in rows[0] if k not in ("model", "text", "n", "chunk", "threads", "seconds", "kl")]
-    print("\n| model | text | " + " | ".join(keys) + " |")
-    print("|---|---|" + "---|" * len(keys))
-    for r in rows:
-        cells = []
-        for k in keys:
-            v = r.get(k)
-            ref = r.get("llama.cpp f16") if k.startswith("llama.cpp") else r["f16"]
-            if v is None:
-                cells.append("n/a")
-            elif k in ("f16", "llama.cpp f16") or not ref:
-                cells.append(f"{v:.3f}")
-            else:
-                cells.append(f"{v:.3f} ({100 * (v / ref - 1):+.1f}%)")
-        print(f"| {r['model']} | {r['text']} | " + " | ".join(cells) + " |")
-    kl_keys = list(rows[0]["kl"])
-    print("\nMean KL divergence from the f16 cache's next-token distribution (nats/token):\n")
-    print("| model | text | " + " | ".join(kl_keys) + " |")
-    print("|---|---|" + "---|" * len(kl_keys))
-    for r in rows:
-        print(f"| {r['model']} | {r['text']} | " + " | ".join(f"{r['kl'][k]:.4f}" for k in kl_keys) + " |")
+def _cell(row: dict, key: str) -> str:
+    v = row.get(key)
+    ref = row.get("llama.cpp f16") if key.startswith("llama.cpp") else row["f16"]
+    if v is None:
+        return "n/a"
+    if key in ("f16", "llama.cpp f16") or not ref:
+        return f"{v:.3f}"
+    return f"{v:.3f} ({100 * (v / ref - 1):+.1f}%)"
+
+
+def print_tables(rows: list[dict]) -> None:
+    """Per K/V pair: perplexity (change against our f16; llama.cpp's against its own f16), then mean KL."""
+    pairs = list(dict.fromkeys(k.split(" ")[0] for k in rows[0]["kl"] if not k.startswith("default")))
+    for pair in pairs:
+        runs = [k for k in rows[0]["kl"] if k.startswith(pair + " ")] + [f"default {pair}"]
+        keys = ["f16", *runs, *(k for k in ("llama.cpp f16", f"llama.cpp {pair}") if k in rows[0])]
+        print(f"\n{pair}: perplexity (change against f16)\n")
+        print("| model | text | " + " | ".join(k.removeprefix(pair + " ") for k in keys) + " |")
+        print("|---|---|" + "---|" * len(keys))
+        for r in rows:
+            print(f"| {r['model']} | {r['text']} | " + " | ".join(_cell(r, k) for k in keys) + " |")
+        print(f"\n{pair}: mean KL divergence from the f16 cache's next-token distribution (nats/token)\n")
+        print("| model | text | " + " | ".join(k.removeprefix(pair + " ") for k in runs) + " |")
+        print("|---|---|" + "---|" * len(runs))
+        for r in rows:
+            print(f"| {r['model']} | {r['text']} | " + " | ".join(f"{r['kl'][k]:.4f}" for k in runs) + " |")
 
 
 if __name__ == "__main__":
