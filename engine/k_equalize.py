@@ -11,12 +11,12 @@ Each s is a power of two, so both the division and the multiplication are exact 
 K and the smoothing mean separately, (k / s) - (mean / s), gives bit for bit (k - mean) / s, which
 lets a write kernel that subtracts the mean take pre-divided inputs unchanged.
 
-Recipe (measured, BENCHMARKS.md "KV cache"): with r_c the channel's root mean square over the first
+Recipe (measured, BENCHMARKS.md "K equalization"): with r_c the channel's root mean square over the first
 chunk of the K it scales (after smoothing when that is on), floored at RMS_FLOOR times the head's
-RMS, s_c = 2^round(ALPHA * log2(r_c / head RMS)): channels within a factor ~1.4^(1/ALPHA) of the
-head's RMS keep s = 1. ALPHA < 1 only narrows the spread (a full s = r_c hurt Gemma and SmolLM2 with
-the rotation on). A head whose first-chunk K is all zero (one token with smoothing: K minus its own
-mean) gets s = 1.
+RMS, s_c = 2^round(ALPHA * log2(r_c / head RMS)): channels within a factor 2^(1/(2 ALPHA)) of the
+head's RMS keep s = 1. ALPHA < 1 only narrows the spread: a full s = r_c made Gemma and SmolLM2
+prose worse with the rotation on, the square root helped every model that needed it. A head whose
+first-chunk K is all zero (one token with smoothing: K minus its own mean) gets s = 1.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ def resolve_k_equalize(mode: str, k_type: str, device: str | torch.device = "cpu
     """auto = on for every quantized K type (q8_0, q4_0, q4_1) on the CPU cache, off for f16/bf16 K;
     on/off as given. Raises SettingsError for "on" where the cache cannot do it (the GPU cache, for now).
 
-    Measured (BENCHMARKS.md, KV cache): it takes Qwen2.5-Coder-0.5B's q4_0/q4_0 cache from +14%/+36%
-    perplexity on code/prose to a few percent, roughly halves Gemma-3-270m's KL divergence, and with
-    q8_0 it brings Qwen2.5-Coder-0.5B's prose KL from 0.005 to 0.0002 while changing nothing elsewhere.
+    Measured (BENCHMARKS.md "K equalization", rotation and smoothing on): it takes Qwen2.5-Coder-0.5B's
+    q4_0/q4_0 cache from +13.6%/+35.9% perplexity on code/prose to +3.7%/+6.4%, roughly halves
+    Gemma-3-270m's KL divergence from the f16 cache, and with q8_0 brings Qwen2.5-Coder-0.5B's prose
+    KL from 0.0054 to 0.0002 while changing nothing measurable on the other models.
     """
     on = k_type in ("q8_0", "q4_0", "q4_1") if mode == "auto" else mode == "on"
     if on and torch.device(device).type == "cuda" and not CUDA_SUPPORTED:
