@@ -422,20 +422,8 @@ class SnapshotStore:
                         raise _Corrupt(f"{side}.{layer}.{field} is {tuple(src.shape)} {src.dtype}, "
                                        f"the cache needs {want} {dest.dtype}")
                     copies.append((dest.narrow(1, 0, usable), src.narrow(1, 0, usable)))
-        means: list[torch.Tensor | None] = [None] * len(cache.k)
-        if cache.k_smooth:
-            for layer in range(len(cache.k)):
-                mean = tensors[f"k_mean.{layer}"]  # (n_kv, D) float32
-                if tuple(mean.shape) != (cache.n_kv_heads, cache.head_dim) or mean.dtype != torch.float32:
-                    raise _Corrupt(f"k_mean.{layer} is {tuple(mean.shape)} {mean.dtype}")
-                means[layer] = mean.clone()
-        scales: list[torch.Tensor | None] = [None] * len(cache.k)
-        if cache.k_equalize:
-            for layer in range(len(cache.k)):
-                scale = tensors[f"k_scale.{layer}"]  # (n_kv, D) float32
-                if tuple(scale.shape) != (cache.n_kv_heads, cache.head_dim) or scale.dtype != torch.float32:
-                    raise _Corrupt(f"k_scale.{layer} is {tuple(scale.shape)} {scale.dtype}")
-                scales[layer] = scale.clone()
+        means = _per_layer_vectors(tensors, "k_mean", cache) if cache.k_smooth else [None] * len(cache.k)
+        scales = _per_layer_vectors(tensors, "k_scale", cache) if cache.k_equalize else [None] * len(cache.k)
         for dest, src in copies:
             dest.copy_(src)
         if cache.k_smooth:
@@ -476,3 +464,14 @@ def _touch(path: Path) -> None:
         os.utime(path)  # the mtime is the LRU clock
     except OSError:
         pass
+
+
+def _per_layer_vectors(tensors: dict, prefix: str, cache) -> list[torch.Tensor | None]:
+    """The stored per-layer (n_kv, D) float32 vectors `prefix.{layer}` (smoothing means, K scales)."""
+    out: list[torch.Tensor | None] = []
+    for layer in range(len(cache.k)):
+        vec = tensors[f"{prefix}.{layer}"]  # (n_kv, D) float32
+        if tuple(vec.shape) != (cache.n_kv_heads, cache.head_dim) or vec.dtype != torch.float32:
+            raise _Corrupt(f"{prefix}.{layer} is {tuple(vec.shape)} {vec.dtype}")
+        out.append(vec.clone())
+    return out
