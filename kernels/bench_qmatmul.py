@@ -250,11 +250,45 @@ def sweep(l2_bytes: int, compile_only: bool, types=SWEEP_TYPES) -> None:
             torch.cuda.empty_cache()
 
 
+GEMV_KERNEL_SHAPES = [(QT.Q4_K, (8960, 1536)), (QT.Q4_K, (1536, 8960)), (QT.Q6_K, (1536, 8960)),
+                      (QT.Q4_K, (1536, 1536)), (QT.Q6_K, (256, 1536)), (QT.Q4_0, (8960, 1536)),
+                      (QT.Q6_K, (151936, 1536))]
+GEMV_KERNEL_SWEEP = [  # (block_n, block_k, programs_per_sm, num_warps, num_stages)
+    (64, 128, 4, 4, 2), (64, 128, 1, 4, 2), (64, 128, 2, 4, 2), (64, 128, 8, 4, 2), (32, 128, 4, 4, 2),
+    (128, 128, 2, 4, 3), (64, 256, 2, 4, 2), (64, 128, 4, 4, 3), (64, 128, 2, 4, 3),
+]
+
+
+def sweep_gemv_kernels(l2_bytes: int, rows=(1, 16)) -> None:
+    """GEMV launch parameters (split of K, tile sizes, stages) per shape of a Qwen2.5-1.5B layer."""
+    for qtype, shape in GEMV_KERNEL_SHAPES:
+        weights = _weights(qtype, shape, l2_bytes)
+        lines = []
+        for bn, bk, pps, nw, ns in GEMV_KERNEL_SWEEP:
+            cfg = default_gemv_config(qtype, shape, DEVICE, block_n=bn, block_k=bk, programs_per_sm=pps,
+                                      num_warps=nw, num_stages=ns)
+            try:
+                times = [gemv_time(weights, m, cfg) * 1e6 for m in rows]
+            except Exception as exc:  # out of resources and the like: report and go on
+                lines.append(f"bn{bn} bk{bk} pps{pps} w{nw} s{ns}: failed {type(exc).__name__}")
+                continue
+            gbps = weights[0].nbytes / times[0] / 1e3
+            cells = " ".join(f"M{m}={t:6.2f}" for m, t in zip(rows, times, strict=True))
+            lines.append(f"bn{bn:<3} bk{bk} pps{pps:<2} w{nw} s{ns} split{cfg.split_k:<3}: {cells} us  "
+                         f"{gbps:5.0f} GB/s")
+        print(f"gemv {qtype.name} {shape[0]}x{shape[1]} ({weights[0].nbytes / 1e6:.2f} MB):\n  "
+              + "\n  ".join(lines), flush=True)
+        del weights
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", nargs="*", default=None, help="GGUF type names (default: all)")
     parser.add_argument("--sweep", action="store_true", help="sweep launch parameters instead")
     parser.add_argument("--compile-only", action="store_true", help="run each launch once, no timing")
+    parser.add_argument("--sweep-gemv", action="store_true",
+                        help="GEMV launch parameters on the shapes of a Qwen2.5-1.5B layer")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_qmatmul needs a CUDA device", file=sys.stderr)
@@ -262,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     types = [QT[t] for t in args.types] if args.types else list(KERNEL_TYPES + DENSE_TYPES[:2])
     props = torch.cuda.get_device_properties(0)
     l2_bytes = props.L2_cache_size
+    if args.sweep_gemv:
+        print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes >> 20} MiB, "
+              f"torch {torch.__version__}; copy bandwidth {copy_bandwidth('cuda'):.0f} GB/s", flush=True)
+        sweep_gemv_kernels(l2_bytes)
+        return 0
     if args.sweep:
         chosen = [t for t in types if t in SWEEP_TYPES] if args.types else SWEEP_TYPES
         sweep(l2_bytes, args.compile_only, chosen)

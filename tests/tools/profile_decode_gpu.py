@@ -1,0 +1,87 @@
+"""Where a GPU decode step's time goes: kernel by kernel, from the CUDA profiler (issue 5).
+
+    python3 -m tests.tools.profile_decode_gpu --model M.gguf [--ctk f16 --ctv f16 --depth 1024]
+
+Loads the model on CUDA, fills the cache to `depth`, captures the 1-row decode graph, replays it
+`steps` times under torch.profiler and prints, per kernel name, launches and device microseconds per
+step, then the step's wall time (graph replays back to back) against the sum of kernel times: the
+difference is time the GPU spent between kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+
+import torch
+
+
+def profile(model_path: str, ctk: str, ctv: str, depth: int, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from engine.api import EngineConfig
+    from engine.session import Engine
+
+    context = -(-(depth + 64) // 256) * 256
+    session = Engine.load(EngineConfig(model=model_path, kv_k=ctk, kv_v=ctv, device="cuda",
+                                       context_length=context))
+    model, cache = session.model, session.cache
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.config.vocab_size, (depth + 1,), generator=gen)  # (depth + 1,)
+    with torch.inference_mode():
+        session.prefill(tokens[:depth].tolist(), 0)
+        model.step([int(tokens[depth])], depth, cache)  # captures the decode graph
+        graph = model.graphs.graphs[(1, ())]
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        wall_us = start.elapsed_time(end) * 1e3 / steps
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                graph.replay()
+            torch.cuda.synchronize()
+    per_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[evt.name][0] += 1
+            per_name[evt.name][1] += evt.device_time
+    session.close()
+    rows = sorted(((name, count / steps, us / steps) for name, (count, us) in per_name.items()),
+                  key=lambda r: -r[2])
+    return {"wall_us": wall_us, "rows": rows, "n_layers": model.config.n_layers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--ctk", default="f16")
+    parser.add_argument("--ctv", default="f16")
+    parser.add_argument("--depth", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_decode_gpu needs a CUDA GPU", file=sys.stderr)
+        return 2
+    res = profile(args.model, args.ctk, args.ctv, args.depth, args.steps)
+    kernel_us = sum(r[2] for r in res["rows"])
+    launches = sum(r[1] for r in res["rows"])
+    print(f"decode step, {args.ctk}/{args.ctv} cache at depth {args.depth}: wall {res['wall_us']:.0f} us, "
+          f"kernels {kernel_us:.0f} us in {launches:.0f} launches "
+          f"({launches / res['n_layers']:.1f} per layer), between kernels "
+          f"{res['wall_us'] - kernel_us:.0f} us")
+    print(f"{'us/step':>8} {'share':>6} {'launches':>8} {'us each':>8}  kernel")
+    for name, count, us in res["rows"]:
+        print(f"{us:8.1f} {us / res['wall_us']:6.1%} {count:8.1f} {us / max(count, 1e-9):8.2f}  {name[:90]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
