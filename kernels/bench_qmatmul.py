@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--types", nargs="*", default=None, help="GGUF type names (default: all)")
     parser.add_argument("--sweep", action="store_true", help="sweep launch parameters instead")
     parser.add_argument("--compile-only", action="store_true", help="run each launch once, no timing")
+    parser.add_argument("--probe", nargs=4, metavar=("TYPE", "N", "K", "M"), default=None,
+                        help="just run one qmatmul shape 20 times (for a profiler such as ncu)")
     parser.add_argument("--sweep-gemv", action="store_true",
                         help="GEMV launch parameters on the shapes of a Qwen2.5-1.5B layer")
     args = parser.parse_args(argv)
@@ -296,6 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     types = [QT[t] for t in args.types] if args.types else list(KERNEL_TYPES + DENSE_TYPES[:2])
     props = torch.cuda.get_device_properties(0)
     l2_bytes = props.L2_cache_size
+    if args.probe:
+        qtype, n, k, m = QT[args.probe[0]], *(int(v) for v in args.probe[1:])
+        w = QuantizedWeight.from_bytes(random_gguf_bytes(qtype, (n, k), DEVICE), qtype, (n, k), DEVICE)
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+        for _ in range(20):
+            qmatmul(x, w)
+        _sync()
+        return 0
     if args.sweep_gemv:
         print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes >> 20} MiB, "
               f"torch {torch.__version__}; copy bandwidth {copy_bandwidth('cuda'):.0f} GB/s", flush=True)
