@@ -2,20 +2,29 @@
 
 One query token per sequence attends to cache positions [0, L) (L = its length, the new token's
 K/V already written at L - 1). Step 1 splits the context into chunks of `split_size` positions;
-a program handles one (sequence, KV head, chunk) for all the GQA query heads of that KV head,
-dequantizing K/V tiles in registers, and writes an unnormalised partial output with its running
-max and sum. Step 2 (`_decode_reduce_kernel`) merges the chunks.
+a program handles one (sequence, KV head, chunk) for all the GQA query heads of that KV head and
+writes an unnormalised partial output with its running max and sum. Step 2 (`_decode_reduce_kernel`)
+merges the chunks that hold positions.
+
+Inside a program (kv_blocks._load_halves): K/V tiles stream through shared memory with cp.async
+(`num_stages`), and each tile is used as two halves, the low and the high nibbles of the same q4 bytes
+(for every type the same column split), dequantized straight into the tensor-core operand layout
+(inline PTX on CUDA: a few integer ops and one fp16 multiply per pair of values); Q is read and the
+output written through the matching column maps, so no value is shuffled into element order. Whole
+tiles run without masks; only a split's last, partial tile is masked. Launch parameters
+(`launch_config`) and split sizes (`default_split_size`) depend on the split, tile and cache types,
+never on the batch.
 
 q: (B, Hq, D), already in K's basis: rotate it with engine.hadamard.rotate when K is stored rotated.
-Stores: (B, Hkv, max_positions, X) as engine.kv_quant lays them out. window W (0/None = full):
-the query at position L - 1 sees keys j > L - 1 - W.
+Stores: (B, Hkv, max_positions, X) as engine.kv_quant lays them out, positions contiguous. window W
+(0/None = full): the query at position L - 1 sees keys j > L - 1 - W.
 
 Speculative verify rows: pass one cache as a batch with stride 0 (`store.qs.expand(R, ...)`), the
 rows' queries as q (R, Hq, D) and per-row lengths. With the same `split_size`, row r then runs exactly
-the arithmetic of a single-query decode at length lengths[r] (the splits and tiles depend only on
-split_size and the length), so verification reproduces decoding bit for bit. With a device lengths
-tensor and `max_length` given the launcher never reads the device, so it can be captured in a CUDA
-graph; splits past a sequence's length do no work and merge as empty.
+the arithmetic of a single-query decode at length lengths[r] (the splits, tiles and launch parameters
+depend only on split_size, block_n, the types and the length), so verification reproduces decoding bit
+for bit. With a device lengths tensor and `max_length` given the launcher never reads the device, so it
+can be captured in a CUDA graph; splits past a sequence's length return at once and are not merged.
 """
 
 from __future__ import annotations
@@ -27,7 +36,14 @@ import triton
 import triton.language as tl
 
 from engine.kv_quant import KVStore, attend_quantized
-from kernels.kv_blocks import LOG2E, _load_rows, _storage_cols, check_kernel_head_dim, store_args
+from kernels.kv_blocks import (
+    LOG2E,
+    _half_cols,
+    _load_halves,
+    check_kernel_head_dim,
+    interpreting,
+    store_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,30 +68,57 @@ def _lengths_list(lengths: int | torch.Tensor, batch: int) -> list[int]:
 
 
 @triton.jit
+def _attend_tile(
+    q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, end,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, K_TYPE: tl.constexpr, V_TYPE: tl.constexpr,
+    FAST: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Online-softmax step over cache rows [n0, n0 + BLOCK_N) (MASKED: rows >= end count as absent)."""
+    k_lo, k_hi = _load_halves(kq, kd, km, n0, end, BLOCK_N, D, K_TYPE, FAST, MASKED)  # [BLOCK_N, D/2] each
+    s = tl.dot(q_lo, tl.trans(k_lo))
+    s = tl.dot(q_hi, tl.trans(k_hi), s)  # [BLOCK_H, BLOCK_N] fp32
+    if MASKED:
+        s = tl.where((n0 + tl.arange(0, BLOCK_N) < end)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v_lo, v_hi = _load_halves(vq, vd, vm, n0, end, BLOCK_N, D, V_TYPE, FAST, MASKED)  # [BLOCK_N, D/2] each
+    p16 = p.to(tl.float16)
+    acc_lo = tl.dot(p16, v_lo, acc_lo * alpha[:, None])
+    acc_hi = tl.dot(p16, v_hi, acc_hi * alpha[:, None])
+    return m_new, l_i, acc_lo, acc_hi
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, stride_qb, stride_qh,
-    kq_ptr, kd_ptr, km_ptr, stride_kb, stride_kh, stride_kt, stride_ksb, stride_ksh, stride_kst,
-    vq_ptr, vd_ptr, vm_ptr, stride_vb, stride_vh, stride_vt, stride_vsb, stride_vsh, stride_vst,
+    kq_ptr, kd_ptr, km_ptr, stride_kb, stride_kh, stride_ksb, stride_ksh,
+    vq_ptr, vd_ptr, vm_ptr, stride_vb, stride_vh, stride_vsb, stride_vsh,
     lens_ptr, length_all, o_ptr, ml_ptr,
     qk_scale, window, split_size, n_splits, HKV,
     D: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_TYPE: tl.constexpr, V_TYPE: tl.constexpr, PER_SEQ_LENGTH: tl.constexpr,
+    K_TYPE: tl.constexpr, V_TYPE: tl.constexpr, PER_SEQ_LENGTH: tl.constexpr, FAST: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hkv = pid_bh % HKV
     heads = hkv * GQA + tl.arange(0, BLOCK_H)
     hmask = tl.arange(0, BLOCK_H) < GQA
-    kcols = _storage_cols(D, K_TYPE)  # Q is read in K's column order, the output in V's
-    vcols = _storage_cols(D, V_TYPE)
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + kcols[None, :],
-                mask=hmask[:, None], other=0.0).to(tl.float32)
-    q = (q * qk_scale).to(tl.float16)  # [BLOCK_H, D], softmax scale and log2(e) folded in
-
     length = length_all
     if PER_SEQ_LENGTH:
         length = tl.load(lens_ptr + b)
+    if pid_s * split_size >= length:
+        return  # a split past the sequence's end: the merge never reads it
+    cols_lo = _half_cols(D, 0)  # tiles come in two halves (kv_blocks._load_halves); Q is read and
+    cols_hi = _half_cols(D, 1)  # the output written through the same column maps
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh  # [BLOCK_H, 1]
+    q_lo = tl.load(q_row + cols_lo[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+    q_hi = tl.load(q_row + cols_hi[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+    q_lo = (q_lo * qk_scale).to(tl.float16)  # [BLOCK_H, D/2], softmax scale and log2(e) folded in
+    q_hi = (q_hi * qk_scale).to(tl.float16)
+
     lo = 0
     if window > 0:
         lo = tl.maximum(length - window, 0)
@@ -84,91 +127,136 @@ def _decode_split_kernel(
 
     m_i = tl.full((BLOCK_H,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
-    acc = tl.zeros((BLOCK_H, D), tl.float32)
-    k_base = b.to(tl.int64) * stride_kb + hkv * stride_kh
-    ks_base = b.to(tl.int64) * stride_ksb + hkv * stride_ksh
-    v_base = b.to(tl.int64) * stride_vb + hkv * stride_vh
-    vs_base = b.to(tl.int64) * stride_vsb + hkv * stride_vsh
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        pmask = pos < end
-        pos64 = pos.to(tl.int64)
-        k = _load_rows(kq_ptr, kd_ptr, km_ptr, k_base + pos64 * stride_kt, ks_base + pos64 * stride_kst,
-                       pmask, BLOCK_N, D, K_TYPE)  # [BLOCK_N, D] fp16
-        s = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_N] fp32
-        s = tl.where(pmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_rows(vq_ptr, vd_ptr, vm_ptr, v_base + pos64 * stride_vt, vs_base + pos64 * stride_vst,
-                       pmask, BLOCK_N, D, V_TYPE)  # [BLOCK_N, D] fp16
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
-        m_i = m_new
+    acc_lo = tl.zeros((BLOCK_H, D // 2), tl.float32)
+    acc_hi = tl.zeros((BLOCK_H, D // 2), tl.float32)
+    # this (sequence, KV head)'s slab of each store; offsets inside a slab fit in int32
+    kq = kq_ptr + (b.to(tl.int64) * stride_kb + hkv * stride_kh)
+    kd = kd_ptr + (b.to(tl.int64) * stride_ksb + hkv * stride_ksh)
+    km = km_ptr + (b.to(tl.int64) * stride_ksb + hkv * stride_ksh)
+    vq = vq_ptr + (b.to(tl.int64) * stride_vb + hkv * stride_vh)
+    vd = vd_ptr + (b.to(tl.int64) * stride_vsb + hkv * stride_vsh)
+    vm = vm_ptr + (b.to(tl.int64) * stride_vsb + hkv * stride_vsh)
+    # whole tiles without masks, then the partial last tile (if any) with them
+    n_full = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
+    for n0 in range(start, n_full, BLOCK_N):
+        m_i, l_i, acc_lo, acc_hi = _attend_tile(
+            q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, end,
+            D, BLOCK_N, K_TYPE, V_TYPE, FAST, False)
+    if n_full < end:
+        m_i, l_i, acc_lo, acc_hi = _attend_tile(
+            q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, end,
+            D, BLOCK_N, K_TYPE, V_TYPE, FAST, True)
 
     row = (b * HKV * GQA + heads).to(tl.int64) * n_splits + pid_s  # [BLOCK_H] index into (B * Hq, S)
-    tl.store(o_ptr + row[:, None] * D + vcols[None, :], acc, mask=hmask[:, None])
+    tl.store(o_ptr + row[:, None] * D + cols_lo[None, :], acc_lo, mask=hmask[:, None])
+    tl.store(o_ptr + row[:, None] * D + cols_hi[None, :], acc_hi, mask=hmask[:, None])
     tl.store(ml_ptr + row * 2, m_i, mask=hmask)
     tl.store(ml_ptr + row * 2 + 1, l_i, mask=hmask)
 
 
 @triton.jit
 def _decode_reduce_kernel(
-    o_part_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, HQ, n_splits,
-    D: tl.constexpr, BLOCK_S: tl.constexpr,
+    o_part_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, HQ, n_splits, lens_ptr, length_all, split_size,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PER_SEQ_LENGTH: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b * Hq + h
     b = pid // HQ
     h = pid % HQ
-    cols = tl.arange(0, D)
+    length = length_all
+    if PER_SEQ_LENGTH:
+        length = tl.load(lens_ptr + b)
+    n_used = tl.minimum(tl.cdiv(length, split_size), n_splits)  # the splits that hold positions
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     base = pid.to(tl.int64) * n_splits
-    m_max = tl.full([1], -1.0e30, tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):  # pass 1: the global running max
+    m_run = tl.full([1], -1.0e30, tl.float32)
+    l_run = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, n_used, BLOCK_S):  # online merge of BLOCK_S splits at a time
         sp = s0 + tl.arange(0, BLOCK_S)
-        m = tl.load(ml_ptr + (base + sp) * 2, mask=sp < n_splits, other=-1.0e30)
-        m_max = tl.maximum(m_max, tl.max(m, axis=0))
-    l_sum = tl.zeros([1], tl.float32)
-    acc = tl.zeros([D], tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):  # pass 2: rescale and add the partial outputs
-        sp = s0 + tl.arange(0, BLOCK_S)
-        smask = sp < n_splits
-        m = tl.load(ml_ptr + (base + sp) * 2, mask=smask, other=-1.0e30)
+        smask = sp < n_used
+        m = tl.load(ml_ptr + (base + sp) * 2, mask=smask, other=-1.0e30)  # [BLOCK_S]
         l_part = tl.load(ml_ptr + (base + sp) * 2 + 1, mask=smask, other=0.0)
         part = tl.load(o_part_ptr + (base + sp)[:, None] * D + cols[None, :], mask=smask[:, None], other=0.0)
-        w = tl.exp2(m - m_max)  # [BLOCK_S]
-        l_sum += tl.sum(w * l_part, axis=0)
-        acc += tl.sum(part * w[:, None], axis=0)
-    o = acc / tl.where(l_sum > 0.0, l_sum, 1.0)  # [D]
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        alpha = tl.exp2(m_run - m_new)
+        w = tl.exp2(m - m_new)  # [BLOCK_S]
+        l_run = l_run * alpha + tl.sum(w * l_part, axis=0)
+        acc = acc * alpha + tl.sum(part * w[:, None], axis=0)
+        m_run = m_new
+    o = acc / tl.where(l_run > 0.0, l_run, 1.0)  # [BLOCK_D]
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + cols, o.to(out_ptr.dtype.element_ty))
 
 
 _SM_COUNT: dict[int, int] = {}
-PROGRAMS_PER_SM = 2  # H200, Hq 12 / Hkv 2 / D 128, L = 32768: 2 -> 17.5 us (f16), 4 -> 25 us, 8 -> 41 us
+PROGRAMS_PER_SM = 8  # split target: about one wave of one-warp programs (see `launch_config`)
+MIN_TILES_PER_SPLIT = 2  # a split of fewer tiles spends more on its start and its partial output
+
+
+def sm_count(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
 
 
 def default_split_size(device: torch.device, n_heads: int, max_len: int, block_n: int = 64) -> int:
-    """Enough splits for PROGRAMS_PER_SM programs per SM, never fewer than block_n positions each."""
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        target = PROGRAMS_PER_SM * _SM_COUNT[idx]
-    else:
-        target = 8
-    n_splits = max(1, min(triton.cdiv(target, n_heads), triton.cdiv(max(max_len, 1), block_n)))
-    return triton.cdiv(triton.cdiv(max(max_len, 1), n_splits), block_n) * block_n
+    """Split size for n_heads (sequence, KV head) slabs of up to max_len positions: enough splits for
+    PROGRAMS_PER_SM programs per SM, each at least MIN_TILES_PER_SPLIT tiles of block_n positions
+    (one tile when max_len is shorter than that)."""
+    sms = sm_count(device)
+    target = PROGRAMS_PER_SM * sms if sms else 8
+    length = max(max_len, 1)
+    n_splits = max(1, min(triton.cdiv(target, n_heads), triton.cdiv(length, MIN_TILES_PER_SPLIT * block_n)))
+    return triton.cdiv(triton.cdiv(length, n_splits), block_n) * block_n
+
+
+STAGED_TILE_BYTES_MAX = 10 << 10  # long splits: three pipeline stages only for tiles up to this size
+
+
+def launch_config(split_size: int, block_n: int, tile_bytes: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of the split kernel from the split size, the tile size and the K+V bytes
+    of one tile (block_n positions of one KV head): never from the batch, so a batch of verify rows runs
+    the same program as the single-query decode (the same arithmetic, bit for bit).
+
+    Short splits (one sequence spread over the GPU): four warps, three stages. Long splits (a batch, or a
+    long context): one warp per program, so no softmax reduction crosses warps, and eight programs an SM;
+    three stages only for tiles of at most STAGED_TILE_BYTES_MAX (q4 K and V at block_n 64), since a third
+    copy of a larger tile in shared memory leaves room for fewer programs. Measured on an H200
+    (kernels/README.md); a register cap (maxnreg 168, twelve one-warp programs an SM) measured slower.
+    """
+    if split_size < 4 * block_n:
+        return 4, 3
+    return 1, (3 if tile_bytes <= STAGED_TILE_BYTES_MAX else 2)
+
+
+def _position_bytes(store: KVStore) -> int:
+    """Bytes of one position of one head: values, scales, mins."""
+    return sum(t.shape[-1] * t.element_size() for t in (store.qs, store.d, store.m) if t is not None)
+
+
+def _check_rows_contiguous(store: KVStore, args: tuple) -> None:
+    """The kernel steps from position to position of a (sequence, head) slab by the row size."""
+    qs = store.qs
+    if args[5] != qs.shape[3] or (store.d is not None and args[8] != store.d.shape[3]):
+        raise ValueError(f"decode_attention needs the positions of a {store.kv_type} store contiguous "
+                         f"(strides {qs.stride()})")
 
 
 def decode_attention(
     q: torch.Tensor, k_store: KVStore, v_store: KVStore, lengths: int | torch.Tensor, *,
     scale: float | None = None, window: int | None = None, max_length: int | None = None,
-    split_size: int | None = None, block_n: int = 64, num_warps: int = 4, out: torch.Tensor | None = None,
+    split_size: int | None = None, block_n: int = 64, num_warps: int | None = None,
+    num_stages: int | None = None, maxnreg: int | None = None, fast: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over cache positions [0, lengths[b]) -> (B, Hq, D).
 
     lengths: an int (all sequences) or a (B,) int tensor; max_length bounds it (read from the
     tensor, a host sync, when not given). split_size: positions per split (a multiple of block_n);
-    by default about PROGRAMS_PER_SM programs per SM, never fewer than block_n positions each.
+    by default `default_split_size`. num_warps / num_stages: by default `launch_config`; maxnreg:
+    a register cap per thread (none by default).
     out: an optional (B, Hq, D) tensor (any float dtype, contiguous heads) to write the result into.
     """
     bsz, hq, dim = q.shape
@@ -194,24 +282,33 @@ def decode_attention(
     if split_size % block_n:
         raise ValueError(f"split_size {split_size} must be a multiple of block_n {block_n}")
     n_splits = max(1, triton.cdiv(max_len, split_size))
+    tile_bytes = block_n * (_position_bytes(k_store) + _position_bytes(v_store))
+    auto_warps, auto_stages = launch_config(split_size, block_n, tile_bytes)
+    num_warps = num_warps or auto_warps
+    num_stages = num_stages or auto_stages
     gqa = hq // hkv
     o_part = torch.empty(bsz * hq, n_splits, dim, dtype=torch.float32, device=q.device)  # (B*Hq, S, D)
     ml = torch.empty(bsz * hq, n_splits, 2, dtype=torch.float32, device=q.device)  # (B*Hq, S, [max, sum])
     ka, va = store_args(k_store), store_args(v_store)
+    _check_rows_contiguous(k_store, ka)
+    _check_rows_contiguous(v_store, va)
     qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
-    _decode_split_kernel[(bsz * hkv, n_splits)](
-        q, q.stride(0), q.stride(1), *ka[:9], *va[:9], lens, max_len, o_part, ml,
+    _decode_split_kernel[(n_splits, bsz * hkv)](
+        q, q.stride(0), q.stride(1), *ka[:5], *ka[6:8], *va[:5], *va[6:8], lens, max_len, o_part, ml,
         qk_scale, int(window or 0), split_size, n_splits, hkv,
         D=dim, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), BLOCK_N=block_n,
         K_TYPE=ka[9], V_TYPE=va[9], PER_SEQ_LENGTH=not isinstance(lengths, int),
-        num_warps=num_warps,
+        FAST=fast and q.is_cuda and not interpreting(),
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if out is None:
         out = torch.empty_like(q)  # (B, Hq, D)
     elif out.shape != q.shape or out.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} must be {tuple(q.shape)} with a contiguous last dim")
-    _decode_reduce_kernel[(bsz * hq,)](
-        o_part, ml, out, out.stride(0), out.stride(1), hq, n_splits,
-        D=dim, BLOCK_S=32,
+    block_d = min(dim, 32)
+    _decode_reduce_kernel[(bsz * hq, dim // block_d)](
+        o_part, ml, out, out.stride(0), out.stride(1), hq, n_splits, lens, max_len, split_size,
+        D=dim, BLOCK_D=block_d, BLOCK_S=min(128, triton.next_power_of_2(n_splits)),
+        PER_SEQ_LENGTH=not isinstance(lengths, int),
     )
     return out

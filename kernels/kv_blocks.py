@@ -199,3 +199,137 @@ def empty_store_like(store: KVStore) -> KVStore:
         None if store.d is None else torch.zeros_like(store.d),
         None if store.m is None else torch.zeros_like(store.m),
     )
+
+
+# ---- dequantization in halves (decode attention) ----------------------------------------------------
+#
+# `_load_halves` returns a tile as two [N, D/2] fp16 halves without moving any value between
+# columns: `lo` holds elements 32b + j and `hi` elements 32b + 16 + j (j < 16) of each 32-block b,
+# which for q4 are the low and high nibbles of the same bytes. The attention dots run once per half
+# (Q gathered through `_half_cols`), so no nibble is shuffled into element order.
+#
+# On CUDA (FAST) q4/q8 bytes become fp16 with inline PTX, four elements per call (pack=4: four bytes
+# in one 32-bit register as loaded, fp16 pairs in f16x2 registers): `prmt` spreads two bytes into
+# 16-bit lanes; OR-ing 0x6400 onto a lane holding x < 1024 gives the fp16 1024 + x, so
+#   low nibble:  (t & 0x000F) | 0x6400 = 1024 + n,       n - 8 = that - 1032 (one sub, exact)
+#   high nibble: (t & 0x00F0) | 0x6400 = 1024 + 16 n,    n - 8 = that / 16 - 72 (one fma, exact)
+# and one `mul.rn` by the fp16 scale rounds once: round_fp16(d * (n - 8)), the value the portable path
+# computes (q4_1: n exactly, then one fma with d and m). q8_0: 0x64 above each byte (xor 0x80 for the
+# sign) = 1024 + 128 + q, minus 1152 = q. Which four elements share a call does not matter: every
+# output depends only on its own element's inputs.
+
+
+def _ptx_q4(affine: bool) -> str:
+    """Four q4 bytes -> four low-nibble values ($0, $1) and four high-nibble values ($2, $3), f16x2 each.
+
+    Inputs: $4 the four bytes, $5 $6 the f16x2 scales of elements (0, 1) and (2, 3); q4_1 also
+    $7 $8 the mins. q4_0: d * (n - 8); q4_1: d * n + m (one fma)."""
+    lo_off, hi_off = ("0x64006400", "0xD400D400") if affine else ("0x64086408", "0xD480D480")
+    lines = [".reg .b32 t, lo, hi, c, c16, c1k;", "mov.b32 c16, 0x2C002C00;", f"mov.b32 c1k, {lo_off};",
+             f"mov.b32 c, {hi_off};"]
+    for pair, sel in ((0, "0x4140"), (1, "0x4342")):
+        scale, mn = f"${5 + pair}", f"${7 + pair}"
+        lines += [
+            f"prmt.b32 t, $4, 0, {sel};",
+            "lop3.b32 lo, t, 0x000F000F, 0x64006400, 0xEA;",
+            "lop3.b32 hi, t, 0x00F000F0, 0x64006400, 0xEA;",
+            "sub.rn.f16x2 lo, lo, c1k;",
+            "fma.rn.f16x2 hi, hi, c16, c;",
+        ]
+        if affine:
+            lines += [f"fma.rn.f16x2 ${pair}, lo, {scale}, {mn};",
+                      f"fma.rn.f16x2 ${2 + pair}, hi, {scale}, {mn};"]
+        else:
+            lines += [f"mul.rn.f16x2 ${pair}, lo, {scale};", f"mul.rn.f16x2 ${2 + pair}, hi, {scale};"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_PTX_Q4_0: tl.constexpr = tl.constexpr(_ptx_q4(False))
+_PTX_Q4_1: tl.constexpr = tl.constexpr(_ptx_q4(True))
+# outputs $0 $1: four q8_0 values (f16x2 each); inputs $2 four int8, $3 $4 f16x2 scales
+_PTX_Q8_0: tl.constexpr = tl.constexpr("""{
+.reg .b32 w, t, c;
+xor.b32 w, $2, 0x80808080;
+mov.b32 c, 0x64806480;
+prmt.b32 t, w, 0x64646464, 0x4140;
+sub.rn.f16x2 t, t, c;
+mul.rn.f16x2 $0, t, $3;
+prmt.b32 t, w, 0x64646464, 0x4342;
+sub.rn.f16x2 t, t, c;
+mul.rn.f16x2 $1, t, $4;
+}""")
+
+
+@triton.jit
+def _half_cols(D: tl.constexpr, HI: tl.constexpr):
+    """Element index (along head_dim) of each column of the lo (HI=0) or hi (HI=1) half: [D/2]."""
+    c = tl.arange(0, D // 2)
+    return (c // 16) * 32 + c % 16 + 16 * HI
+
+
+@triton.jit
+def _load_run(ptr, offs, n_valid, MASKED: tl.constexpr, other):
+    """ptr[offs] where offs < n_valid (MASKED) or everywhere (not MASKED: no mask is compiled)."""
+    if MASKED:
+        return tl.load(ptr + offs, mask=offs < n_valid, other=other)
+    return tl.load(ptr + offs)
+
+
+@triton.jit
+def _load_block_scales(ptr, n0, end, N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+    """The fp16 scale (or min) of each column of a half tile of rows [n0, n0 + N) (rows >= end: 0):
+    [N, D/2]. The tile's N * D/32 scales are contiguous, so they are loaded as one run."""
+    NB: tl.constexpr = D // 32
+    x = _load_run(ptr, n0 * NB + tl.arange(0, N * NB), end * NB, MASKED, 0.0)
+    x = tl.reshape(x, (N, NB))
+    return tl.reshape(tl.broadcast_to(x[:, :, None], (N, NB, 16)), (N, D // 2))
+
+
+@triton.jit
+def _load_halves(
+    qs_ptr, d_ptr, m_ptr,  # a (sequence, head) slab of a store: rows of D values / D/2 bytes, D/32 scales
+    n0, end,  # rows [n0, n0 + N) of the slab; with MASKED, rows >= end are loaded as 0
+    N: tl.constexpr, D: tl.constexpr, KV_TYPE: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Load N cached rows -> (lo, hi), each [N, D/2] fp16 in `_half_cols` order.
+
+    Values are those of `_load_rows`: round_fp16(d * q) for q8_0/q4_0, fp16(d * q + m) for q4_1.
+    Rows are contiguous in the slab (the caller checks the strides).
+    """
+    r = n0 + tl.arange(0, N)[:, None]  # [N, 1] row of each tile row
+    c = tl.arange(0, D // 2)[None, :]
+    e_lo = (c // 16) * 32 + c % 16  # [1, D/2] element index of each lo column; hi = e_lo + 16
+    if KV_TYPE < 2:  # f16 / bf16; an offset o is in row o // D, so o < end * D masks rows >= end
+        lo = _load_run(qs_ptr, r * D + e_lo, end * D, MASKED, 0.0).to(tl.float16)
+        hi = _load_run(qs_ptr, r * D + 16 + e_lo, end * D, MASKED, 0.0).to(tl.float16)
+    else:
+        d = _load_block_scales(d_ptr, n0, end, N, D, MASKED)  # [N, D/2] fp16
+        if KV_TYPE == 2:  # q8_0
+            q_lo = _load_run(qs_ptr, r * D + e_lo, end * D, MASKED, 0)  # [N, D/2] int8
+            q_hi = _load_run(qs_ptr, r * D + 16 + e_lo, end * D, MASKED, 0)
+            if FAST:
+                lo = tl.inline_asm_elementwise(_PTX_Q8_0, "=r,=r,r,r,r", [q_lo, d], dtype=tl.float16,
+                                               is_pure=True, pack=4)
+                hi = tl.inline_asm_elementwise(_PTX_Q8_0, "=r,=r,r,r,r", [q_hi, d], dtype=tl.float16,
+                                               is_pure=True, pack=4)
+            else:
+                lo = q_lo.to(tl.float16) * d
+                hi = q_hi.to(tl.float16) * d
+        else:  # q4: byte 16b + j holds element 32b + j (low nibble) and 32b + 16 + j (high)
+            byte = _load_run(qs_ptr, r * (D // 2) + c, end * (D // 2), MASKED, 0)  # [N, D/2] uint8
+            if KV_TYPE == 3:
+                if FAST:
+                    lo, hi = tl.inline_asm_elementwise(_PTX_Q4_0, "=r,=r,=r,=r,r,r,r", [byte, d],
+                                                       dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+                else:
+                    lo = ((byte & 0x0F).to(tl.int8) - 8).to(tl.float16) * d
+                    hi = ((byte >> 4).to(tl.int8) - 8).to(tl.float16) * d
+            else:
+                mn = _load_block_scales(m_ptr, n0, end, N, D, MASKED)  # [N, D/2] fp16
+                if FAST:
+                    lo, hi = tl.inline_asm_elementwise(_PTX_Q4_1, "=r,=r,=r,=r,r,r,r,r,r", [byte, d, mn],
+                                                       dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+                else:
+                    lo = d * (byte & 0x0F).to(tl.float16) + mn
+                    hi = d * (byte >> 4).to(tl.float16) + mn
+    return lo, hi

@@ -88,25 +88,61 @@ def test_decode_real_shapes_gpu(k_type, v_type, dim, gqa, window):
     assert_close_rms(f"decode output ({k_type} K, {v_type} V, D={dim})", got, want, TOL)
 
 
+@gpu
+@pytest.mark.parametrize(
+    "block_n,num_warps,num_stages",
+    [(32, 1, 2), (64, 1, 2), (32, 1, 3), (64, 2, 2), (64, 4, 2), (128, 4, 2), (64, 1, 3), (64, 2, 3),
+     (64, 4, 3), (128, 4, 3), (32, 1, 4), (64, 4, 4)],
+)
+@pytest.mark.parametrize(
+    "k_type,v_type", [("q4_0", "q4_0"), ("q8_0", "q8_0"), ("q4_1", "f16"), ("bf16", "q4_0")]
+)
+def test_decode_launch_configs_gpu(block_n, num_warps, num_stages, k_type, v_type):
+    # whole tiles and a partial last tile in every split (lengths not multiples of block_n), GQA 6
+    q, ks, vs, lens = _case(k_type, v_type, 3, 2, 6, 128, [4097, 1000, 77], 4200)
+    got = decode_attention(q, ks, vs, lens, split_size=4 * block_n, block_n=block_n, num_warps=num_warps,
+                           num_stages=num_stages)
+    want = decode_attention_reference(q, ks, vs, lens)
+    config = f"{block_n}/{num_warps}/{num_stages}"
+    assert_close_rms(f"decode output ({k_type} K, {v_type} V, {config})", got, want, TOL)
+
+
+@gpu
+@pytest.mark.parametrize(
+    "k_type,v_type", [("q4_0", "q4_0"), ("q8_0", "q8_0"), ("q4_1", "q4_1"), ("q4_0", "q8_0")]
+)
+def test_decode_ptx_dequantization_matches_portable_gpu(k_type, v_type):
+    # the inline-PTX dequantization gives the portable path's fp16 values: round_fp16(d * q) for q4_0 and
+    # q8_0, so the outputs are equal; q4_1's d * q + m is one fma there and may round once less
+    q, ks, vs, lens = _case(k_type, v_type, 2, 2, 6, 128, [3000, 515], 3072)
+    fast = decode_attention(q, ks, vs, lens, split_size=256, fast=True)
+    portable = decode_attention(q, ks, vs, lens, split_size=256, fast=False)
+    if "q4_1" in (k_type, v_type):
+        assert_close_rms("PTX vs portable dequantization", fast, portable, 1e-3)
+    else:
+        assert torch.equal(fast, portable), f"max difference {(fast - portable).abs().max().item():.3e}"
+
+
 def _one_cache_as_rows(store, rows):
     """A (1, Hkv, P, X) store seen as a batch of `rows` sequences sharing it (stride 0)."""
     expand = lambda t: None if t is None else t.expand(rows, *t.shape[1:])
     return kv_quant.KVStore(store.kv_type, expand(store.qs), expand(store.d), expand(store.m))
 
 
+@pytest.mark.parametrize("split", [32, 128], ids=["short-splits", "long-splits"])  # the two launch configs
 @pytest.mark.parametrize("k_type,v_type,window", [("q4_0", "q8_0", None), ("f16", "q4_1", 20)])
-def test_verify_rows_equal_single_decodes_bit_for_bit(k_type, v_type, window):
+def test_verify_rows_equal_single_decodes_bit_for_bit(k_type, v_type, window, split):
     # rows of a verify block = independent decode queries over one cache with per-row lengths
-    q, ks, vs, _ = _case(k_type, v_type, 1, 2, 3, 64, [1], 100, seed=4)
+    q, ks, vs, _ = _case(k_type, v_type, 1, 2, 3, 64, [1], 300, seed=4)
     gen = torch.Generator().manual_seed(9)
     rows_q = torch.randn(4, 6, 64, generator=gen).to(DEVICE)  # (R, Hq, D)
-    lengths = torch.tensor([61, 62, 63, 0], dtype=torch.int32, device=DEVICE)  # last row: padding
+    lengths = torch.tensor([261, 262, 263, 0], dtype=torch.int32, device=DEVICE)  # last row: padding
     out = torch.full((4, 6, 64), float("nan"), device=DEVICE)
     decode_attention(rows_q, _one_cache_as_rows(ks, 4), _one_cache_as_rows(vs, 4), lengths,
-                     max_length=100, split_size=32, block_n=32, window=window, out=out)
+                     max_length=300, split_size=split, block_n=32, window=window, out=out)
     for r in range(3):
-        single = decode_attention(rows_q[r : r + 1], ks, vs, lengths[r : r + 1], max_length=100,
-                                  split_size=32, block_n=32, window=window)
+        single = decode_attention(rows_q[r : r + 1], ks, vs, lengths[r : r + 1], max_length=300,
+                                  split_size=split, block_n=32, window=window)
         assert torch.equal(out[r : r + 1], single), f"row {r} differs from its decode"
     assert torch.equal(out[3], torch.zeros_like(out[3]))  # an empty row attends to nothing
     want = decode_attention_reference(rows_q[:3], _one_cache_as_rows(ks, 3), _one_cache_as_rows(vs, 3),
