@@ -19,6 +19,7 @@ the replay then writes again), then records it.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -58,8 +59,18 @@ def record_graph(body, device: torch.device):
         body()
     current.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
+    # No garbage collection while capturing: a collection there can free a previous session's graph
+    # or pinned buffers, CUDA calls that invalidate the capture ("operation failed due to a previous
+    # error during capture", seen on the H200 when sessions were made one after another).
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph):
+            body()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return graph
 
 
