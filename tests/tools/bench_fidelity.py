@@ -4,6 +4,8 @@
     .venv/bin/python tests/tools/bench_fidelity.py --skip-speed          # fidelity table only
     .venv/bin/python tests/tools/bench_fidelity.py --skip-fidelity       # speed table only
     .venv/bin/python tests/tools/bench_fidelity.py --models smollm2-135m --texts code --json-out r.json
+    .venv/bin/python tests/tools/bench_fidelity.py --skip-speed --emulate-llama-numerics \
+        --llama-token-by-token                                          # llama.cpp's numerics
 
 Fidelity (issue "Engine core", Targets: top-1 agreement >= 99 %, perplexity within 1 %): every
 text in tests/fixtures/eval_text/ is tokenized ONCE with llama.cpp (vocab_only, BOS as the model's
@@ -15,6 +17,21 @@ llama.cpp through `Llama(logits_all=True).eval`). Reported per model and text:
   ppl ours / ppl llama.cpp (ppl = exp(mean NLL of the n - 1 next tokens)),
   mean and max KL(llama.cpp || ours) per position, and for each disagreement llama.cpp's own
   logit margin between its top-1 and our top-1 (a tiny margin = a near-tie, not a bug).
+
+--emulate-llama-numerics (an experiment, not product behaviour): our engine runs with float32
+weights (cpu_weights=exact) and the f16 KV cache, once as it is and once with llama.cpp's CPU
+roundings emulated by tests/tools/llama_numerics.py (activations fake-quantized to Q8_K / Q8_0 / Q8_1
+before each weight matmul per the weight's GGUF type, Q and the attention probabilities rounded to
+f16, ggml's f16 GELU table, ggml's float32 RoPE angle recurrence; --emulate-parts picks a subset).
+Both passes are compared with the same llama.cpp logits, in the same run, and with each other.
+Reading it: each emulated op reproduces llama.cpp's output of that op to float32 rounding when fed
+llama.cpp's own input (tests/tools/llama_op_check.py), but over a whole forward pass 8-bit
+activation quantization amplifies any float32-rounding difference (a value near a rounding boundary
+flips by a whole quantum), so the emulated pass is another draw of the same noise, not llama.cpp's
+draw: expect "emulated vs ours" to look like "llama.cpp vs ours", not "emulated vs llama.cpp" -> 100 %.
+--llama-token-by-token measures that noise floor on llama.cpp itself: the same ids evaluated one
+token at a time (n_ubatch=1, as llama.cpp decodes) against its own 512-token batch; --nudge-check
+the same on our engine: every input embedding moved by one float32 ulp, plain and emulated.
 
 Speed (target: decode >= 0.8x, prefill >= 0.5x llama.cpp on the same threads; load < 5 s): one
 model (--speed-model) is loaded in this process by both engines. A run = prefill of the first
@@ -29,6 +46,7 @@ spinning OpenMP threads otherwise slow our 2-thread figures by 10x or more (see 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -49,6 +67,8 @@ sys.path.insert(0, str(ROOT))
 from engine.api import EngineConfig  # noqa: E402
 from engine.cli import resolve_model  # noqa: E402
 from engine.session import Engine  # noqa: E402
+from tests.tools.llama_numerics import PARTS as NUMERICS_PARTS  # noqa: E402
+from tests.tools.llama_numerics import LlamaNumerics, nudged_embeddings  # noqa: E402
 
 logger = logging.getLogger("bench_fidelity")
 
@@ -77,6 +97,11 @@ class FidelityRow:
     disagreements: list[dict] = field(default_factory=list)  # position, tokens, margins
     # Against transformers on the same ids (fp32 weights dequantized by gguf-py), with --transformers:
     reference: dict = field(default_factory=dict)  # {"ours": {...}, "llama.cpp": {...}}: agree, ppl, kl_mean
+    # With --emulate-llama-numerics: the same comparison for our engine with llama.cpp's roundings
+    # emulated (FidelityRow fields: agree, ppl_ours, kl_mean, ..., disagreements), and its parts.
+    emulated: dict = field(default_factory=dict)
+    # With --llama-token-by-token: llama.cpp one token at a time (n_ubatch=1) vs its own batched logits
+    llama_self: dict = field(default_factory=dict)  # agree, kl_mean
 
     @property
     def ratio(self) -> float:
@@ -127,10 +152,13 @@ def tokenize_with_llamacpp(model_path: str, text: str) -> tuple[list[int], bool]
     return ids, has_bos
 
 
-def llama_logits(model_path: str, ids: list[int], threads: int) -> tuple[torch.Tensor, float]:
-    """(len(ids), vocab) float32 logits of llama.cpp for every position, and the seconds taken."""
+def llama_logits(model_path: str, ids: list[int], threads: int,
+                 ubatch: int = 512) -> tuple[torch.Tensor, float]:
+    """(len(ids), vocab) float32 logits of llama.cpp for every position, and the seconds taken.
+
+    ubatch: llama.cpp's micro-batch; 1 evaluates one token at a time, as it does when decoding."""
     llama_cpp = llama_module()
-    llm = llama_cpp.Llama(model_path, n_ctx=len(ids) + 16, n_batch=512, n_ubatch=512, n_threads=threads,
+    llm = llama_cpp.Llama(model_path, n_ctx=len(ids) + 16, n_batch=512, n_ubatch=ubatch, n_threads=threads,
                           n_threads_batch=threads, logits_all=True, verbose=False)
     started = time.perf_counter()
     llm.eval(ids)
@@ -141,24 +169,44 @@ def llama_logits(model_path: str, ids: list[int], threads: int) -> tuple[torch.T
     return scores, seconds
 
 
+ROW_CHUNK = 64  # rows per float64 block: 64 x 262144 (Gemma's vocabulary) x 8 bytes = 134 MB
+
+
+def row_stats(ours: torch.Tensor, theirs: torch.Tensor, ids: list[int]) -> dict[str, torch.Tensor]:
+    """Per-position statistics of two (n, vocab) logit tensors, computed in float64 blocks of ROW_CHUNK
+    rows so a 262144-token vocabulary never needs several full-size float64 copies (every row's
+    figures are independent of the others). nll_*: (n,) NLL of ids[i + 1] (NaN at the last row);
+    kl: (n,) KL(theirs || ours); top_*: (n,) argmax."""
+    n, vocab = ours.shape[0], min(ours.shape[-1], theirs.shape[-1])  # llama.cpp may pad nothing; guard
+    targets = torch.tensor(ids[1:] + [0], dtype=torch.long)[:, None]  # (n, 1); the last row has none
+    out = {k: torch.empty(n, dtype=torch.float64) for k in ("nll_ours", "nll_theirs", "kl")}
+    out |= {k: torch.empty(n, dtype=torch.long) for k in ("top_ours", "top_theirs")}
+    for lo in range(0, n, ROW_CHUNK):
+        hi = min(n, lo + ROW_CHUNK)
+        ours64, theirs64 = ours[lo:hi, :vocab].double(), theirs[lo:hi, :vocab].double()  # (rows, vocab)
+        lp_ours, lp_theirs = ours64.log_softmax(-1), theirs64.log_softmax(-1)  # (rows, vocab)
+        out["nll_ours"][lo:hi] = -lp_ours.gather(1, targets[lo:hi])[:, 0]
+        out["nll_theirs"][lo:hi] = -lp_theirs.gather(1, targets[lo:hi])[:, 0]
+        out["kl"][lo:hi] = (lp_theirs.exp() * (lp_theirs - lp_ours)).sum(-1)
+        out["top_ours"][lo:hi], out["top_theirs"][lo:hi] = ours64.argmax(-1), theirs64.argmax(-1)
+    out["nll_ours"][-1] = out["nll_theirs"][-1] = float("nan")
+    return out
+
+
 def compare(model: str, text: str, ids: list[int], bos: bool, ours: torch.Tensor, theirs: torch.Tensor,
             seconds_ours: float, seconds_llama: float) -> FidelityRow:
     """ours, theirs: (n, vocab) logits for the same ids."""
-    vocab = min(ours.shape[-1], theirs.shape[-1])  # llama.cpp may pad nothing; guard anyway
-    ours64, theirs64 = ours[:, :vocab].double(), theirs[:, :vocab].double()  # (n, vocab)
-    lp_ours, lp_theirs = ours64.log_softmax(-1), theirs64.log_softmax(-1)  # (n, vocab)
-    targets = torch.tensor(ids[1:], dtype=torch.long)[:, None]  # (n - 1, 1)
-    nll_ours = -lp_ours[:-1].gather(1, targets)[:, 0]  # (n - 1,)
-    nll_theirs = -lp_theirs[:-1].gather(1, targets)[:, 0]  # (n - 1,)
-    kl = (lp_theirs.exp() * (lp_theirs - lp_ours)).sum(-1)  # (n,)
-    top_ours, top_theirs = ours64.argmax(-1), theirs64.argmax(-1)  # (n,)
+    stats = row_stats(ours, theirs, ids)
+    nll_ours, nll_theirs = stats["nll_ours"][:-1], stats["nll_theirs"][:-1]  # (n - 1,)
+    kl, top_ours, top_theirs = stats["kl"], stats["top_ours"], stats["top_theirs"]  # (n,)
     disagreements = []
     for pos in torch.nonzero(top_ours != top_theirs)[:, 0].tolist():
         a, b = int(top_ours[pos]), int(top_theirs[pos])
+        mine, llama = ours[pos].double(), theirs[pos].double()  # (vocab,)
         disagreements.append({
             "position": pos, "ours": a, "llama": b,
-            "llama_margin": float(theirs64[pos, b] - theirs64[pos, a]),  # >= 0: how sure llama.cpp was
-            "ours_margin": float(ours64[pos, a] - ours64[pos, b]),
+            "llama_margin": float(llama[b] - llama[a]),  # >= 0: how sure llama.cpp was
+            "ours_margin": float(mine[a] - mine[b]),
         })
     return FidelityRow(
         model=model, text=text, n=len(ids), bos=bos,
@@ -173,9 +221,9 @@ def compare(model: str, text: str, ids: list[int], bos: bool, ours: torch.Tensor
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     """Top-1 agreement and mean KL(b || a) of logits a, b: (n, vocab); b is the reference."""
-    lp_a, lp_b = a.double().log_softmax(-1), b.double().log_softmax(-1)  # (n, vocab)
-    kl = (lp_b.exp() * (lp_b - lp_a)).sum(-1)  # (n,)
-    return {"agree": float((a.argmax(-1) == b.argmax(-1)).double().mean()), "kl_mean": float(kl.mean())}
+    stats = row_stats(a, b, [0] * a.shape[0])
+    return {"agree": float((stats["top_ours"] == stats["top_theirs"]).double().mean()),
+            "kl_mean": float(stats["kl"].mean())}
 
 
 def transformers_logits(model_path: str, id_sets: dict[str, list[int]]) -> dict[str, torch.Tensor]:
@@ -206,7 +254,12 @@ def engine_config(path: str, context_length: int, threads: int, cpu_weights: str
 
 
 def run_fidelity(models: list[str], texts: list[str], n: int, threads: int,
-                 with_transformers: bool = False, cpu_weights: str | None = None) -> list[FidelityRow]:
+                 with_transformers: bool = False, cpu_weights: str | None = None,
+                 emulate_parts: tuple[str, ...] = (),
+                 llama_token_by_token: bool = False, nudge_check: bool = False) -> list[FidelityRow]:
+    """emulate_parts: non-empty -> also run ours with those llama.cpp numerics (needs cpu_weights exact).
+    llama_token_by_token: also run llama.cpp with n_ubatch=1 and compare it with its own batched logits.
+    nudge_check: also run ours plain and emulated with the embeddings one float32 ulp off."""
     rows = []
     for model in models:
         path = resolve_model(model)
@@ -220,10 +273,23 @@ def run_fidelity(models: list[str], texts: list[str], n: int, threads: int,
         for text, (ids, _) in token_sets.items():
             logger.info("llama.cpp: %s on %s (%d tokens)", model, text, len(ids))
             theirs[text] = llama_logits(path, ids, threads)
+        llama_self = {}
+        if llama_token_by_token:
+            for text, (ids, _) in token_sets.items():
+                logger.info("llama.cpp one token at a time: %s on %s", model, text)
+                single, _ = llama_logits(path, ids, threads, ubatch=1)
+                llama_self[text] = agreement(single, theirs[text][0])
         logger.info("ours: loading %s", model)
         config = engine_config(path, max(n, 16), threads, cpu_weights, prefill_chunk=min(512, n))
-        session = Engine.load(config)
-        ours_logits = {}
+        numerics = LlamaNumerics(emulate_parts) if emulate_parts else None
+        if numerics is not None:
+            if config.cpu_weights != "exact" or config.kv_k != "f16" or config.kv_v != "f16":
+                raise SystemExit("--emulate-llama-numerics needs cpu_weights=exact and the f16/f16 KV cache")
+            with numerics.loading():
+                session = Engine.load(config)
+        else:
+            session = Engine.load(config)
+        ours_logits, emulated_logits = {}, {}
         for text, (ids, bos) in token_sets.items():
             session.cached_ids = []
             started = time.perf_counter()
@@ -232,8 +298,31 @@ def run_fidelity(models: list[str], texts: list[str], n: int, threads: int,
             row = compare(model, text, ids, bos, ours, theirs[text][0], seconds, theirs[text][1])
             logger.info("%s/%s: agree %.4f, ppl %.4f vs %.4f, KL mean %.2e", model, text, row.agree,
                         row.ppl_ours, row.ppl_llama, row.kl_mean)
+            if text in llama_self:
+                row.llama_self = llama_self[text]
             rows.append(row)
-            ours_logits[text] = ours
+            if with_transformers:
+                ours_logits[text] = ours
+            if numerics is not None:
+                session.cached_ids = []
+                started = time.perf_counter()
+                with numerics.emulating():
+                    emulated = session.prefill(ids, 0, logits_for="all").float()  # (n, vocab)
+                seconds = time.perf_counter() - started
+                emu = compare(model, text, ids, bos, emulated, theirs[text][0], seconds, theirs[text][1])
+                row.emulated = asdict(emu) | {"ratio": emu.ratio, "parts": sorted(numerics.parts),
+                                              "vs_plain": agreement(emulated, ours)}
+                logger.info("%s/%s emulated: agree %.4f, ppl %.4f vs %.4f, KL mean %.2e", model, text,
+                            emu.agree, emu.ppl_ours, emu.ppl_llama, emu.kl_mean)
+                if with_transformers:
+                    emulated_logits[text] = emulated
+                if nudge_check:
+                    for key, active, base in (("nudged_plain", False, ours), ("nudged", True, emulated)):
+                        session.cached_ids = []
+                        with nudged_embeddings(session.model), \
+                                (numerics.emulating() if active else contextlib.nullcontext()):
+                            nudged = session.prefill(ids, 0, logits_for="all").float()  # (n, vocab)
+                        row.emulated[key] = agreement(nudged, base)
         del session
         gc.collect()
         if with_transformers:
@@ -243,8 +332,10 @@ def run_fidelity(models: list[str], texts: list[str], n: int, threads: int,
                 ref = reference[row.text]
                 row.reference = {"ours": agreement(ours_logits[row.text], ref),
                                  "llama.cpp": agreement(theirs[row.text][0], ref)}
+                if row.text in emulated_logits:
+                    row.reference["ours emulated"] = agreement(emulated_logits[row.text], ref)
             del reference
-        del theirs, ours_logits
+        del theirs, ours_logits, emulated_logits
         gc.collect()
     return rows
 
@@ -350,6 +441,52 @@ def fidelity_table(rows: list[FidelityRow]) -> str:
     return "\n".join(lines)
 
 
+def numerics_table(rows: list[FidelityRow]) -> str:
+    """Top-1 agreements that separate engine errors from llama.cpp's numerics (rows with .emulated or
+    .llama_self): ours plain / emulated vs llama.cpp, emulated vs plain, llama.cpp vs itself."""
+    rows = [r for r in rows if r.emulated or r.llama_self]
+    if not rows:
+        return ""
+    parts = next((r.emulated["parts"] for r in rows if r.emulated), [])
+
+    def pct(d: dict, key: str = "agree") -> str:
+        return f"{100 * d[key]:.2f} %" if d else "-"
+
+    def kl(d: dict) -> str:
+        return f"{d['kl_mean']:.2e}" if d else "-"
+
+    lines = ["Top-1 agreement (mean KL) per pair; ours = cpu_weights=exact, KV f16/f16; emulated = ours with "
+             f"llama.cpp's roundings ({', '.join(parts) or 'not run'}); llama.cpp 1-by-1 = llama.cpp with "
+             "n_ubatch=1 (how it decodes), compared with its own 512-token batch; +1 ulp = the same engine "
+             "with every input embedding moved by one float32 ulp (--nudge-check):", "",
+             "| model | text | ours vs llama.cpp | emulated vs llama.cpp | emulated vs ours | "
+             "llama.cpp 1-by-1 vs llama.cpp | emulated +1 ulp vs emulated | ours +1 ulp vs ours "
+             "| mismatches plain (near-ties) | emulated (near-ties) | ppl ratio plain / emulated |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = r.emulated
+        ties = sum(d["llama_margin"] < NEAR_TIE_LOGIT_GAP for d in r.disagreements)
+        emu_mismatch, emu_ratio = "-", "-"
+        if e:
+            e_ties = sum(d["llama_margin"] < NEAR_TIE_LOGIT_GAP for d in e["disagreements"])
+            emu_mismatch, emu_ratio = f"{len(e['disagreements'])} ({e_ties})", f"{e['ratio']:.4f}"
+        lines.append(f"| {r.model} | {r.text} | {100 * r.agree:.2f} % ({r.kl_mean:.1e}) "
+                     f"| {pct(e)} ({kl(e)}) | {pct(e.get('vs_plain', {}))} ({kl(e.get('vs_plain', {}))}) "
+                     f"| {pct(r.llama_self)} ({kl(r.llama_self)}) "
+                     f"| {pct(e.get('nudged', {}))} ({kl(e.get('nudged', {}))}) "
+                     f"| {pct(e.get('nudged_plain', {}))} ({kl(e.get('nudged_plain', {}))}) "
+                     f"| {len(r.disagreements)} ({ties}) "
+                     f"| {emu_mismatch} | {r.ratio:.4f} / {emu_ratio} |")
+    refs = [r for r in rows if "ours emulated" in r.reference]
+    if refs:
+        lines += ["", "| model | text | top-1 ours emulated vs HF | mean KL ours emulated vs HF |",
+                  "|---|---|---|---|"]
+        for r in refs:
+            o = r.reference["ours emulated"]
+            lines.append(f"| {r.model} | {r.text} | {100 * o['agree']:.2f} % | {o['kl_mean']:.2e} |")
+    return "\n".join(lines)
+
+
 def speed_table(rows: list[SpeedRow]) -> str:
     lines = ["| model | threads | prefill ours | prefill llama.cpp | ratio | decode ours | decode llama.cpp "
              "| ratio | load ours | load llama.cpp |",
@@ -408,12 +545,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="our CPU weight mode (EngineConfig.cpu_weights); default: the engine's default")
     p.add_argument("--transformers", action="store_true",
                    help="also compare both engines with transformers' float32 model (exact weights; slow)")
+    p.add_argument("--emulate-llama-numerics", action="store_true",
+                   help="fidelity: also run ours with llama.cpp's CPU roundings emulated (implies "
+                        "--cpu-weights exact; tests/tools/llama_numerics.py)")
+    p.add_argument("--emulate-parts", default=",".join(NUMERICS_PARTS),
+                   help=f"with --emulate-llama-numerics: any of {', '.join(NUMERICS_PARTS)}, comma-separated")
+    p.add_argument("--llama-token-by-token", action="store_true",
+                   help="fidelity: also run llama.cpp one token at a time (n_ubatch=1) and report its "
+                        "agreement with its own batched logits (llama.cpp's noise floor)")
+    p.add_argument("--nudge-check", action="store_true",
+                   help="with --emulate-llama-numerics: also run ours plain and emulated with every input "
+                        "embedding one float32 ulp off, against the same engine unnudged")
     p.add_argument("--json-out", help="write all raw numbers (including each disagreement) here")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    emulate_parts = tuple(args.emulate_parts.split(",")) if args.emulate_llama_numerics else ()
+    if emulate_parts:
+        if args.cpu_weights not in (None, "exact"):
+            p.error("--emulate-llama-numerics needs float32 weights: use --cpu-weights exact or leave it out")
+        args.cpu_weights = "exact"
     command = " ".join(["tests/tools/bench_fidelity.py"] + (argv if argv is not None else sys.argv[1:]))
     out = [f"Environment: {environment(args.cpu_weights)}", f"Command: `.venv/bin/python {command}`",
            f"Machine load at start: `{uptime()}`", ""]
@@ -421,8 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     fidelity, speed = [], []
     if not args.skip_fidelity:
         fidelity = run_fidelity(args.models.split(","), args.texts.split(","), args.n, args.threads,
-                                args.transformers, args.cpu_weights)
+                                args.transformers, args.cpu_weights, emulate_parts, args.llama_token_by_token,
+                                args.nudge_check)
         print(fidelity_table(fidelity) + "\n", flush=True)
+        if emulate_parts or args.llama_token_by_token:
+            print(numerics_table(fidelity) + "\n", flush=True)
     if not args.skip_speed:
         speed = [run_speed(args.speed_model, args.threads, args.n_prompt, args.n_gen, args.rounds,
                            args.cpu_weights)]
