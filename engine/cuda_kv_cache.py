@@ -63,8 +63,9 @@ class CudaKVCache(KVCache):
             for _ in range(n_layers)
         ]  # per layer (n_kv, D)
         self._mean_known = [False] * n_layers
-        super().__init__(
-            n_layers, n_kv_heads, head_dim, max_len, k_type, v_type, self.device, rotate_k, k_smooth
+        super().__init__(  # no attention sinks in f16 here yet (the kernels read only the stores)
+            n_layers, n_kv_heads, head_dim, max_len, k_type, v_type, self.device, rotate_k, k_smooth,
+            sink_tokens=0,
         )
         self._rows_views: dict[int, tuple[list[KVStore], list[KVStore]]] = {}
         # split boundaries of decode attention: fixed by the capacity, the same for every row count

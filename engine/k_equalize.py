@@ -11,11 +11,14 @@ Each s is a power of two, so both the division and the multiplication are exact 
 K and the smoothing mean separately, (k / s) - (mean / s), gives bit for bit (k - mean) / s, which
 lets a write kernel that subtracts the mean take pre-divided inputs unchanged.
 
-Recipe (measured, BENCHMARKS.md "K equalization"): with r_c the channel's root mean square over the first
-chunk of the K it scales (after smoothing when that is on), floored at RMS_FLOOR times the head's
-RMS, s_c = 2^round(ALPHA * log2(r_c / head RMS)): channels within a factor 2^(1/(2 ALPHA)) of the
-head's RMS keep s = 1. ALPHA < 1 only narrows the spread: a full s = r_c made Gemma and SmolLM2
-prose worse with the rotation on, the square root helped every model that needed it. A head whose
+Recipe (measured: docs/kv-quality-run.md, runs 2 and 3): after a rotation the 4-bit error of a key is
+spread evenly over its channels and scales with the key's norm, so the error of one score q . k
+grows like sum_c q_c^2 s_c^2 times sum_c k_c^2 / s_c^2, which is smallest at s_c^2 = rms_k,c / rms_q,c
+(Cauchy-Schwarz). So with r_c the channel's root mean square over the first chunk, for the K it
+scales (after smoothing when that is on) and for the queries of the KV head's GQA group, each
+relative to its head's RMS and floored at RMS_FLOOR of it,
+s_c = 2^round(ALPHA * log2(width_k,c / width_q,c)), ALPHA = 1/2. A K-only variant (the queries
+ignored, run 2's recipe) remains for a first chunk written without its queries. A head whose
 first-chunk K is all zero (one token with smoothing: K minus its own mean) gets s = 1.
 """
 
@@ -30,7 +33,7 @@ from engine.errors import SettingsError
 RMS_FLOOR = 1.0 / 16
 ALPHA = 0.5
 # recorded in snapshot fingerprints: change it whenever the scales would change
-RECIPE = f"rms^{ALPHA}-pow2-floor{round(1 / RMS_FLOOR)}"
+RECIPE = f"(rms_k/rms_q)^{ALPHA}-pow2-floor{round(1 / RMS_FLOOR)}"
 CUDA_SUPPORTED = False  # engine.cuda_kv_cache does not scale K and Q yet
 
 
@@ -41,7 +44,9 @@ def resolve_k_equalize(mode: str, k_type: str, device: str | torch.device = "cpu
     Measured (BENCHMARKS.md "K equalization", rotation and smoothing on): it takes Qwen2.5-Coder-0.5B's
     q4_0/q4_0 cache from +13.6%/+35.9% perplexity on code/prose to +3.7%/+6.4%, roughly halves
     Gemma-3-270m's KL divergence from the f16 cache, and with q8_0 brings Qwen2.5-Coder-0.5B's prose
-    KL from 0.0054 to 0.0002 while changing nothing measurable on the other models.
+    KL from 0.0054 to 0.0002 while changing nothing measurable on the other models (run 2, K-only
+    scales). Run 3's scales from K and Q lower the q4_0/q4_0 KL further on all four default models
+    (docs/kv-quality-run.md, "run 3"; e.g. SmolLM2 prose 0.0696 -> 0.0580 before the attention sinks).
     """
     on = k_type in ("q8_0", "q4_0", "q4_1") if mode == "auto" else mode == "on"
     if on and torch.device(device).type == "cuda" and not CUDA_SUPPORTED:
@@ -51,15 +56,26 @@ def resolve_k_equalize(mode: str, k_type: str, device: str | torch.device = "cpu
     return on
 
 
-def channel_scales(k: torch.Tensor) -> torch.Tensor:
-    """k: (n_kv, T, D) float32, the first chunk's K as it will be stored (smoothed when smoothing
-    is on) -> (n_kv, D) float32 scales, each a power of two."""
-    rms = k.to(torch.float32).pow(2).mean(dim=1).sqrt()  # (n_kv, D)
+def _relative_widths(rms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms: (n_kv, D) channel RMS -> (widths relative to the head's RMS, floored; (n_kv, 1) head RMS > 0)."""
     head = rms.pow(2).mean(dim=-1, keepdim=True).sqrt()  # (n_kv, 1)
     safe = torch.where(head > 0, head, torch.ones_like(head))
-    width = torch.maximum(rms, head * RMS_FLOOR) / safe  # (n_kv, D) relative to the head's RMS
+    return torch.maximum(rms, head * RMS_FLOOR) / safe, head > 0
+
+
+def channel_scales(k: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+    """k: (n_kv, T, D) the first chunk's K as it will be stored (smoothed when smoothing is on);
+    q: (H, T, D) its queries (H a multiple of n_kv, query head h reads KV head h // (H / n_kv)),
+    or None for the K-only recipe -> (n_kv, D) float32 scales, each a power of two."""
+    n_kv, _, dim = k.shape
+    k_width, k_live = _relative_widths(k.to(torch.float32).pow(2).mean(dim=1).sqrt())  # (n_kv, D)
+    width, live = k_width, k_live
+    if q is not None:
+        group = q.to(torch.float32).reshape(n_kv, q.shape[0] // n_kv, -1, dim)  # (n_kv, H/n_kv, T, D)
+        q_width, q_live = _relative_widths(group.pow(2).mean(dim=(1, 2)).sqrt())  # (n_kv, D)
+        width, live = k_width / q_width, k_live & q_live
     scales = torch.exp2(torch.round(ALPHA * torch.log2(width)))  # (n_kv, D)
-    return torch.where(head > 0, scales, torch.ones_like(scales))
+    return torch.where(live, scales, torch.ones_like(scales))
 
 
 def query_scales(scales: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -7,7 +7,15 @@ skip-WHT turned the rotation off; with K smoothing, a per-layer, per-head channe
 the first prefill chunk is subtracted from K first. Both leave attention unchanged in exact
 arithmetic: the rotation is orthonormal, and the mean shifts every score of a query equally.
 With K equalization (engine/k_equalize.py), K is then divided per channel by power-of-two scales
-from the same first chunk and Q multiplied by them: (q * s) . (k / s) = q . k, exactly.
+from the same first chunk and Q multiplied by them: (q * s) . (k / s) = q . k, exactly. The scales
+need the first chunk's queries too, so that chunk's K/V are written when attention() brings them.
+
+Attention sinks: the first SINK_TOKENS positions of a quantized K or V are also kept in f16 (K as
+stored: smoothed, scaled, rotated), and attention reads those instead of their 4/8-bit copies.
+Most heads put a large share of their attention on the first token(s), and after smoothing their
+keys are often the farthest from the mean, so their quantization error moved every weight of the
+softmax (measured, docs/kv-quality-run.md run 3). The quantized copies stay in the stores, so
+anything reading the stores alone (the GPU kernels, for now) still works.
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ from engine.errors import SettingsError
 from engine.hadamard import Rotation, make_rotation, rotate
 
 QUANTIZED_K_TYPES = ("q8_0", "q4_0", "q4_1")
+# positions kept in f16 besides their quantized copies; 4 was better than 1 or 2 on SmolLM2, Gemma-3
+# and Qwen2.5-Coder-0.5B and no worse than 8 (docs/kv-quality-run.md, run 3)
+SINK_TOKENS = 4
 
 
 def attention_mask(pos: int, n_new: int, n_keys: int, window: int | None, device) -> torch.Tensor | None:
@@ -87,7 +98,9 @@ class KVCache:
         rotate_k: bool | None = None,
         k_smooth: bool = False,
         k_equalize: bool = False,
+        sink_tokens: int | None = None,
     ) -> None:
+        """sink_tokens: how many first positions of a quantized K or V also stay in f16 (None: SINK_TOKENS)"""
         for name, kind in (("K", k_type), ("V", v_type)):
             if kind not in kv_quant.KV_TYPES and kind != "f32":
                 raise SettingsError(
@@ -110,9 +123,17 @@ class KVCache:
         # k-equalize: per layer (n_kv, D) float32 powers of two (engine/k_equalize.py); K / s is stored
         self.k_equalize = k_equalize
         self.k_scale: list[torch.Tensor | None] = [None] * n_layers
+        # the first chunk's (pos, k, v) of each layer, held until attention() brings its queries
+        self._first_chunk: list[tuple[int, torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         shape = (n_kv_heads, max_len)
         self.k = [self._allocate(k_type, shape, device) for _ in range(n_layers)]
         self.v = [self._allocate(v_type, shape, device) for _ in range(n_layers)]
+        # attention sinks: per layer (n_kv, S, D) float16 copies of the first S positions (quantized sides)
+        wanted = SINK_TOKENS if sink_tokens is None else sink_tokens
+        quantized = any(kind != "f32" and kv_quant.kv_type(kind).quantized for kind in (k_type, v_type))
+        self.sink_tokens = min(max_len, wanted) if quantized else 0
+        self.k_sink = self._allocate_sinks(k_type, n_layers, device)
+        self.v_sink = self._allocate_sinks(v_type, n_layers, device)
 
     def _allocate(self, kind: str, shape: tuple[int, int], device) -> kv_quant.KVStore:
         if kind == "f32":  # test-only reference type
@@ -121,16 +142,24 @@ class KVCache:
             )
         return kv_quant.allocate(kind, shape, self.head_dim, device)
 
+    def _allocate_sinks(self, kind: str, n_layers: int, device) -> list[torch.Tensor] | None:
+        if self.sink_tokens == 0 or kind == "f32" or not kv_quant.kv_type(kind).quantized:
+            return None
+        shape = (self.n_kv_heads, self.sink_tokens, self.head_dim)
+        return [torch.zeros(shape, dtype=torch.float16, device=device) for _ in range(n_layers)]
+
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self.k + self.v) + sum(
-            m.numel() * 4 for m in self.k_mean + self.k_scale if m is not None
-        )
+        vectors = [m for m in self.k_mean + self.k_scale if m is not None]
+        sinks = (self.k_sink or []) + (self.v_sink or [])
+        extra = sum(t.numel() * t.element_size() for t in vectors + sinks)
+        return sum(s.nbytes() for s in self.k + self.v) + extra
 
     def reset(self) -> None:
         """Forget the smoothing vectors (a new conversation will take them from its first chunk)."""
         self.k_mean = [None] * len(self.k_mean)
         self.k_scale = [None] * len(self.k_scale)  # k-equalize
+        self._first_chunk = [None] * len(self._first_chunk)
 
     @staticmethod
     def _encode(x: torch.Tensor, kind: str) -> kv_quant.KVStore:
@@ -150,9 +179,22 @@ class KVCache:
             )
 
     def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: (T, n_kv, D) for positions [pos, pos + T)."""
+        """k, v: (T, n_kv, D) for positions [pos, pos + T). With K equalization the first chunk is
+        stored by the attention() call that follows (its scales need the chunk's queries)."""
+        self._check_room(pos, k.shape[0])
+        if self._first_chunk[layer] is not None:  # written twice without attention: scales from K alone
+            self._store(layer, *self._first_chunk[layer])
+            self._first_chunk[layer] = None
+        if self.k_equalize and (self.k_scale[layer] is None or pos == 0):
+            self._first_chunk[layer] = (pos, k, v)
+            return
+        self._store(layer, pos, k, v)
+
+    def _store(
+        self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
+    ) -> None:
+        """k, v: (T, n_kv, D) for positions [pos, pos + T); q: (H, T, D) their queries or None."""
         n_new = k.shape[0]
-        self._check_room(pos, n_new)
         k = k.transpose(0, 1).to(torch.float32)  # (n_kv, T, D)
         v = v.transpose(0, 1)  # (n_kv, T, D)
         if self.k_smooth:
@@ -161,12 +203,28 @@ class KVCache:
             k = k - self.k_mean[layer][:, None, :]
         if self.k_equalize:  # k-equalize: scales from the first chunk, like the mean
             if self.k_scale[layer] is None or pos == 0:
-                self.k_scale[layer] = k_equalize.channel_scales(k)  # (n_kv, D)
+                self.k_scale[layer] = k_equalize.channel_scales(k, q)  # (n_kv, D)
             k = k / self.k_scale[layer][:, None, :]
         if self.rotation is not None:
             k = rotate(k, self.rotation)  # (n_kv, T, D)
         self.k[layer].narrow(1, pos, n_new).copy_(self._encode(k, self.k_type))
         self.v[layer].narrow(1, pos, n_new).copy_(self._encode(v, self.v_type))
+        n_sink = min(self.sink_tokens - pos, n_new)
+        if n_sink > 0:  # attention sinks: f16 copies of the first positions
+            for sinks, x in ((self.k_sink, k), (self.v_sink, v)):
+                if sinks is not None:
+                    sinks[layer][:, pos : pos + n_sink].copy_(x[:, :n_sink])
+
+    def _read(self, layer: int, first: int, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of positions [first, n_keys) as float32 (n_kv, L, D), the sinks from their f16 copies."""
+        k = self._decode(self.k[layer].narrow(1, first, n_keys - first))  # (n_kv, L, D) float32
+        v = self._decode(self.v[layer].narrow(1, first, n_keys - first))  # (n_kv, L, D) float32
+        n_sink = min(self.sink_tokens, n_keys) - first
+        if n_sink > 0:
+            for sinks, x in ((self.k_sink, k), (self.v_sink, v)):
+                if sinks is not None:
+                    x[:, :n_sink] = sinks[layer][:, first : first + n_sink]
+        return k, v
 
     def attention(
         self, layer: int, q: torch.Tensor, pos: int, scale: float, window: int | None
@@ -180,10 +238,15 @@ class KVCache:
         near-ties before this). K/V are dequantized once per call either way.
         """
         n_new = q.shape[0]
-        first = 0 if window is None else max(0, pos - window + 1)  # keys no query of this block can see
-        k = self._decode(self.k[layer].narrow(1, first, pos + n_new - first))  # (n_kv, L, D) float32
-        v = self._decode(self.v[layer].narrow(1, first, pos + n_new - first))  # (n_kv, L, D) float32
         q = q.transpose(0, 1).to(torch.float32)  # (H, T, D)
+        pending = self._first_chunk[layer]
+        if pending is not None:
+            if pending[0] != pos or pending[1].shape[0] != n_new:
+                raise ValueError(f"layer {layer}: attention at {pos}+{n_new} after a write at {pending[0]}")
+            self._store(layer, *pending, q=q)
+            self._first_chunk[layer] = None
+        first = 0 if window is None else max(0, pos - window + 1)  # keys no query of this block can see
+        k, v = self._read(layer, first, pos + n_new)  # (n_kv, L, D) float32 each
         if self.k_equalize:  # k-equalize: (q * s) . (k / s) = q . k
             q = q * k_equalize.query_scales(self.k_scale[layer], q.shape[0])
         if self.rotation is not None:

@@ -8,6 +8,7 @@ prompt, so reopening or continuing a chat skips that part of the prefill.
 
 A snapshot is only used when its fingerprint equals the session's: format version, model identity,
 K/V types, K rotation (seed, group, sign vectors), K smoothing, K equalization (its recipe),
+attention sinks kept in f16 (how many),
 layer/head layout, chat template, which cache it is (the target's or a draft model's) and how K/V
 were computed (device, CPU weight mode: the same tokens give slightly different K/V bits through
 another kernel, and a restored greedy run must give exactly the tokens of a cold one).
@@ -21,7 +22,8 @@ File layout (every byte is covered by a checksum; a damaged or truncated file is
 The header holds the fingerprint, n_tokens, the tokens' sha256, the payload's size and sha256,
 and the tensor table [name, dtype, shape, offset]. Per layer l the payload has k.l.qs, k.l.d,
 k.l.m, v.l.qs, ... (whichever the type has), each (n_kv, n_tokens, X), k_mean.l (n_kv, D)
-when smoothing is on and k_scale.l (n_kv, D) when K equalization is on.
+when smoothing is on, k_scale.l (n_kv, D) when K equalization is on, and k_sink.l / v_sink.l
+(n_kv, min(S, n_tokens), D) float16 when the cache keeps S attention-sink positions in f16.
 
 The store works on any cache owner with these attributes (engine.session.Session, and
 engine.drafters.DraftModelDrafter for the draft model's own cache): `cache` (KVCache), `cached_ids`
@@ -113,6 +115,7 @@ def fingerprint(session) -> dict:
         "rotation_signs_sha256": signs,
         "k_smooth": bool(cache.k_smooth),
         "k_equalize": k_equalize.RECIPE if cache.k_equalize else None,
+        "sink_tokens": int(getattr(cache, "sink_tokens", 0)),  # the CUDA cache keeps none
         "n_layers": len(cache.k),
         "n_kv_heads": int(cache.n_kv_heads),
         "head_dim": int(cache.head_dim),
@@ -251,6 +254,8 @@ class SnapshotStore:
                     log.info("not saving a snapshot: layer %d has no K equalization scales yet", layer)
                     return None
                 parts.append((f"k_scale.{layer}", cache.k_scale[layer]))  # (n_kv, D) float32
+            for side, sinks in _sink_stores(cache):
+                parts.append((f"{side}_sink.{layer}", sinks[layer].narrow(1, 0, min(n, cache.sink_tokens))))
         table, blobs, offset = [], [], 0
         payload_sha = hashlib.sha256()
         for name, t in parts:
@@ -422,6 +427,14 @@ class SnapshotStore:
                         raise _Corrupt(f"{side}.{layer}.{field} is {tuple(src.shape)} {src.dtype}, "
                                        f"the cache needs {want} {dest.dtype}")
                     copies.append((dest.narrow(1, 0, usable), src.narrow(1, 0, usable)))
+            for side, sinks in _sink_stores(cache):
+                src, dest = tensors[f"{side}_sink.{layer}"], sinks[layer]  # (n_kv, min(S, n), D) float16
+                want = (dest.shape[0], min(n, dest.shape[1]), dest.shape[2])
+                if tuple(src.shape) != want or src.dtype != dest.dtype:
+                    raise _Corrupt(f"{side}_sink.{layer} is {tuple(src.shape)} {src.dtype}, "
+                                   f"the cache needs {want} {dest.dtype}")
+                keep = min(usable, want[1])
+                copies.append((dest.narrow(1, 0, keep), src.narrow(1, 0, keep)))
         means = _per_layer_vectors(tensors, "k_mean", cache) if cache.k_smooth else [None] * len(cache.k)
         scales = _per_layer_vectors(tensors, "k_scale", cache) if cache.k_equalize else [None] * len(cache.k)
         for dest, src in copies:
@@ -464,6 +477,12 @@ def _touch(path: Path) -> None:
         os.utime(path)  # the mtime is the LRU clock
     except OSError:
         pass
+
+
+def _sink_stores(cache) -> list[tuple[str, list[torch.Tensor]]]:
+    """("k" | "v", per-layer (n_kv, S, D) float16 sink copies) for each side that keeps them."""
+    sides = (("k", getattr(cache, "k_sink", None)), ("v", getattr(cache, "v_sink", None)))
+    return [(side, sinks) for side, sinks in sides if sinks is not None]
 
 
 def _per_layer_vectors(tensors: dict, prefix: str, cache) -> list[torch.Tensor | None]:

@@ -87,10 +87,13 @@ def fast_qmatmul(monkeypatch):
 
 
 def cpu_model(path, kv):
+    """The CPU engine with the GPU cache's K recipe: rotation and smoothing, no equalization and no
+    attention sinks (the CUDA cache has neither yet)."""
     model = Transformer.from_gguf(GGUFModelFile.open(path), cpu_weights="exact")
     c = model.config
     cache = KVCache(
-        c.n_layers, c.n_kv_heads, c.head_dim, CONTEXT, kv, kv, k_smooth=resolve_k_smooth("auto", kv)
+        c.n_layers, c.n_kv_heads, c.head_dim, CONTEXT, kv, kv, k_smooth=resolve_k_smooth("auto", kv),
+        sink_tokens=0,
     )
     return model, cache
 

@@ -11,6 +11,7 @@ import torch
 
 from engine import k_equalize
 from engine.api import EngineConfig, Finished, SamplingParams, TextDelta
+from engine.kv_cache import SINK_TOKENS
 from engine.session import Engine
 from engine.snapshots import SUFFIX, SnapshotStore, default_directory, fingerprint
 from tests.engine.tiny_models import write_tiny_model
@@ -66,6 +67,12 @@ def assert_same_stores(a, b, n):
         assert a.cache.k_equalize == b.cache.k_equalize
         if a.cache.k_equalize:
             assert torch.equal(a.cache.k_scale[layer], b.cache.k_scale[layer]), f"k_scale {layer} differs"
+        for side in ("k_sink", "v_sink"):  # attention sinks: f16 copies of the first positions
+            sa, sb = getattr(a.cache, side), getattr(b.cache, side)
+            assert (sa is None) == (sb is None)
+            if sa is not None:
+                keep = min(n, a.cache.sink_tokens)
+                assert torch.equal(sa[layer][:, :keep], sb[layer][:, :keep]), f"{side} {layer} differs"
 
 
 KV_SETTINGS = [
@@ -113,6 +120,8 @@ def test_fingerprint_records_rotation_and_smoothing(models):
     unequalized = fingerprint(load(models["llama"], kv_k="q4_0", k_equalize="off"))
     assert rotated["k_equalize"] == k_equalize.RECIPE and unequalized["k_equalize"] is None
     assert (rotated["n_layers"], rotated["n_kv_heads"], rotated["head_dim"]) == (2, 2, 64)
+    assert rotated["sink_tokens"] == SINK_TOKENS > 0
+    assert fingerprint(load(models["llama"], kv_k="f16", kv_v="f16"))["sink_tokens"] == 0
 
 
 MISMATCHES = {

@@ -4,8 +4,11 @@ Usage (from the repo root):
     .venv/bin/python -m tests.tools.bench_kv --models smollm2-135m qwen2.5-coder-0.5b --ctx 512
     .venv/bin/python -m tests.tools.bench_kv --pairs q4_0/f16 --equalize 0   # K-only rows, as in run 1
 The model is loaded once per model; only the cache is rebuilt between runs. For each pair (K/V) every
-combination of the three K switches is measured, then the shipped defaults (engine.session's
-resolution of skip-WHT off, k_smooth=auto, k_equalize=auto) are named in their own column. Besides
+combination of the three K switches is measured (with the cache's attention sinks, on for every
+quantized cache), then the shipped defaults (engine.session's resolution of skip-WHT off,
+k_smooth=auto, k_equalize=auto) are named in their own column, followed by two reference columns:
+the defaults without attention sinks, and run 2's defaults (K-only equalization scales, no sinks,
+docs/kv-quality-run.md) that run 3 replaced. Besides
 perplexity, the JSON rows hold the mean KL divergence of each run's next-token distribution from the
 f16 cache's (a steadier measure of the damage than the perplexity change, which a noisy run can move
 either way). llama.cpp's own caches are measured on the same tokens when llama-cpp-python is installed.
@@ -48,11 +51,21 @@ def score(logits: torch.Tensor, ids: list[int], ref_logp: torch.Tensor | None = 
     return math.exp(float(nll.mean())), kl
 
 
-def with_cache(session, kv_k: str, kv_v: str, rotate: bool, smooth: bool, equalize: bool = False) -> None:
+class KOnlyScalesCache(KVCache):
+    """Run 2's equalization recipe for comparison: the scales from the first chunk's K alone."""
+
+    def _store(self, layer, pos, k, v, q=None):
+        super()._store(layer, pos, k, v)
+
+
+def with_cache(
+    session, kv_k: str, kv_v: str, rotate: bool, smooth: bool, equalize: bool = False,
+    sink_tokens: int | None = None, cache_class: type[KVCache] = KVCache,
+) -> None:
     c = session.model.config
-    session.cache = KVCache(
+    session.cache = cache_class(
         c.n_layers, c.n_kv_heads, c.head_dim, session.max_len, kv_k, kv_v,
-        rotate_k=rotate, k_smooth=smooth, k_equalize=equalize,
+        rotate_k=rotate, k_smooth=smooth, k_equalize=equalize, sink_tokens=sink_tokens,
     )
 
 
@@ -147,6 +160,14 @@ def main() -> None:
                     row[default], row["kl"][default] = score(all_logits(session, ids), ids, ref_logp)
                 row[f"default {pair}"] = row[default]
                 row["kl"][f"default {pair}"] = row["kl"][default]
+                smooth, equalize = resolve_k_smooth("auto", kv_k), resolve_k_equalize("auto", kv_k)
+                for name, sinks, cache_class in (
+                    (f"default {pair} no sinks", 0, KVCache),
+                    (f"run 2 default {pair}", 0, KOnlyScalesCache),
+                ):
+                    with_cache(session, kv_k, kv_v, True, smooth, equalize, sinks, cache_class)
+                    row[name], row["kl"][name] = score(all_logits(session, ids), ids, ref_logp)
+                    print(f"  {key} {text_name} {name}: {row[name]:.4f} KL {row['kl'][name]:.4f}", flush=True)
             if not args.no_llama:
                 row["llama.cpp f16"] = llama_cpp_ppl(path, ids, 1, 1, args.threads)
                 for pair in args.pairs:
@@ -175,9 +196,11 @@ def _cell(row: dict, key: str) -> str:
 
 def print_tables(rows: list[dict]) -> None:
     """Per K/V pair: perplexity (change against our f16; llama.cpp's against its own f16), then mean KL."""
-    pairs = list(dict.fromkeys(k.split(" ")[0] for k in rows[0]["kl"] if not k.startswith("default")))
+    references = ("default", "run 2")
+    pairs = list(dict.fromkeys(k.split(" ")[0] for k in rows[0]["kl"] if not k.startswith(references)))
     for pair in pairs:
         runs = [k for k in rows[0]["kl"] if k.startswith(pair + " ")] + [f"default {pair}"]
+        runs += [k for k in (f"default {pair} no sinks", f"run 2 default {pair}") if k in rows[0]["kl"]]
         keys = ["f16", *runs, *(k for k in ("llama.cpp f16", f"llama.cpp {pair}") if k in rows[0])]
         print(f"\n{pair}: perplexity (change against f16)\n")
         print("| model | text | " + " | ".join(k.removeprefix(pair + " ") for k in keys) + " |")

@@ -12,7 +12,10 @@ A variant is [name, K type, V type, switches]: rot, smooth (K mean); kscale "rms
 (+ "q" in the name: divided by the query channel RMS, floored at 1/16 of the head's) with alpha (the
 exponent), floor (fraction of the head RMS), pow2 (round the scales to powers of two), tie ("auto":
 one scale per RoPE pair); vsmooth, vrot, vscale (exponent) on V; stats_tokens (statistics from the
-first N tokens only; the text still runs as one chunk). Prints perplexity, its change against the
+first N tokens only; the text still runs as one chunk); sink (the first N positions of K and V kept
+in f16, as the engine's attention sinks: 0 unless given), seed (the rotation's seed), layers (a list:
+only these layers' K/V are quantized, the rest f16, to see one layer's share of the damage). Prints
+perplexity, its change against the
 f16 cache, the mean KL divergence from the f16 cache's next-token distribution and top-1 agreement.
 Statistics come from the first chunk (pos == 0), which is the whole 512-token text here.
 """
@@ -45,9 +48,15 @@ class VariantCache(KVCache):
         stats_tokens=None,
         floor=0.0,
         pow2=False,
+        sink=0,
+        seed=None,
+        layers=None,
         **kw,
     ):
-        super().__init__(*a, **kw)
+        super().__init__(*a, sink_tokens=0, **kw)
+        if seed is not None and self.rotation is not None:
+            self.rotation = make_rotation(self.head_dim, seed)
+        self.sink, self.layers = sink, None if layers is None else set(layers)
         self.tie, self.stats_tokens, self.floor, self.pow2 = tie, stats_tokens, floor, pow2
         self.kscale, self.alpha, self.vrot, self.vsmooth, self.vscale = kscale, alpha, vrot, vsmooth, vscale
         n = len(self.k)
@@ -56,6 +65,9 @@ class VariantCache(KVCache):
         self.vs = [None] * n
         self.pending = [None] * n
         self.vrotation = make_rotation(self.head_dim) if vrot else None
+        # dequantized K/V (or their f16 values where a variant keeps them): (n_kv, max_len, D) float32
+        shape = (self.n_kv_heads, self.max_len, self.head_dim)
+        self.kv_f32 = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(n)]
 
     def write(self, layer, pos, k, v):
         if self.kscale and "q" in self.kscale and pos == 0:
@@ -123,8 +135,16 @@ class VariantCache(KVCache):
             v = v / self.vs[layer][:, None]
         if self.vrotation is not None:
             v = rotate(v, self.vrotation)
-        self.k[layer].narrow(1, pos, n_new).copy_(self._encode(k, self.k_type))
-        self.v[layer].narrow(1, pos, n_new).copy_(self._encode(v, self.v_type))
+        if self.layers is None or layer in self.layers:
+            kq = self._decode(self._encode(k, self.k_type))  # (n_kv, T, D) float32
+            vq = self._decode(self._encode(v, self.v_type))
+        else:
+            kq, vq = k.half().float(), v.half().float()
+        n_sink = min(self.sink - pos, n_new)
+        if n_sink > 0:
+            kq[:, :n_sink], vq[:, :n_sink] = k[:, :n_sink].half().float(), v[:, :n_sink].half().float()
+        self.kv_f32[layer][0][:, pos : pos + n_new] = kq
+        self.kv_f32[layer][1][:, pos : pos + n_new] = vq
 
     def attention(self, layer, q, pos, scale, window):
         n_new = q.shape[0]
@@ -134,8 +154,8 @@ class VariantCache(KVCache):
             self.pending[layer] = None
             self._write(layer, pos, k, v, q=qh)
         first = 0 if window is None else max(0, pos - window + 1)
-        k = self._decode(self.k[layer].narrow(1, first, pos + n_new - first))
-        v = self._decode(self.v[layer].narrow(1, first, pos + n_new - first))
+        k = self.kv_f32[layer][0][:, first : pos + n_new]  # (n_kv, L, D) dequantized
+        v = self.kv_f32[layer][1][:, first : pos + n_new]
         g = qh.shape[0] // k.shape[0]
         if self.s[layer] is not None:
             qh = qh * self.s[layer].repeat_interleave(g, 0)[:, None]
