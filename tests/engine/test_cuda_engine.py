@@ -501,3 +501,55 @@ def test_record_graph_warms_up_then_captures(monkeypatch):
     graph = cuda_graphs.record_graph(lambda: events.append("body"), torch.device("cpu"))
     assert isinstance(graph, Fake)
     assert events == ["wait", "enter", "body", "exit", "wait", "enter", "body", "exit"]
+
+
+# ---- graph capture (runs everywhere, CUDA calls faked) ---------------------------------------------------
+
+
+@pytest.fixture
+def fake_capture(monkeypatch):
+    """torch.cuda's stream and graph calls replaced by no-ops; returns the list of capture events."""
+    import contextlib
+
+    events: list[str] = []
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def fake_stream(stream):
+        yield
+
+    @contextlib.contextmanager
+    def fake_graph(graph):
+        events.append("capture")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", fake_stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    return events
+
+
+def test_record_graph_captures_with_garbage_collection_off(fake_capture):
+    """A collection during capture freed an earlier session's graph / pinned buffers and invalidated the
+    capture on an H200; the warm-up runs with gc on, the capture with gc off, and gc is back on after."""
+    import gc
+
+    from engine.cuda_graphs import record_graph
+
+    gc_during_body = []
+    record_graph(lambda: gc_during_body.append(gc.isenabled()), torch.device("cuda"))
+    assert gc_during_body == [True, False] and fake_capture == ["capture"]
+    assert gc.isenabled()
+
+    def fails_in_capture():
+        if not gc.isenabled():
+            raise RuntimeError("capture failed")
+
+    with pytest.raises(RuntimeError, match="capture failed"):
+        record_graph(fails_in_capture, torch.device("cuda"))
+    assert gc.isenabled(), "a failed capture must leave garbage collection on"
