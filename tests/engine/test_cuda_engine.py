@@ -474,10 +474,9 @@ def test_row_buckets_and_padding():
     assert host.tolist() == [[5, 6, 7, 0, 0, 0, 0, 0], [40, 41, 42, -1, -1, -1, -1, -1]]
 
 
-def test_record_graph_warms_up_then_captures(monkeypatch):
-    # the CUDA calls of a capture, on fakes: one eager run on a side stream, then one run being recorded
-    from engine import cuda_graphs
-
+@pytest.fixture
+def capture_fakes(monkeypatch):
+    """The CUDA calls of a capture replaced by fakes that log "wait" / "enter" / "exit"; returns the log."""
     events = []
 
     class Fake:
@@ -498,58 +497,34 @@ def test_record_graph_warms_up_then_captures(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda s: Fake())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Fake)
     monkeypatch.setattr(torch.cuda, "graph", lambda g: Fake())
-    graph = cuda_graphs.record_graph(lambda: events.append("body"), torch.device("cpu"))
-    assert isinstance(graph, Fake)
-    assert events == ["wait", "enter", "body", "exit", "wait", "enter", "body", "exit"]
-
-
-# ---- graph capture (runs everywhere, CUDA calls faked) ---------------------------------------------------
-
-
-@pytest.fixture
-def fake_capture(monkeypatch):
-    """torch.cuda's stream and graph calls replaced by no-ops; returns the list of capture events."""
-    import contextlib
-
-    events: list[str] = []
-
-    class FakeStream:
-        def wait_stream(self, other):
-            pass
-
-    @contextlib.contextmanager
-    def fake_stream(stream):
-        yield
-
-    @contextlib.contextmanager
-    def fake_graph(graph):
-        events.append("capture")
-        yield
-
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
-    monkeypatch.setattr(torch.cuda, "stream", fake_stream)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
-    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
     return events
 
 
-def test_record_graph_captures_with_garbage_collection_off(fake_capture):
+def test_record_graph_warms_up_then_captures(capture_fakes):
+    # one eager run on a side stream, then one run being recorded
+    from engine import cuda_graphs
+
+    graph = cuda_graphs.record_graph(lambda: capture_fakes.append("body"), torch.device("cpu"))
+    assert type(graph).__name__ == "Fake"
+    assert capture_fakes == ["wait", "enter", "body", "exit", "wait", "enter", "body", "exit"]
+
+
+def test_record_graph_captures_with_garbage_collection_off(capture_fakes):
     """A collection during capture freed an earlier session's graph / pinned buffers and invalidated the
-    capture on an H200; the warm-up runs with gc on, the capture with gc off, and gc is back on after."""
+    capture on an H200: the warm-up runs with gc on, the capture with gc off, and gc is on again after,
+    also when the capture fails."""
     import gc
 
     from engine.cuda_graphs import record_graph
 
     gc_during_body = []
-    record_graph(lambda: gc_during_body.append(gc.isenabled()), torch.device("cuda"))
-    assert gc_during_body == [True, False] and fake_capture == ["capture"]
-    assert gc.isenabled()
+    record_graph(lambda: gc_during_body.append(gc.isenabled()), torch.device("cpu"))
+    assert gc_during_body == [True, False] and gc.isenabled()
 
     def fails_in_capture():
         if not gc.isenabled():
             raise RuntimeError("capture failed")
 
     with pytest.raises(RuntimeError, match="capture failed"):
-        record_graph(fails_in_capture, torch.device("cuda"))
-    assert gc.isenabled(), "a failed capture must leave garbage collection on"
+        record_graph(fails_in_capture, torch.device("cpu"))
+    assert gc.isenabled()
