@@ -196,6 +196,73 @@ def _close_quietly(buf: mmap.mmap) -> None:
         pass
 
 
+def read_header_records(
+    buf, size: int, shown: str
+) -> tuple[int, dict[str, object], list[tuple[str, tuple[int, ...], int, int]], int, int]:
+    """The fixed header, the metadata and the tensor records of a GGUF file (or of a header alone) in
+    buf[:size] -> (version, metadata, raw tensor records (name, ne, type id, offset), alignment, data offset).
+
+    Raises ModelFileError (not GGUF, unsupported version or byte order), _Truncated or _Corrupt.
+    """
+    if size < 4 or buf[:4] != GGUF_MAGIC:
+        head = bytes(buf[:4])
+        raise ModelFileError(
+            f"{shown} is not a GGUF model file (it starts with {head!r}, not {GGUF_MAGIC!r}). "
+            "Tandem runs llama.cpp-style .gguf files."
+        )
+    if size < _FIXED_HEADER.size:
+        raise _Truncated(f"the {_FIXED_HEADER.size}-byte GGUF header is cut off after {size} bytes")
+    _, version, n_tensors, n_kv = _FIXED_HEADER.unpack_from(buf, 0)
+    if version not in SUPPORTED_VERSIONS:
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        if version & 0xFFFF == 0 and swapped in SUPPORTED_VERSIONS:
+            raise ModelFileError(
+                f"{shown} is a big-endian GGUF file; Tandem reads little-endian GGUF files only "
+                "(the usual kind). Download the standard version of this model."
+            )
+        raise ModelFileError(
+            f"{shown} is GGUF version {version}; Tandem reads versions 2 and 3. "
+            "Download a file made by a current llama.cpp."
+        )
+    reader = _HeaderReader(buf, size, _FIXED_HEADER.size)
+    if n_tensors > MAX_TENSORS or n_tensors > reader.left() // _MIN_TENSOR_INFO_BYTES:
+        raise _Corrupt(f"the header claims {n_tensors} tensors, more than the file can hold")
+    if n_kv > MAX_KV or n_kv > reader.left() // _MIN_KV_BYTES:
+        raise _Corrupt(f"the header claims {n_kv} metadata entries, more than the file can hold")
+
+    metadata: dict[str, object] = {}
+    for i in range(n_kv):
+        key = reader.string(f"the name of metadata entry {i}")
+        vtype = reader.u32(f"the type of metadata entry {key!r}")
+        value = reader.value(vtype, f"metadata entry {key!r}")
+        if key in metadata:
+            raise _Corrupt(f"metadata entry {key!r} appears twice")
+        metadata[key] = value
+
+    raw_infos: list[tuple[str, tuple[int, ...], int, int]] = []
+    for i in range(n_tensors):
+        name = reader.string(f"the name of tensor {i}")
+        n_dims = reader.u32(f"the number of dimensions of tensor {name!r}")
+        if n_dims > MAX_DIMS:
+            raise _Corrupt(f"tensor {name!r} claims {n_dims} dimensions (at most {MAX_DIMS})")
+        ne = tuple(reader.u64(f"the shape of tensor {name!r}") for _ in range(n_dims))
+        type_id = reader.u32(f"the type of tensor {name!r}")
+        offset = reader.u64(f"the data offset of tensor {name!r}")
+        raw_infos.append((name, ne, type_id, offset))
+
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if (
+        not isinstance(alignment, int)
+        or isinstance(alignment, bool)
+        or alignment <= 0
+        or alignment & (alignment - 1)
+        or alignment > 1 << 30
+    ):
+        raise _Corrupt(f"general.alignment is {alignment!r}; it must be a power of two")
+    data_offset = -(-reader.pos // alignment) * alignment
+    return version, metadata, raw_infos, alignment, data_offset
+
+
 class GGUFModelFile:
     """A memory-mapped GGUF file. Create it with `GGUFModelFile.open(path)`."""
 
@@ -300,62 +367,7 @@ class GGUFModelFile:
     @classmethod
     def _parse(cls, path: pathlib.Path, buf: mmap.mmap, file_size: int) -> GGUFModelFile:
         shown = str(path)
-        if file_size < 4 or buf[:4] != GGUF_MAGIC:
-            head = bytes(buf[:4])
-            raise ModelFileError(
-                f"{shown} is not a GGUF model file (it starts with {head!r}, not {GGUF_MAGIC!r}). "
-                "Tandem runs llama.cpp-style .gguf files."
-            )
-        if file_size < _FIXED_HEADER.size:
-            raise _Truncated(f"the {_FIXED_HEADER.size}-byte GGUF header is cut off after {file_size} bytes")
-        _, version, n_tensors, n_kv = _FIXED_HEADER.unpack_from(buf, 0)
-        if version not in SUPPORTED_VERSIONS:
-            swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
-            if version & 0xFFFF == 0 and swapped in SUPPORTED_VERSIONS:
-                raise ModelFileError(
-                    f"{shown} is a big-endian GGUF file; Tandem reads little-endian GGUF files only "
-                    "(the usual kind). Download the standard version of this model."
-                )
-            raise ModelFileError(
-                f"{shown} is GGUF version {version}; Tandem reads versions 2 and 3. "
-                "Download a file made by a current llama.cpp."
-            )
-        reader = _HeaderReader(buf, file_size, _FIXED_HEADER.size)
-        if n_tensors > MAX_TENSORS or n_tensors > reader.left() // _MIN_TENSOR_INFO_BYTES:
-            raise _Corrupt(f"the header claims {n_tensors} tensors, more than the file can hold")
-        if n_kv > MAX_KV or n_kv > reader.left() // _MIN_KV_BYTES:
-            raise _Corrupt(f"the header claims {n_kv} metadata entries, more than the file can hold")
-
-        metadata: dict[str, object] = {}
-        for i in range(n_kv):
-            key = reader.string(f"the name of metadata entry {i}")
-            vtype = reader.u32(f"the type of metadata entry {key!r}")
-            value = reader.value(vtype, f"metadata entry {key!r}")
-            if key in metadata:
-                raise _Corrupt(f"metadata entry {key!r} appears twice")
-            metadata[key] = value
-
-        raw_infos: list[tuple[str, tuple[int, ...], int, int]] = []
-        for i in range(n_tensors):
-            name = reader.string(f"the name of tensor {i}")
-            n_dims = reader.u32(f"the number of dimensions of tensor {name!r}")
-            if n_dims > MAX_DIMS:
-                raise _Corrupt(f"tensor {name!r} claims {n_dims} dimensions (at most {MAX_DIMS})")
-            ne = tuple(reader.u64(f"the shape of tensor {name!r}") for _ in range(n_dims))
-            type_id = reader.u32(f"the type of tensor {name!r}")
-            offset = reader.u64(f"the data offset of tensor {name!r}")
-            raw_infos.append((name, ne, type_id, offset))
-
-        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if (
-            not isinstance(alignment, int)
-            or isinstance(alignment, bool)
-            or alignment <= 0
-            or alignment & (alignment - 1)
-            or alignment > 1 << 30
-        ):
-            raise _Corrupt(f"general.alignment is {alignment!r}; it must be a power of two")
-        data_offset = -(-reader.pos // alignment) * alignment
+        version, metadata, raw_infos, alignment, data_offset = read_header_records(buf, file_size, shown)
 
         architecture = metadata.get("general.architecture")
         if not isinstance(architecture, str) or not architecture:

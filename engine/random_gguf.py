@@ -35,17 +35,7 @@ from gguf import GGMLQuantizationType as QT
 
 from engine import quants
 from engine.errors import ModelFileError
-from engine.gguf_file import (
-    _FIXED_HEADER,
-    DEFAULT_ALIGNMENT,
-    GGUF_MAGIC,
-    MAX_DIMS,
-    SUPPORTED_VERSIONS,
-    GGUFModelFile,
-    _Corrupt,
-    _HeaderReader,
-    _Truncated,
-)
+from engine.gguf_file import GGUFModelFile, _Corrupt, _Truncated, read_header_records
 
 logger = logging.getLogger(__name__)
 
@@ -143,29 +133,7 @@ def parse_header(header: bytes, shown: str = "the header") -> HeaderLayout:
 
 
 def _parse_header(header: bytes, shown: str) -> HeaderLayout:
-    if len(header) < _FIXED_HEADER.size or header[:4] != GGUF_MAGIC:
-        raise ModelFileError(f"{shown} is not a GGUF header (it starts with {header[:4]!r}).")
-    _, version, n_tensors, n_kv = _FIXED_HEADER.unpack_from(header, 0)
-    if version not in SUPPORTED_VERSIONS:
-        raise ModelFileError(f"{shown} is GGUF version {version}; Tandem reads versions 2 and 3.")
-    reader = _HeaderReader(header, len(header), _FIXED_HEADER.size)
-    metadata: dict[str, object] = {}
-    for i in range(n_kv):
-        key = reader.string(f"the name of metadata entry {i}")
-        vtype = reader.u32(f"the type of metadata entry {key!r}")
-        metadata[key] = reader.value(vtype, f"metadata entry {key!r}")
-    raw: list[tuple[str, tuple[int, ...], int, int]] = []
-    for i in range(n_tensors):
-        name = reader.string(f"the name of tensor {i}")
-        n_dims = reader.u32(f"the number of dimensions of tensor {name!r}")
-        if n_dims > MAX_DIMS:
-            raise _Corrupt(f"tensor {name!r} claims {n_dims} dimensions")
-        ne = tuple(reader.u64(f"the shape of tensor {name!r}") for _ in range(n_dims))
-        raw.append((name, ne, reader.u32(f"the type of {name!r}"), reader.u64(f"the offset of {name!r}")))
-    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise _Corrupt(f"general.alignment is {alignment!r}; it must be a power of two")
-    data_offset = -(-reader.pos // alignment) * alignment
+    version, metadata, raw, alignment, data_offset = read_header_records(header, len(header), shown)
     if len(header) != data_offset:
         raise ModelFileError(
             f"{shown} has {len(header)} bytes, but its header ends at byte {data_offset}: "
