@@ -24,6 +24,7 @@ import json
 import logging
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -35,19 +36,31 @@ log = logging.getLogger(__name__)
 CONTEXT_ROUND = 256
 
 
-def _cuda_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
-    """Milliseconds of fn() per run, timed with CUDA events, after `warmup` untimed runs."""
+def timed_seconds(
+    fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cuda"
+) -> list[float]:
+    """Seconds of fn() per run after `warmup` untimed runs: CUDA events on a CUDA device, the host
+    clock otherwise (the CPU smoke tests of the benchmark tools)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if device != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / 1e3)
     return times
+
+
+def _cuda_ms(fn: Callable[[], object], repeats: int) -> list[float]:
+    return [t * 1e3 for t in timed_seconds(fn, repeats)]
 
 
 def _weight_bytes(model) -> int:

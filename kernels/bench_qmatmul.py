@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
+from engine.gpu_bench import timed_seconds
 from engine.quants import BLOCK_TABLE
 from kernels.qmatmul import (
     DENSE_TYPES,
@@ -98,17 +99,7 @@ def _time_graph(fn, reps: int = 10) -> float:
 
 
 def _time_eager(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3)
-    return statistics.median(times)
+    return statistics.median(timed_seconds(fn, reps))
 
 
 def copy_bandwidth(device: str) -> float:

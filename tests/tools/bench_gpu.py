@@ -52,6 +52,7 @@ if str(REPO) not in sys.path:  # `python3 tests/tools/bench_gpu.py` from anywher
 import torch  # noqa: E402
 
 from engine import random_gguf  # noqa: E402
+from engine.gpu_bench import timed_seconds  # noqa: E402
 
 BENCH_DIR = REPO / ".bench"
 BUILD_SCRIPT = REPO / "tests" / "tools" / "gpu_bench" / "build_llama_bench.sh"
@@ -271,22 +272,7 @@ def hf_config(layout: random_gguf.HeaderLayout):
 
 def device_time(fn, reps: int, warmup: int = 2) -> list[float]:
     """Seconds per call of fn, timed with CUDA events (a host clock on CPU), after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if DEVICE != "cuda":
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return times
+    return timed_seconds(fn, reps, warmup, DEVICE)
 
 
 def run_transformers(
