@@ -99,34 +99,17 @@ def cpu_model(path, kv):
 
 
 def kernel_model(path, kv, device):
-    """The GPU path's model and cache; on a machine without CUDA, on CPU tensors under the interpreter."""
+    """The GPU path's model and cache; on a machine without CUDA, on CPU tensors under the interpreter
+    (the cache make_kv_cache would give there is the CPU one, so the kernels' cache is built directly)."""
+    from engine.cuda_kv_cache import CudaKVCache
     from engine.models.cuda_transformer import CudaTransformer
 
     model = CudaTransformer.from_gguf(GGUFModelFile.open(path), device=device)
     c = model.config
-    cache = make_kv_cache(
-        c.n_layers,
-        c.n_kv_heads,
-        c.head_dim,
-        CONTEXT,
-        kv,
-        kv,
-        device=device,
+    cache = CudaKVCache(
+        c.n_layers, c.n_kv_heads, c.head_dim, CONTEXT, kv, kv, device=device,
         k_smooth=resolve_k_smooth("auto", kv),
     )
-    if device == "cpu":  # make_kv_cache gives the CPU cache there; the kernel path needs its own
-        from engine.cuda_kv_cache import CudaKVCache
-
-        cache = CudaKVCache(
-            c.n_layers,
-            c.n_kv_heads,
-            c.head_dim,
-            CONTEXT,
-            kv,
-            kv,
-            device="cpu",
-            k_smooth=resolve_k_smooth("auto", kv),
-        )
     return model, cache
 
 
