@@ -44,7 +44,7 @@ class EngineSettings:
     skip_wht: bool = False
     k_smooth: str = "auto"
     k_equalize: str = "auto"
-    prefill_chunk: int = 512
+    prefill_chunk: int = 0  # 0 = auto: 512 tokens on the CPU, 2048 on a GPU
     context_length: int = 4096
     device: str = "auto"
     temperature: float = 0.0

@@ -122,8 +122,10 @@ class SettingsPanel(QScrollArea):
         )
         f.addRow("K equalization", self.k_equalize)
         self.prefill_chunk = QSpinBox()
-        self.prefill_chunk.setRange(16, 8192)
+        self.prefill_chunk.setRange(0, 8192)
         self.prefill_chunk.setSingleStep(64)
+        self.prefill_chunk.setSpecialValueText("auto")  # shown for 0
+        self.prefill_chunk.setToolTip("Prompt tokens per step; auto = 512 on the CPU, 2048 on a GPU")
         f.addRow("Prefill chunk", self.prefill_chunk)
         self.context_length = QSpinBox()
         self.context_length.setRange(256, 1 << 20)

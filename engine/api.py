@@ -19,6 +19,18 @@ K_EQUALIZE_MODES = ("auto", "on", "off")
 # Longest speculative verify block (1 + max draft). Blocks up to this size run row by row through the
 # single-token path in attention and dense linears, so greedy verification equals plain decoding bit for bit.
 VERIFY_ROWS_MAX = 16
+# Tokens per prefill step when EngineConfig.prefill_chunk is 0 ("auto"). On the CPU a chunk is the unit
+# of progress and cancelling (512 tokens of a 1.5B model take seconds there). On the GPU every chunk
+# launches the same few hundred kernels from Python whatever its size, and that host time, not the
+# GPU, set the pace at 512: an H200 prefilled 2048 tokens at 28-32k tok/s in 512-token chunks and at
+# 57-66k tok/s in one 2048-token chunk (BENCHMARKS.md, GPU run 4).
+PREFILL_CHUNK_CPU = 512
+PREFILL_CHUNK_CUDA = 2048
+
+
+def auto_prefill_chunk(device: str) -> int:
+    """The prefill chunk "auto" (0) stands for on `device` ("cpu", "cuda", "cuda:1", ...)."""
+    return PREFILL_CHUNK_CUDA if device.startswith("cuda") else PREFILL_CHUNK_CPU
 
 
 @dataclass
@@ -38,7 +50,7 @@ class EngineConfig:
     skip_wht: bool = False
     k_smooth: str = "auto"
     k_equalize: str = "auto"  # per-channel K scales (engine/k_equalize.py): auto = on for quantized K
-    prefill_chunk: int = 512
+    prefill_chunk: int = 0  # tokens per prefill step; 0 = auto (auto_prefill_chunk)
     context_length: int = 4096
     device: str = "auto"
     snapshot_dir: str | None = None
@@ -73,9 +85,9 @@ class EngineConfig:
             raise SettingsError(
                 f"K equalization '{self.k_equalize}' is unknown; choose one of {', '.join(K_EQUALIZE_MODES)}."
             )
-        if not 1 <= self.prefill_chunk <= 8192:
+        if not 0 <= self.prefill_chunk <= 8192:
             raise SettingsError(
-                f"Prefill chunk {self.prefill_chunk} is out of range; use 1..8192 (default 512)."
+                f"Prefill chunk {self.prefill_chunk} is out of range; use 1..8192, or 0 for automatic."
             )
         if not 16 <= self.context_length <= 1 << 20:
             raise SettingsError(f"Context length {self.context_length} is out of range; use 16..1048576.")

@@ -45,7 +45,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--k-equalize", default="auto", help="per-channel K scales: auto (on for quantized K) | on | off"
     )
-    p.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
+    p.add_argument("--chunk", type=int, default=0, help="prefill chunk size (0 = auto: 512 CPU, 2048 GPU)")
     p.add_argument("--ctx", type=int, default=4096, help="context length")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
     p.add_argument("--snapshot-dir")

@@ -87,7 +87,7 @@ def measure(
     depth: int = 0,
     verify_sizes: tuple[int, ...] = (1, 4, 8, 16),
     repeats: int = 5,
-    prefill_chunk: int = 512,
+    prefill_chunk: int = 0,
     seed: int = 0,
 ) -> dict:
     """Load the model on CUDA with a K/V cache of ctk/ctv and time prefill, decode and verify steps."""
@@ -125,7 +125,7 @@ def measure(
         "n_prompt": n_prompt,
         "n_gen": n_gen,
         "depth": depth,
-        "prefill_chunk": prefill_chunk,
+        "prefill_chunk": session.config.prefill_chunk,
         "context_length": context,
         "repeats": repeats,
     }
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", default="0", help="decode depths, comma-separated")
     p.add_argument("--verify", default="1,4,8,16")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--chunk", type=int, default=0, help="prefill chunk (0 = the engine's auto: 2048 on CUDA)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -12,7 +13,16 @@ from pathlib import Path
 
 import torch
 
-from engine.api import EngineConfig, Event, Finished, GenerationStats, SamplingParams, StatsUpdate, TextDelta
+from engine.api import (
+    EngineConfig,
+    Event,
+    Finished,
+    GenerationStats,
+    SamplingParams,
+    StatsUpdate,
+    TextDelta,
+    auto_prefill_chunk,
+)
 from engine.chat_template import ChatTemplate
 from engine.config import ModelConfig
 from engine.errors import SettingsError, TandemError
@@ -96,6 +106,8 @@ class Engine:
         template = ChatTemplate.from_gguf(gguf_file, tokenizer)
         device, reason = pick_device(config.device, ModelConfig.from_gguf(gguf_file))
         log.info("device %s (%s)", device, reason)
+        if config.prefill_chunk == 0:  # auto: the draft model and the speculative path read it too
+            config = dataclasses.replace(config, prefill_chunk=auto_prefill_chunk(device))
         try:
             with torch.inference_mode():
                 model = Transformer.from_gguf(
@@ -131,6 +143,8 @@ class Session:
         device: str,
         device_reason: str,
     ) -> None:
+        if config.prefill_chunk == 0:
+            config = dataclasses.replace(config, prefill_chunk=auto_prefill_chunk(device))
         self.config, self.gguf_file, self.model = config, gguf_file, model
         self.tokenizer, self.template = tokenizer, template
         self.device, self.device_reason = device, device_reason

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from engine.api import EngineConfig, Finished, SamplingParams, TextDelta
+from engine.api import EngineConfig, Finished, SamplingParams, TextDelta, auto_prefill_chunk
 from engine.errors import SettingsError
 from engine.session import Engine
 from tests.engine.tiny_models import write_tiny_model
@@ -64,6 +64,17 @@ def test_chunk_size_does_not_change_logits(tiny_path, chunk):
     chunked = load(tiny_path, prefill_chunk=chunk).prefill(PROMPT, 0, logits_for="all")
     err = float((chunked - reference).norm() / reference.norm())
     assert err < 1e-4, f"chunk {chunk}: relative error {err:.2e}"
+
+
+def test_prefill_chunk_auto_resolves_per_device(tiny_path):
+    """prefill_chunk 0 (the default) means 512 on the CPU and 2048 on CUDA; negative values are refused."""
+    assert EngineConfig(model="m").prefill_chunk == 0
+    assert [auto_prefill_chunk(d) for d in ("cpu", "cuda", "cuda:1")] == [512, 2048, 2048]
+    session = load(tiny_path)
+    assert session.device == "cpu" and session.config.prefill_chunk == 512
+    assert load(tiny_path, prefill_chunk=96).config.prefill_chunk == 96
+    with pytest.raises(SettingsError, match="Prefill chunk"):
+        EngineConfig(model="m", prefill_chunk=-1).validate()
 
 
 def collect(events):
