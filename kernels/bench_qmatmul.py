@@ -241,12 +241,15 @@ def sweep(l2_bytes: int, compile_only: bool, types=SWEEP_TYPES) -> None:
             torch.cuda.empty_cache()
 
 
-GEMV_KERNEL_SHAPES = [(QT.Q4_K, (8960, 1536)), (QT.Q4_K, (1536, 8960)), (QT.Q6_K, (1536, 8960)),
-                      (QT.Q4_K, (1536, 1536)), (QT.Q6_K, (256, 1536)), (QT.Q4_0, (8960, 1536)),
-                      (QT.Q6_K, (151936, 1536))]
+# The GEMVs of a Qwen2.5-1.5B Q4_K_M decode step as the engine launches them: fused gate/up (17920 x 1536)
+# and Q/K (1792 x 1536), V (Q6_K), the output projection, FFN-down (Q4_K or Q6_K), the LM head; plus
+# the unfused 8960 x 1536 and a Q4_0 shape.
+GEMV_KERNEL_SHAPES = [(QT.Q4_K, (17920, 1536)), (QT.Q4_K, (1792, 1536)), (QT.Q4_K, (8960, 1536)),
+                      (QT.Q4_K, (1536, 8960)), (QT.Q6_K, (1536, 8960)), (QT.Q4_K, (1536, 1536)),
+                      (QT.Q6_K, (256, 1536)), (QT.Q4_0, (8960, 1536)), (QT.Q6_K, (151936, 1536))]
 GEMV_KERNEL_SWEEP = [  # (block_n, block_k, programs_per_sm, num_warps, num_stages)
-    (64, 128, 4, 4, 2), (64, 128, 1, 4, 2), (64, 128, 2, 4, 2), (64, 128, 8, 4, 2), (32, 128, 4, 4, 2),
-    (128, 128, 2, 4, 3), (64, 256, 2, 4, 2), (64, 128, 4, 4, 3), (64, 128, 2, 4, 3),
+    (64, 128, 4, 4, 2), (64, 128, 2, 4, 2), (64, 128, 8, 4, 2), (64, 128, 12, 4, 2), (64, 128, 8, 4, 3),
+    (128, 128, 4, 4, 3), (128, 128, 8, 4, 2), (64, 128, 4, 4, 3), (64, 128, 2, 4, 3),
 ]
 
 
@@ -273,6 +276,33 @@ def sweep_gemv_kernels(l2_bytes: int, rows=(1, 16)) -> None:
         torch.cuda.empty_cache()
 
 
+PREFETCH_VARIANTS = [(False, False), (True, False), (False, True), (True, True)]  # (prefetch, pdl)
+
+
+def ab_prefetch(l2_bytes: int, rows=(1, 16)) -> None:
+    """The default GEMV launch with and without the L2 prefetch and PDL (kernels/qmatmul_prefetch.py),
+    per shape of a Qwen2.5-1.5B layer; the variants run in one order, then in the reverse order."""
+    for qtype, shape in GEMV_KERNEL_SHAPES:
+        weights = _weights(qtype, shape, l2_bytes)
+        base = weights[0].gemv_config
+        order = PREFETCH_VARIANTS + PREFETCH_VARIANTS[::-1]
+        times: dict[tuple[bool, bool], list[list[float]]] = {v: [] for v in PREFETCH_VARIANTS}
+        for prefetch, pdl in order:
+            cfg = dataclasses.replace(base, prefetch=prefetch, pdl=pdl)
+            times[(prefetch, pdl)].append([gemv_time(weights, m, cfg) * 1e6 for m in rows])
+        lines = []
+        for (prefetch, pdl), runs in times.items():
+            cells = " ".join(f"M{m}={statistics.mean(r[i] for r in runs):6.2f}" for i, m in enumerate(rows))
+            spread = " ".join(f"{r[0]:.2f}" for r in runs)
+            gbps = weights[0].nbytes / statistics.mean(r[0] for r in runs) / 1e3
+            lines.append(f"prefetch {prefetch!s:5} pdl {pdl!s:5}: {cells} us ({spread}) {gbps:5.0f} GB/s")
+        mb = weights[0].nbytes / 1e6
+        title = f"gemv {qtype.name} {shape[0]}x{shape[1]} split{base.split_k} ({mb:.2f} MB)"
+        print(title + ":\n  " + "\n  ".join(lines), flush=True)
+        del weights
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", nargs="*", default=None, help="GGUF type names (default: all)")
@@ -282,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="just run one qmatmul shape 20 times (for a profiler such as ncu)")
     parser.add_argument("--sweep-gemv", action="store_true",
                         help="GEMV launch parameters on the shapes of a Qwen2.5-1.5B layer")
+    parser.add_argument("--ab-prefetch", action="store_true",
+                        help="default GEMV with / without the L2 prefetch and programmatic dependent launch")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_qmatmul needs a CUDA device", file=sys.stderr)
@@ -296,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(20):
             qmatmul(x, w)
         _sync()
+        return 0
+    if args.ab_prefetch:
+        print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes >> 20} MiB, "
+              f"torch {torch.__version__}", flush=True)
+        ab_prefetch(l2_bytes)
         return 0
     if args.sweep_gemv:
         print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes >> 20} MiB, "

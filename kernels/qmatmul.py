@@ -48,7 +48,9 @@ from gguf import GGMLQuantizationType as QT
 
 from engine import quants
 from engine.errors import ModelFileError
+from kernels.pdl import pdl_supported, wait_for_previous
 from kernels.qmatmul_layouts import FIELDS, GROUP_ELEMS, split_fields, to_gguf_bytes
+from kernels.qmatmul_prefetch import prefetch_lines, prefetch_weight_slice
 from kernels.qmatmul_tiles import dequant_tile, k_index, tile_q6_k_fast
 
 if TYPE_CHECKING:
@@ -67,6 +69,9 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # it off (the portable float32 path then runs everywhere).
 _ASM_ENABLED = os.environ.get("TANDEM_QMATMUL_ASM", "1") != "0"
 FAST_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q6_K)
+# GEMV weights up to this size prefetch their slices to L2 first (kernels/qmatmul_prefetch.py, measured
+# there); TANDEM_QMATMUL_PREFETCH_MB overrides it (0: never).
+_PREFETCH_MAX_BYTES = float(os.environ.get("TANDEM_QMATMUL_PREFETCH_MB", "4")) * 2**20
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     fast: bool = True  # inline-PTX dequantization where it applies (False: always the float32 path)
+    prefetch: bool = False  # ask L2 for the program's whole weight slice first (kernels/qmatmul_prefetch.py)
+    pdl: bool = False  # launch as a programmatic dependent of the previous kernel (CUDA sm_90+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,13 +180,19 @@ def _gemv_tuning(qtype: QT, n: int, k: int, n_sm: int) -> tuple[int, int, int]:
       block_n 128 was 125.1/136.0).
     - K >= 4096 (1536 x 8960): fewer, longer splits, 3 stages; M = 1: Q4_0 13.0 -> 12.3,
       Q8_0 17.8 -> 17.1, Q4_K 15.1 -> 14.5, Q6_K 16.0 -> 15.1.
+    - 2-8 column tiles per SM (the fused gate/up, 17920 x 1536): 4 programs per SM left K unsplit,
+      each program walking all 12 K-tiles; 8 per SM (K split in 3): Q4_K 20.9/21.8 -> 16.3/17.4 us
+      (session 4, PDL on; block_n 128 16.9/18.1, 12 per SM 17.8/19.9).
     - otherwise (8960 x 1536 and smaller): block_n 64, 4 programs per SM, 2 stages was best or
-      within 5%.
+      within 5% (8 per SM: Q4_K 8960 x 1536 11.1 -> 9.9 us but Q4_0 10.7 -> 12.0).
     """
-    if triton.cdiv(n, 64) >= 8 * n_sm:
+    n_tiles = triton.cdiv(n, 64)
+    if n_tiles >= 8 * n_sm:
         return (64 if qtype == QT.Q6_K else 128), 4, 3
     if k >= 4096:
         return 64, 2, 3
+    if n_tiles >= 2 * n_sm:
+        return 64, 8, 2
     return 64, 4, 2
 
 
@@ -203,8 +216,9 @@ def default_gemv_config(qtype: QT, shape: tuple[int, int], device: torch.device 
     n_tiles = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
     split = max(1, min(k_tiles, programs_per_sm * n_sm // n_tiles))
+    prefetch = qtype in KERNEL_TYPES and quants.tensor_nbytes(qtype, shape) <= _PREFETCH_MAX_BYTES
     return KernelConfig(block_n=block_n, block_m=GEMV_ROWS_MAX, block_k=block_k, split_k=split,
-                        num_warps=num_warps, num_stages=num_stages)
+                        num_warps=num_warps, num_stages=num_stages, prefetch=prefetch, pdl=True)
 
 
 def default_gemm_config(qtype: QT, m: int) -> KernelConfig:
@@ -237,6 +251,7 @@ def _qmatmul_kernel(
     SPLIT_K: tl.constexpr, QTYPE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_IN_F32: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    PF_LINES: tl.constexpr, PF_META_LINES: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -248,13 +263,17 @@ def _qmatmul_kernel(
     else:
         n_mask = n < N
     rows = n.to(tl.int64)
+    t_start = pid_s * tiles_per_split
+    t_stop = tl.minimum(t_start + tiles_per_split, n_k_tiles)
+    if PF_LINES > 0:  # the whole weight slice of this program in flight at once (see prefetch_weight_slice)
+        prefetch_weight_slice(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, n_mask,
+                              t_start, t_stop, n_k_tiles, QTYPE, PF_LINES, PF_META_LINES)
+    wait_for_previous(USE_GDC)  # launched as a programmatic dependent: nothing above reads x or writes
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     m_mask = m < M
     x_rows = x_ptr + m.to(tl.int64)[None, :] * stride_xm  # [1, BM]
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y.T tile
-    t_start = pid_s * tiles_per_split
-    t_stop = tl.minimum(t_start + tiles_per_split, n_k_tiles)
     for t in range(t_start, t_stop):
         gi = t * NG + tl.arange(0, NG)  # groups of this tile  [NG]
         if EVEN_K:
@@ -362,6 +381,8 @@ def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
     fast = cfg.fast and _use_fast_dequant(w, x)
     even_n = n % cfg.block_n == 0
     even_k = k % cfg.block_k == 0 and n_groups % ng == 0
+    pf_lines, pf_meta_lines = prefetch_lines(wargs, tiles_per_split, n_k_tiles) if cfg.prefetch else (0, 0)
+    gdc = cfg.pdl and pdl_supported(x.device)
     grid = (triton.cdiv(m, cfg.block_m), n_tiles, split)
     _qmatmul_kernel[grid](
         x, x.stride(0), y, y.stride(0), bias if bias is not None else y,
@@ -369,8 +390,9 @@ def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
         m, n, k, n_groups, n_k_tiles, tiles_per_split,
         SPLIT_K=split, QTYPE=qtype_code, G=half, NG=ng, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_BIAS=bias is not None, DOT_IN_F32=_INTERPRETED and x.dtype == torch.bfloat16,
-        FAST=fast, EVEN_N=even_n, EVEN_K=even_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FAST=fast, EVEN_N=even_n, EVEN_K=even_k, PF_LINES=pf_lines, PF_META_LINES=pf_meta_lines,
+        USE_GDC=gdc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"launch_pdl": True} if gdc else {}),
     )
     return y
 

@@ -261,3 +261,75 @@ def test_cuda_graph_replay_is_bitwise_gpu(qtype):
     assert torch.equal(outs[16], qmatmul(x, w))
     assert torch.equal(outs[1][0], outs[16][0])
 
+
+
+# ---- L2 prefetch and programmatic dependent launch (kernels/qmatmul_prefetch.py, kernels/pdl.py) ----
+
+
+@pytest.mark.parametrize("n_k_tiles", [1, 7, 12, 70, 151])
+@pytest.mark.parametrize("stride,elem", [(768, 1), (48, 2), (420, 1), (4480, 2), (7, 4)])
+def test_prefetch_lines_cover_every_split(n_k_tiles, stride, elem):
+    """The host's line count must let the kernel's addresses (lo + i * line, clamped to hi - 1) touch
+    every 128-byte line of [lo, hi) for every split of the K-tiles (the formula of _prefetch_field)."""
+    from kernels.qmatmul_prefetch import LINE_BYTES, _field_lines
+
+    t = torch.empty(1, dtype={1: torch.uint8, 2: torch.float16, 4: torch.int32}[elem])
+    line = LINE_BYTES // elem
+    for tiles_per_split in sorted({1, 2, 3, max(1, n_k_tiles // 4), n_k_tiles}):
+        lines = _field_lines(t, stride, tiles_per_split, n_k_tiles)
+        for t_start in range(0, n_k_tiles, tiles_per_split):
+            t_stop = min(t_start + tiles_per_split, n_k_tiles)
+            lo = t_start * stride // n_k_tiles
+            hi = (t_stop * stride + n_k_tiles - 1) // n_k_tiles
+            for row_start in (0, 3 * stride):  # rows start anywhere relative to a line
+                addrs = [row_start + min(lo + i * line, hi - 1) for i in range(lines)]
+                touched = {a // line for a in addrs}
+                needed = set(range((row_start + lo) // line, (row_start + hi - 1) // line + 1))
+                assert needed <= touched, (tiles_per_split, t_start, lines)
+
+
+def test_prefetch_off_without_cuda():
+    from kernels.qmatmul_prefetch import prefetch_lines
+
+    q = torch.zeros(4, 8, dtype=torch.uint8)
+    assert prefetch_lines([q] * 5 + [8, 0, 0, 0, 0], 1, 2) == (0, 0)
+
+
+_CHAIN_TYPES = [QT.Q4_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0]
+
+
+@pytest.mark.parametrize("qtype", _CHAIN_TYPES, ids=_names(_CHAIN_TYPES))
+@gpu
+def test_prefetch_and_pdl_change_no_bit_gpu(qtype):
+    """A chain of GEMVs, each reading the previous one's output, in one CUDA graph: launched as
+    programmatic dependents that prefetch their slices, they give the bits of plain launches
+    (1 and 16 rows; small and split-K shapes)."""
+    shapes = [(1536, 1536), (8960, 1536), (1536, 8960), (256, 1536)]  # (N, K): each K is the N before
+    # block scales that give weights of RMS ~0.02, so the outputs stay O(1) through the chain
+    max_abs = {QT.Q4_0: 0.01, QT.Q8_0: 6e-4, QT.Q4_K: 2e-4, QT.Q5_K: 1e-4, QT.Q6_K: 4e-5}[qtype]
+    weights = [_weight(qtype, n, k, seed=20 + i, max_abs=max_abs)[1] for i, (n, k) in enumerate(shapes)]
+    x = _x(16, 1536, torch.float16, seed=5)
+
+    def chain(prefetch: bool, pdl: bool, m: int) -> list[torch.Tensor]:
+        outs, h = [], x[:m]
+        for w in weights:
+            h = qmatmul(h, w, config=dataclasses.replace(w.gemv_config, prefetch=prefetch, pdl=pdl))
+            outs.append(h)
+        return outs
+
+    for m in (1, 16):
+        want = chain(False, False, m)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            chain(True, True, m)  # compile outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = chain(True, True, m)
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert torch.isfinite(b).all() and b.abs().max() > 1e-2, f"{qtype.name} M={m} GEMV {i} scale"
+            assert torch.equal(a, b), f"{qtype.name} M={m} GEMV {i}"
