@@ -7,8 +7,11 @@ to its bucket) is captured once per model and cache, on first use, and then repl
 - static inputs: one (2, R) int64 device tensor [token ids; positions], filled by a single
   asynchronous copy from a pinned host buffer. Padding rows get position -1: the cache kernels skip
   their writes and their attention length is 0.
-- static cache: the graph holds the addresses of the cache stores, its smoothing buffers, the RoPE
-  tables and the weights; a different cache object drops the graphs and captures anew.
+- static cache: the graph holds the addresses of the cache stores, its smoothing and K-equalization
+  buffers, its f16 attention sinks, the RoPE tables and the weights; a different cache object drops the
+  graphs and captures anew.
+- kernels chained by programmatic dependent launch (kernels/pdl.py) keep it inside the graph: each
+  kernel's launch overlaps the end of the one before it.
 - static outputs: logits (R, vocab) float32, their argmax (R,) (greedy picks computed on the device),
   and any captured hidden states; valid until the next replay.
 Nothing inside a step reads the device from the host; the caller reads the picks once per step.

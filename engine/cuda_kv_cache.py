@@ -1,19 +1,27 @@
-"""The KV cache on the GPU: `engine.kv_cache.KVCache`'s stores, rotation and smoothing, written and read
-by the Triton kernels in kernels/ (k_write, v_write, decode_attention, prefill_attention).
+"""The KV cache on the GPU: `engine.kv_cache.KVCache`'s stores, rotation, smoothing, K equalization and
+attention sinks, written and read by the Triton kernels in kernels/ (k_write, v_write, decode_attention,
+prefill_attention).
 
 Same numerics contract as the CPU cache: K is smoothed (fixed per-layer mean taken from the first
-prefill chunk), rotated (quantized K unless skip-WHT) and quantized into the same `KVStore` layout,
-so snapshots save and restore either cache alike. What differs is the form of the calls:
+prefill chunk), divided by the K-equalization scales (engine/k_equalize.py, taken from the same chunk
+and its queries), rotated (quantized K unless skip-WHT) and quantized into the same `KVStore` layout;
+the first SINK_TOKENS positions of a quantized side are also kept in f16 and attention reads those
+instead of their quantized copies. So snapshots save and restore either cache alike. What differs is
+the form of the calls:
 
 - positions come from a device tensor (`write_rows`, `attend_rows`), so a captured CUDA graph
   replays a decode or verify step at any position without the host reading anything;
-- the smoothing vectors live in fixed buffers (a graph holds their addresses): assigning `k_mean`
-  copies into them instead of replacing the tensors;
+- the smoothing vectors and K scales live in fixed buffers (a graph holds their addresses): assigning
+  `k_mean` / `k_scale` copies into them instead of replacing the tensors; the sinks are fixed tensors too;
+- a block's statistics are taken on the host's word (`first_pos`), so a captured step needs them known
+  (`can_replay`); the sink rows of K and V are written by the write kernels, at any position;
 - rows of up to VERIFY_ROWS_MAX queries are attended as independent single-token decodes over the
   same cache, with split boundaries fixed per cache, so row p of a speculative verify block is
   computed exactly as the decode step at position p (greedy verification is lossless bit for bit).
 
-Q must reach attention in K's basis: the engine rotates it in its RoPE kernel (kernels.layer_ops).
+Q must reach attention in K's basis: the engine scales (K equalization) and rotates it in its RoPE kernel
+(kernels.layer_ops.rope_heads, `q_scale=` and `rotation=`); the KVCache interface (`attention`) does it
+in torch.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import logging
 
 import torch
 
+from engine import k_equalize
 from engine.api import VERIFY_ROWS_MAX
 from engine.hadamard import rotate
 from engine.kv_cache import KVCache
@@ -32,11 +41,42 @@ log = logging.getLogger(__name__)
 BLOCK_N = 64  # positions per attention tile; the decode split size is a multiple of it
 
 
+def _shared(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """(H, ...) as (rows, H, ...): `rows` sequences sharing one tensor (stride 0)."""
+    return None if t is None else t.unsqueeze(0).expand(rows, *t.shape)
+
+
 def _batched(store: KVStore, rows: int = 1) -> KVStore:
     """A (Hkv, P, X) store as the kernels' (rows, Hkv, P, X): one sequence, or `rows` sharing it
     (stride 0)."""
-    view = lambda t: None if t is None else t.unsqueeze(0).expand(rows, *t.shape)
-    return KVStore(store.kv_type, view(store.qs), view(store.d), view(store.m))
+    return KVStore(store.kv_type, _shared(store.qs, rows), _shared(store.d, rows), _shared(store.m, rows))
+
+
+class _FixedVectors:
+    """Per-layer (n_kv, D) float32 vectors in fixed device buffers (a captured graph holds their
+    addresses), each known or not: the K smoothing means, the K equalization scales."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, device: torch.device, fill: float):
+        shape = (n_kv_heads, head_dim)  # per layer
+        self.buffers = [torch.full(shape, fill, dtype=torch.float32, device=device) for _ in range(n_layers)]
+        self.known = [False] * n_layers
+
+    def get(self) -> list[torch.Tensor | None]:
+        return [buf if known else None for buf, known in zip(self.buffers, self.known, strict=True)]
+
+    def set(self, vectors: list[torch.Tensor | None]) -> None:
+        """Copy into the buffers (None: that layer's vector becomes unknown)."""
+        if len(vectors) != len(self.buffers):
+            raise ValueError(f"{len(vectors)} vectors for {len(self.buffers)} layers")
+        for layer, vec in enumerate(vectors):
+            self.known[layer] = vec is not None
+            if vec is not None and vec is not self.buffers[layer]:
+                self.buffers[layer].copy_(vec)
+
+    def take(self, layer: int, vec: torch.Tensor) -> torch.Tensor:
+        self.buffers[layer].copy_(vec)
+        self.known[layer] = True
+        return self.buffers[layer]
 
 
 class CudaKVCache(KVCache):
@@ -51,54 +91,98 @@ class CudaKVCache(KVCache):
         device: str | torch.device = "cuda",
         rotate_k: bool | None = None,
         k_smooth: bool = False,
+        k_equalize: bool = False,
+        sink_tokens: int | None = None,
     ) -> None:
+        """As KVCache; sink_tokens (None: SINK_TOKENS) may be at most BLOCK_N (one attention tile)."""
         from kernels.decode_attention import default_split_size
         from kernels.kv_blocks import check_kernel_head_dim
 
         check_kernel_head_dim(head_dim)
+        if sink_tokens is not None and sink_tokens > BLOCK_N:
+            raise ValueError(f"the GPU cache keeps at most {BLOCK_N} sink positions, not {sink_tokens}")
         self.device = torch.device(device)
-        # fixed smoothing buffers, created before KVCache.__init__ assigns k_mean through the property below
-        self._mean_buffers = [
-            torch.zeros(n_kv_heads, head_dim, dtype=torch.float32, device=self.device)
-            for _ in range(n_layers)
-        ]  # per layer (n_kv, D)
-        self._mean_known = [False] * n_layers
-        super().__init__(  # no attention sinks in f16 here yet (the kernels read only the stores)
+        # fixed buffers, created before KVCache.__init__ assigns k_mean / k_scale through the properties below
+        self._means = _FixedVectors(n_layers, n_kv_heads, head_dim, self.device, 0.0)
+        self._scales = _FixedVectors(n_layers, n_kv_heads, head_dim, self.device, 1.0)
+        super().__init__(
             n_layers, n_kv_heads, head_dim, max_len, k_type, v_type, self.device, rotate_k, k_smooth,
-            sink_tokens=0,
+            k_equalize, sink_tokens,
         )
-        self._rows_views: dict[int, tuple[list[KVStore], list[KVStore]]] = {}
+        # per row count: (K stores, V stores, K sinks, V sinks) seen as that many sequences sharing them
+        self._rows_views: dict[int, tuple[list, list, list | None, list | None]] = {}
         # split boundaries of decode attention: fixed by the capacity, the same for every row count
         self.split_size = default_split_size(self.device, n_kv_heads, max_len, BLOCK_N)
 
-    # -- smoothing vectors in fixed buffers ----------------------------------------------------------------
+    # -- smoothing vectors and K scales in fixed buffers ------------------------------------------------
     @property
     def k_mean(self) -> list[torch.Tensor | None]:
-        return [
-            buf if known else None for buf, known in zip(self._mean_buffers, self._mean_known, strict=True)
-        ]
+        return self._means.get()
 
     @k_mean.setter
     def k_mean(self, means: list[torch.Tensor | None]) -> None:
-        if len(means) != len(self._mean_buffers):
-            raise ValueError(f"{len(means)} smoothing vectors for {len(self._mean_buffers)} layers")
-        for layer, mean in enumerate(means):
-            self._mean_known[layer] = mean is not None
-            if mean is not None and mean is not self._mean_buffers[layer]:
-                self._mean_buffers[layer].copy_(mean)
+        self._means.set(means)
 
-    def means_known(self) -> bool:
-        """Whether every layer has its smoothing vector (a captured step cannot take one)."""
-        return not self.k_smooth or all(self._mean_known)
+    @property
+    def k_scale(self) -> list[torch.Tensor | None]:
+        return self._scales.get()
+
+    @k_scale.setter
+    def k_scale(self, scales: list[torch.Tensor | None]) -> None:
+        self._scales.set(scales)
+
+    def can_replay(self) -> bool:
+        """Whether a step may run as a captured graph: every layer has its smoothing vector and K scales
+        (a captured step cannot take them). Sink rows are written by the write kernels at any position."""
+        means = not self.k_smooth or all(self._means.known)
+        return means and (not self.k_equalize or all(self._scales.known))
+
+    def q_scale(self, layer: int) -> torch.Tensor | None:
+        """The (n_kv, D) K-equalization scales Q is multiplied by (kernels.layer_ops.rope_heads's q_scale),
+        a fixed buffer; None without equalization."""
+        return self._scales.buffers[layer] if self.k_equalize else None
 
     def stores_for_rows(self, rows: int) -> tuple[list[KVStore], list[KVStore]]:
         """Per layer K and V stores seen as `rows` sequences sharing the cache (views, cached)."""
+        return self._views_for_rows(rows)[:2]
+
+    def _views_for_rows(self, rows: int) -> tuple[list, list, list | None, list | None]:
         if rows not in self._rows_views:
+            sinks = lambda side: None if side is None else [_shared(t, rows) for t in side]
             self._rows_views[rows] = (
                 [_batched(s, rows) for s in self.k],
                 [_batched(s, rows) for s in self.v],
+                sinks(self.k_sink),  # per layer (rows, n_kv, S, D) float16
+                sinks(self.v_sink),
             )
         return self._rows_views[rows]
+
+    # -- a block's statistics (eager blocks: the host knows first_pos) -------------------------------
+    def _mean_for(self, layer: int, k: torch.Tensor, first_pos: int | None) -> torch.Tensor:
+        """The layer's smoothing vector (n_kv, D), taken from this block's k (T, n_kv, D) when first_pos
+        is 0 or the layer has none yet."""
+        if first_pos is not None and (first_pos == 0 or not self._means.known[layer]):
+            return self._means.take(layer, k.mean(dim=0))  # fixed for the rest of the conversation
+        if not self._means.known[layer]:
+            raise RuntimeError(f"layer {layer} has no K smoothing vector; run a prefill chunk first")
+        return self._means.buffers[layer]
+
+    def takes_k_scales(self, layer: int, first_pos: int | None) -> bool:
+        """Whether the block at first_pos sets the layer's K scales (first_pos 0, or none yet): then the
+        engine calls `take_k_scales` with the block's queries before writing it."""
+        return self.k_equalize and first_pos is not None and (first_pos == 0 or not self._scales.known[layer])
+
+    def take_k_scales(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, first_pos: int) -> None:
+        """The layer's K scales from this block: k (T, n_kv, D) float32 after RoPE, q (T, Hq, D) its queries
+        after RoPE (neither scaled nor rotated), or None for the K-only recipe (engine/k_equalize.py's
+        recipe, computed by kernels.k_scales into the fixed buffer in two launches)."""
+        from kernels.k_scales import k_scales
+
+        k = k.to(torch.float32).contiguous()  # (T, n_kv, D)
+        mean = self._mean_for(layer, k, first_pos) if self.k_smooth else None
+        queries = None if q is None else q.to(torch.float32).contiguous()  # (T, Hq, D)
+        k_scales(k, queries, mean, out=self._scales.buffers[layer])
+        self._scales.known[layer] = True
 
     # -- the engine's kernel path --------------------------------------------------------------------------
     def write_rows(
@@ -107,26 +191,27 @@ class CudaKVCache(KVCache):
         """k: (T, n_kv, D) float32 after RoPE, v: (T, n_kv, D) any float (row stride free), for the
         per-row positions (T,) (a device tensor; negative rows are skipped).
 
-        first_pos: the first row's position when the host knows it (eager calls). Smoothing takes its
-        mean from this block when first_pos is 0 or the layer has none yet; a captured step passes None
-        and needs the mean already known.
+        first_pos: the first row's position when the host knows it (eager calls; the rows then sit at
+        [first_pos, first_pos + T)). Smoothing takes its mean from this block when first_pos is 0 or the
+        layer has none yet; K equalization needs the layer's scales taken already (`take_k_scales`). A
+        captured step passes None and needs both known (`can_replay`).
         """
         from kernels.k_write import k_write
         from kernels.v_write import v_write
 
-        mean = None
-        if self.k_smooth:
-            if first_pos is not None and (first_pos == 0 or not self._mean_known[layer]):
-                self._mean_buffers[layer].copy_(k.mean(dim=0))  # (n_kv, D), fixed for the conversation
-                self._mean_known[layer] = True
-            elif not self._mean_known[layer]:
-                raise RuntimeError(f"layer {layer} has no K smoothing vector; run a prefill chunk first")
-            mean = self._mean_buffers[layer]
-        k_stores, v_stores = self.stores_for_rows(1)
+        mean = self._mean_for(layer, k, first_pos) if self.k_smooth else None
+        scale = None
+        if self.k_equalize:
+            if not self._scales.known[layer]:
+                raise RuntimeError(f"layer {layer} has no K scales; take them from the first chunk first")
+            scale = self._scales.buffers[layer]
+        k_stores, v_stores, k_sinks, v_sinks = self._views_for_rows(1)
         k_write(
-            k.permute(1, 0, 2)[None], k_stores[layer], mean=mean, rotation=self.rotation, positions=positions
-        )
-        v_write(v.permute(1, 0, 2)[None], v_stores[layer], positions=positions)
+            k.permute(1, 0, 2)[None], k_stores[layer], mean=mean, scale=scale, rotation=self.rotation,
+            positions=positions, sink=None if k_sinks is None else k_sinks[layer],
+        )  # K's sink rows: what k_write quantizes, in f16
+        v_write(v.permute(1, 0, 2)[None], v_stores[layer], positions=positions,
+                sink=None if v_sinks is None else v_sinks[layer])
 
     def attend_rows(
         self,
@@ -141,7 +226,7 @@ class CudaKVCache(KVCache):
         (lengths: (R,) int32 on the device; 0 = a padding row) -> out (R, Hq, D)."""
         from kernels.decode_attention import decode_attention
 
-        k_stores, v_stores = self.stores_for_rows(q.shape[0])
+        k_stores, v_stores, k_sinks, v_sinks = self._views_for_rows(q.shape[0])
         decode_attention(
             q,
             k_stores[layer],
@@ -153,6 +238,8 @@ class CudaKVCache(KVCache):
             split_size=self.split_size,
             block_n=BLOCK_N,
             out=out,
+            k_sink=None if k_sinks is None else k_sinks[layer],
+            v_sink=None if v_sinks is None else v_sinks[layer],
         )
 
     def attend_chunk(
@@ -162,7 +249,7 @@ class CudaKVCache(KVCache):
         -> out (T, Hq, D)."""
         from kernels.prefill_attention import prefill_attention
 
-        k_stores, v_stores = self.stores_for_rows(1)
+        k_stores, v_stores, k_sinks, v_sinks = self._views_for_rows(1)
         prefill_attention(
             q.permute(1, 0, 2)[None],
             k_stores[layer],
@@ -171,21 +258,35 @@ class CudaKVCache(KVCache):
             scale=scale,
             window=window,
             out=out.permute(1, 0, 2)[None],
+            k_sink=None if k_sinks is None else k_sinks[layer],
+            v_sink=None if v_sinks is None else v_sinks[layer],
         )
 
-    # -- KVCache's interface, through the kernels ------------------------------------------------------
-    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: (T, n_kv, D) for positions [pos, pos + T) (as KVCache.write)."""
-        self._check_room(pos, k.shape[0])
+    # -- KVCache's interface, through the kernels (write() is KVCache's: it defers a first chunk) -------
+    def _store(
+        self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
+    ) -> None:
+        """k, v: (T, n_kv, D) at positions [pos, pos + T); q: (H, T, D) their queries or None (as KVCache)."""
+        k = k.to(torch.float32)
+        if self.takes_k_scales(layer, pos):
+            self.take_k_scales(layer, None if q is None else q.transpose(0, 1), k, pos)
         positions = torch.arange(pos, pos + k.shape[0], device=self.device)
-        self.write_rows(layer, k.to(torch.float32), v, positions, pos)
+        self.write_rows(layer, k, v, positions, pos)
 
     def attention(
         self, layer: int, q: torch.Tensor, pos: int, scale: float, window: int | None
     ) -> torch.Tensor:
         """q: (T, H, D) at positions [pos, pos + T), after write(). Returns (T, H, D) float32 (as KVCache)."""
-        n_new = q.shape[0]
+        n_new, n_heads = q.shape[:2]
         q = q.to(torch.float32)
+        pending = self._first_chunk[layer]
+        if pending is not None:  # K equalization: the first chunk waited for its queries
+            if pending[0] != pos or pending[1].shape[0] != n_new:
+                raise ValueError(f"layer {layer}: attention at {pos}+{n_new} after a write at {pending[0]}")
+            self._first_chunk[layer] = None
+            self._store(layer, *pending, q=q.transpose(0, 1))
+        if self.k_equalize:  # (q * s) . (k / s) = q . k, exactly
+            q = q * k_equalize.query_scales(self._scales.buffers[layer], n_heads).transpose(0, 1)
         if self.rotation is not None:
             q = rotate(q, self.rotation)  # (T, H, D) in K's basis
         out = torch.empty_like(q)

@@ -34,12 +34,13 @@ RMS_FLOOR = 1.0 / 16
 ALPHA = 0.5
 # recorded in snapshot fingerprints: change it whenever the scales would change
 RECIPE = f"(rms_k/rms_q)^{ALPHA}-pow2-floor{round(1 / RMS_FLOOR)}"
-CUDA_SUPPORTED = False  # engine.cuda_kv_cache does not scale K and Q yet
+CUDA_SUPPORTED = True  # engine.cuda_kv_cache scales K (kernels.k_write) and Q (kernels.layer_ops.rope_heads)
 
 
 def resolve_k_equalize(mode: str, k_type: str, device: str | torch.device = "cpu") -> bool:
-    """auto = on for every quantized K type (q8_0, q4_0, q4_1) on the CPU cache, off for f16/bf16 K;
-    on/off as given. Raises SettingsError for "on" where the cache cannot do it (the GPU cache, for now).
+    """auto = on for every quantized K type (q8_0, q4_0, q4_1), off for f16/bf16 K, on the CPU and the
+    GPU cache alike; on/off as given. Were CUDA_SUPPORTED turned off, auto would be off on CUDA and "on"
+    a SettingsError.
 
     Measured (BENCHMARKS.md "K equalization", rotation and smoothing on): it takes Qwen2.5-Coder-0.5B's
     q4_0/q4_0 cache from +13.6%/+35.9% perplexity on code/prose to +3.7%/+6.4%, roughly halves

@@ -15,7 +15,7 @@ stored: smoothed, scaled, rotated), and attention reads those instead of their 4
 Most heads put a large share of their attention on the first token(s), and after smoothing their
 keys are often the farthest from the mean, so their quantization error moved every weight of the
 softmax (measured, docs/kv-quality-run.md run 3). The quantized copies stay in the stores, so
-anything reading the stores alone (the GPU kernels, for now) still works.
+anything reading the stores alone still works. engine/cuda_kv_cache.py does all of this on the GPU.
 """
 
 from __future__ import annotations
@@ -75,10 +75,8 @@ def make_kv_cache(
     if torch.device(device).type == "cuda":
         from engine.cuda_kv_cache import CudaKVCache
 
-        if k_equalize:  # k-equalize: the CUDA cache does not scale K/Q yet (k_equalize.CUDA_SUPPORTED)
-            raise SettingsError("K equalization is not available on the GPU yet; set it to auto or off.")
         return CudaKVCache(
-            n_layers, n_kv_heads, head_dim, max_len, k_type, v_type, device, rotate_k, k_smooth
+            n_layers, n_kv_heads, head_dim, max_len, k_type, v_type, device, rotate_k, k_smooth, k_equalize
         )
     return KVCache(
         n_layers, n_kv_heads, head_dim, max_len, k_type, v_type, device, rotate_k, k_smooth, k_equalize

@@ -115,7 +115,7 @@ def fingerprint(session) -> dict:
         "rotation_signs_sha256": signs,
         "k_smooth": bool(cache.k_smooth),
         "k_equalize": k_equalize.RECIPE if cache.k_equalize else None,
-        "sink_tokens": int(getattr(cache, "sink_tokens", 0)),  # the CUDA cache keeps none
+        "sink_tokens": int(getattr(cache, "sink_tokens", 0)),
         "n_layers": len(cache.k),
         "n_kv_heads": int(cache.n_kv_heads),
         "head_dim": int(cache.head_dim),

@@ -19,6 +19,15 @@ q: (B, Hq, D), already in K's basis: rotate it with engine.hadamard.rotate when 
 Stores: (B, Hkv, max_positions, X) as engine.kv_quant lays them out, positions contiguous. window W
 (0/None = full): the query at position L - 1 sees keys j > L - 1 - W.
 
+Attention sinks (`k_sink` / `v_sink`, f16 copies of a side's first S positions): the splits skip
+positions < S (split 0 starts at S instead of 0, as a window start would move it), and the merge kernel
+adds those positions, read from the copies (or from an unquantized side's store), as one more softmax
+partial computed in fp32 (S x D per program: a few hundred FMAs); the split kernel compiles as without
+sinks but for one max. The alternative tried first, reading them in split 0's first tile (a peeled copy
+of the tile), compiled (Triton 3.9, sm_90, q4_0/q4_0, one warp; ahead of time, not run) to 168
+registers and 6 KB of stack instead of 255 and 1.3 KB, and 20 KB of shared memory instead of 8, for
+every split.
+
 Speculative verify rows: pass one cache as a batch with stride 0 (`store.qs.expand(R, ...)`), the
 rows' queries as q (R, Hq, D) and per-row lengths. With the same `split_size`, row r then runs exactly
 the arithmetic of a single-query decode at length lengths[r] (the splits, tiles and launch parameters
@@ -35,29 +44,36 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kv_quant import KVStore, attend_quantized
+from engine.kv_quant import KVStore, kv_type
 from kernels.kv_blocks import (
     LOG2E,
     _half_cols,
     _load_halves,
+    attend_with_sinks_reference,
     check_kernel_head_dim,
     interpreting,
+    sink_args,
     store_args,
 )
+from kernels.pdl import pdl_launch, wait_for_previous
 
 log = logging.getLogger(__name__)
 
 
 def decode_attention_reference(
     q: torch.Tensor, k_store: KVStore, v_store: KVStore, lengths: int | torch.Tensor, *,
-    scale: float | None = None, window: int | None = None,
+    scale: float | None = None, window: int | None = None, k_sink: torch.Tensor | None = None,
+    v_sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain-torch decode attention (per sequence: attend_quantized with one query)."""
+    """Plain-torch decode attention (per sequence: attend_quantized with one query, sinks as
+    kv_blocks.attend_with_sinks_reference)."""
     lens = _lengths_list(lengths, q.shape[0])
+    one = lambda t, b: None if t is None else t.narrow(0, b, 1)
     outs = []
     for b, n in enumerate(lens):
         kb, vb = k_store.narrow(0, b, 1), v_store.narrow(0, b, 1)
-        outs.append(attend_quantized(q[b : b + 1, :, None, :], kb, vb, n - 1, scale=scale, window=window))
+        outs.append(attend_with_sinks_reference(q[b : b + 1, :, None, :], kb, vb, n - 1, scale=scale,
+                                                window=window, k_sink=one(k_sink, b), v_sink=one(v_sink, b)))
     return torch.cat(outs, dim=0)[:, :, 0, :]  # (B, Hq, D)
 
 
@@ -97,9 +113,12 @@ def _decode_split_kernel(
     vq_ptr, vd_ptr, vm_ptr, stride_vb, stride_vh, stride_vsb, stride_vsh,
     lens_ptr, length_all, o_ptr, ml_ptr,
     qk_scale, window, split_size, n_splits, HKV,
+    n_sink,
     D: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     K_TYPE: tl.constexpr, V_TYPE: tl.constexpr, PER_SEQ_LENGTH: tl.constexpr, FAST: tl.constexpr,
+    SINKS: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)  # PDL launch: wait for the kernel before (kernels/pdl.py)
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -123,6 +142,8 @@ def _decode_split_kernel(
     if window > 0:
         lo = tl.maximum(length - window, 0)
     start = tl.maximum(pid_s * split_size, lo)
+    if SINKS:
+        start = tl.maximum(start, n_sink)  # positions < n_sink: the merge reads their f16 copies
     end = tl.minimum(pid_s * split_size + split_size, length)
 
     m_i = tl.full((BLOCK_H,), -1.0e30, tl.float32)
@@ -155,10 +176,40 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _sink_partial(
+    q_row, qk_scale, k_rows, v_rows, n_sink, length, window, cols,
+    D: tl.constexpr, S_PAD: tl.constexpr,
+):
+    """One query's softmax partial over the sink positions j < n_sink it sees (j < length, and inside the
+    window: j > length - 1 - window): (max [1], sum [1], unnormalised output [BLOCK_D] at `cols`), scores in
+    the split kernel's log2 domain. k_rows / v_rows: f16 or bf16 rows of D values (the sink copies, or the
+    store of an unquantized side)."""
+    j = tl.arange(0, S_PAD)
+    lo = 0
+    if window > 0:
+        lo = tl.maximum(length - window, 0)
+    seen = (j < n_sink) & (j < length) & (j >= lo)  # [S_PAD]
+    d = tl.arange(0, D)
+    q = tl.load(q_row + d).to(tl.float32) * qk_scale  # [D]
+    k = tl.load(k_rows + j[:, None] * D + d[None, :], mask=seen[:, None], other=0.0).to(tl.float32)
+    s = tl.where(seen, tl.sum(k * q[None, :], axis=1), -1.0e30)  # [S_PAD]
+    m = tl.max(s, axis=0)
+    p = tl.where(seen, tl.exp2(s - m), 0.0)
+    v = tl.load(v_rows + j[:, None] * D + cols[None, :], mask=seen[:, None], other=0.0).to(tl.float32)
+    acc = tl.sum(p[:, None] * v, axis=0)  # [BLOCK_D]
+    return tl.zeros([1], tl.float32) + m, tl.zeros([1], tl.float32) + tl.sum(p, axis=0), acc
+
+
+@triton.jit
 def _decode_reduce_kernel(
     o_part_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, HQ, n_splits, lens_ptr, length_all, split_size,
+    q_ptr, stride_qb, stride_qh, qk_scale, window, k_ptr, stride_kb, stride_kh, v_ptr, stride_vb, stride_vh,
+    n_sink,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PER_SEQ_LENGTH: tl.constexpr,
+    GQA: tl.constexpr, S_PAD: tl.constexpr, SINKS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)  # PDL launch: wait for the split kernel; the output GEMV may start its prefetch
     pid = tl.program_id(0)  # b * Hq + h
     b = pid // HQ
     h = pid % HQ
@@ -171,6 +222,12 @@ def _decode_reduce_kernel(
     m_run = tl.full([1], -1.0e30, tl.float32)
     l_run = tl.zeros([1], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
+    if SINKS:  # attention sinks: the positions the splits skipped, from their f16 copies, merged first
+        hkv = h // GQA
+        m_run, l_run, acc = _sink_partial(
+            q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh, qk_scale,
+            k_ptr + b.to(tl.int64) * stride_kb + hkv * stride_kh,
+            v_ptr + b.to(tl.int64) * stride_vb + hkv * stride_vh, n_sink, length, window, cols, D, S_PAD)
     for s0 in range(0, n_used, BLOCK_S):  # online merge of BLOCK_S splits at a time
         sp = s0 + tl.arange(0, BLOCK_S)
         smask = sp < n_used
@@ -190,6 +247,7 @@ def _decode_reduce_kernel(
 _SM_COUNT: dict[int, int] = {}
 PROGRAMS_PER_SM = 8  # split target: about one wave of one-warp programs (see `launch_config`)
 MIN_TILES_PER_SPLIT = 2  # a split of fewer tiles spends more on its start and its partial output
+MAX_SINKS = 64  # attention sinks: the merge kernel holds them in registers, [S, D] per program
 
 
 def sm_count(device: torch.device) -> int | None:
@@ -244,12 +302,33 @@ def _check_rows_contiguous(store: KVStore, args: tuple) -> None:
                          f"(strides {qs.stride()})")
 
 
+def _sink_sources(
+    k_store: KVStore, v_store: KVStore, k_sink: torch.Tensor | None, v_sink: torch.Tensor | None,
+    dummy: torch.Tensor,
+) -> tuple[int, tuple, tuple]:
+    """(S, (K rows, stride_b, stride_h), (V rows, ...)) for the merge kernel's sink partial: each side's
+    first S positions as f16/bf16 rows of D values, from its sink copies, or from its store when that is
+    unquantized (a quantized side must bring its copies). S = 0: no sinks."""
+    n_sink = next((t.shape[2] for t in (k_sink, v_sink) if t is not None), 0)
+    if n_sink == 0:
+        return 0, (dummy, 0, 0), (dummy, 0, 0)
+    if any(t is not None and t.shape[2] != n_sink for t in (k_sink, v_sink)) or n_sink > MAX_SINKS:
+        raise ValueError(f"K and V sinks must keep the same number of positions, at most {MAX_SINKS}")
+    sources = []
+    for name, sink, store in (("K", k_sink, k_store), ("V", v_sink, v_store)):
+        if sink is None and kv_type(store.kv_type).quantized:
+            raise ValueError(f"a {store.kv_type} {name} store needs its sinks when the other side has them")
+        sources.append(sink_args(sink, store, dummy) if sink is not None else
+                       (store.qs, store.qs.stride(0), store.qs.stride(1)))  # rows of D values (checked)
+    return n_sink, sources[0], sources[1]
+
+
 def decode_attention(
     q: torch.Tensor, k_store: KVStore, v_store: KVStore, lengths: int | torch.Tensor, *,
     scale: float | None = None, window: int | None = None, max_length: int | None = None,
     split_size: int | None = None, block_n: int = 64, num_warps: int | None = None,
     num_stages: int | None = None, maxnreg: int | None = None, fast: bool = True,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, k_sink: torch.Tensor | None = None, v_sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over cache positions [0, lengths[b]) -> (B, Hq, D).
 
@@ -258,6 +337,9 @@ def decode_attention(
     by default `default_split_size`. num_warps / num_stages: by default `launch_config`; maxnreg:
     a register cap per thread (none by default).
     out: an optional (B, Hq, D) tensor (any float dtype, contiguous heads) to write the result into.
+    k_sink / v_sink: attention sinks, (B, Hkv, S, D) float16 copies of positions [0, S) of a side (S at
+    most MAX_SINKS, the same for both), read instead of that side's store; None: the side keeps none
+    (allowed for an f16/bf16 side only, whose store is read then).
     """
     bsz, hq, dim = q.shape
     check_kernel_head_dim(dim)
@@ -293,13 +375,15 @@ def decode_attention(
     _check_rows_contiguous(k_store, ka)
     _check_rows_contiguous(v_store, va)
     qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
+    n_sink, k_rows, v_rows = _sink_sources(k_store, v_store, k_sink, v_sink, q)
     _decode_split_kernel[(n_splits, bsz * hkv)](
         q, q.stride(0), q.stride(1), *ka[:5], *ka[6:8], *va[:5], *va[6:8], lens, max_len, o_part, ml,
-        qk_scale, int(window or 0), split_size, n_splits, hkv,
+        qk_scale, int(window or 0), split_size, n_splits, hkv, n_sink,
         D=dim, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), BLOCK_N=block_n,
         K_TYPE=ka[9], V_TYPE=va[9], PER_SEQ_LENGTH=not isinstance(lengths, int),
-        FAST=fast and q.is_cuda and not interpreting(),
+        FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+        **pdl_launch(q.device),
     )
     if out is None:
         out = torch.empty_like(q)  # (B, Hq, D)
@@ -308,7 +392,9 @@ def decode_attention(
     block_d = min(dim, 32)
     _decode_reduce_kernel[(bsz * hq, dim // block_d)](
         o_part, ml, out, out.stride(0), out.stride(1), hq, n_splits, lens, max_len, split_size,
+        q, q.stride(0), q.stride(1), qk_scale, int(window or 0), *k_rows, *v_rows, n_sink,
         D=dim, BLOCK_D=block_d, BLOCK_S=min(128, triton.next_power_of_2(n_splits)),
-        PER_SEQ_LENGTH=not isinstance(lengths, int),
+        PER_SEQ_LENGTH=not isinstance(lengths, int), GQA=gqa, S_PAD=triton.next_power_of_2(max(n_sink, 1)),
+        SINKS=n_sink > 0, **pdl_launch(q.device),
     )
     return out

@@ -6,6 +6,11 @@ Numerics follow `engine.kv_quant` (itself bit-exact with gguf-py): float32, IEEE
 `x * id + 8.5` is not contracted into an FMA on the GPU (that would change rounding at ties).
 
 KV type codes (constexpr `KV_TYPE`): 0 f16, 1 bf16, 2 q8_0, 3 q4_0, 4 q4_1 (`engine.kv_quant.KV_TYPES`).
+
+Attention sinks (engine/kv_cache.py): a quantized K or V side may keep f16 copies of its first S
+positions, a (B, Hkv, S, D) float16 tensor per side; the attention kernels then read positions < S of
+that side from the copies (prefill: `_sink_rows`; decode: its merge kernel) and the reference does the
+same (`attend_with_sinks_reference`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import triton
 import triton.language as tl
 
 from engine.errors import SettingsError
-from engine.kv_quant import KVStore, kv_type
+from engine.kv_quant import KVStore, attend_quantized, attention_mask, dequantize, kv_type
 
 LOG2E = 1.4426950408889634
 
@@ -64,6 +69,45 @@ def store_args(store: KVStore) -> tuple:
     sd = d.stride() if store.d is not None else (0, 0, 0, 0)
     code = kv_type(store.kv_type).code
     return (qs, d, m, qs.stride(0), qs.stride(1), qs.stride(2), sd[0], sd[1], sd[2], code)
+
+
+def sink_args(sink: torch.Tensor | None, store: KVStore, dummy: torch.Tensor) -> tuple:
+    """(sink, stride_b, stride_h) of a (B, Hkv, S, D) float16 sink tensor for a launcher, checked against
+    its store; (dummy, 0, 0) when the side keeps no sinks."""
+    if sink is None:
+        return dummy, 0, 0
+    b, h = store.qs.shape[:2]
+    if (sink.dim() != 4 or sink.shape[:2] != (b, h) or sink.shape[3] != store.head_dim
+            or sink.dtype != torch.float16 or sink.stride(3) != 1 or sink.stride(2) != store.head_dim):
+        raise ValueError(f"sinks {tuple(sink.shape)} {sink.dtype} must be ({b}, {h}, S, {store.head_dim}) "
+                         "float16 with contiguous (S, D) slabs")
+    return sink, sink.stride(0), sink.stride(1)
+
+
+def attend_with_sinks_reference(
+    q: torch.Tensor, k_store: KVStore, v_store: KVStore, start_pos: int, *, scale: float | None = None,
+    window: int | None = None, k_sink: torch.Tensor | None = None, v_sink: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`engine.kv_quant.attend_quantized` with attention sinks: positions below S of a side with a sink
+    tensor (B, Hkv, S, D) float16 are read from it instead of its store, as engine.kv_cache.KVCache reads
+    them. q: (B, Hq, T, D) at [start_pos, start_pos + T) -> (B, Hq, T, D)."""
+    if k_sink is None and v_sink is None:
+        return attend_quantized(q, k_store, v_store, start_pos, scale=scale, window=window)
+    _, hq, t, dim = q.shape
+    n_keys = start_pos + t
+    k = dequantize(k_store.narrow(2, 0, n_keys)).clone()  # (B, Hkv, L, D) float32, never a view of a store
+    v = dequantize(v_store.narrow(2, 0, n_keys)).clone()
+    for x, sink in ((k, k_sink), (v, v_sink)):
+        if sink is not None:
+            n = min(sink.shape[2], n_keys)
+            x[:, :, :n] = sink[:, :, :n].to(torch.float32)
+    group = hq // k.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.to(torch.float32), k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
+        attn_mask=attention_mask(start_pos, t, n_keys, window, q.device),
+        scale=scale if scale is not None else dim**-0.5,
+    )  # (B, Hq, T, D)
+    return out.to(q.dtype)
 
 
 @triton.jit
@@ -190,6 +234,15 @@ def _load_rows(
                 mn = tl.load(m_ptr + s_off, mask=mask, other=0.0)[:, :, None]  # [N, NB, 1] fp16
                 x = tl.reshape(d * nib.to(tl.float16) + mn, (N, D))
     return x
+
+
+@triton.jit
+def _sink_rows(x, sink_ptr, pos, n_sink, cols, D: tl.constexpr):
+    """Rows of a tile x [N, D] (as `_load_rows` returns it, columns `cols`) at positions pos [N] < n_sink
+    replaced by their f16 copies in a contiguous (S, D) sink slab."""
+    is_sink = (pos < n_sink)[:, None]
+    sink = tl.load(sink_ptr + pos.to(tl.int64)[:, None] * D + cols[None, :], mask=is_sink, other=0.0)
+    return tl.where(is_sink, sink, x)
 
 
 def empty_store_like(store: KVStore) -> KVStore:

@@ -8,7 +8,8 @@ launch here:
   then h = RMSNorm(residual) in the activation dtype. The residual stream stays float32, updated in place.
 - `rope_heads`: per head of Q and K: optional RMSNorm (qwen3/gemma3 Q/K norms), RoPE at per-row
   positions read from a device tensor (so a captured graph replays at any position), and for Q the
-  K cache's Walsh–Hadamard rotation (the same butterfly as kernels.k_write). Outputs float32.
+  K cache's equalization scales and Walsh–Hadamard rotation (the same butterfly as kernels.k_write).
+  Outputs float32.
 - `gated_activation`: act(gate) * up * scale (SiLU or tanh-GELU) in the activation dtype. With a
   power-of-two scale (exact) the engine keeps the FFN-down matmul's float16 output far from overflow and
   undoes the scale in float32 when adding it to the residual.
@@ -28,6 +29,7 @@ import triton.language as tl
 
 from engine.hadamard import Rotation, rotate
 from kernels.kv_blocks import _fwht_rows
+from kernels.pdl import pdl_launch, wait_for_previous
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +62,11 @@ def add_rms_norm_reference(
 def rope_heads_reference(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     neox: bool, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
-    rotation: Rotation | None = None,
+    rotation: Rotation | None = None, q_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: (T, Hq, D), k: (T, Hkv, D) any float; positions (T,) (negative = padding, treated as 0);
-    cos, sin: (P, rope_dim / 2) tables. Returns float32 (q, k); q rotated when `rotation` is given."""
+    cos, sin: (P, rope_dim / 2) tables. Returns float32 (q, k); q multiplied by the K-equalization
+    scales q_scale (Hkv, D) (query head h by row h // (Hq / Hkv)) and then rotated, when given."""
     from engine.models.transformer import apply_rope
 
     pos = positions.to(torch.long).clamp_min(0)
@@ -73,6 +76,8 @@ def rope_heads_reference(
         q = rms_norm_reference(q, q_norm, eps)
         k = rms_norm_reference(k, k_norm, eps)
     q, k = apply_rope(q, c, s, neox), apply_rope(k, c, s, neox)
+    if q_scale is not None:
+        q = q * q_scale.repeat_interleave(q.shape[1] // q_scale.shape[0], dim=0)  # (T, Hq, D), exact
     if rotation is not None:
         q = rotate(q, rotation)
     return q, k
@@ -92,8 +97,9 @@ def gated_activation_reference(
 @triton.jit
 def _add_rms_norm_kernel(
     x_ptr, stride_x, delta_ptr, stride_d, dw_ptr, w_ptr, out_ptr, stride_o, N, eps, delta_scale,
-    BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, DELTA_NORM: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, DELTA_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)  # PDL launch: wait for the kernel before; the GEMV after may start its prefetch
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -129,7 +135,7 @@ def add_rms_norm(
         x, x.stride(0), x if delta is None else delta, 0 if delta is None else delta.stride(0),
         weight if delta_weight is None else delta_weight, weight, out, out.stride(0), n, eps, delta_scale,
         BLOCK=block, HAS_DELTA=delta is not None, DELTA_NORM=delta_weight is not None,
-        num_warps=max(1, min(16, block // 256)),
+        num_warps=max(1, min(16, block // 256)), **pdl_launch(x.device),
     )
     return out
 
@@ -139,9 +145,9 @@ def add_rms_norm(
 
 @triton.jit
 def _rope_one_head(
-    src_ptr, dst_ptr, norm_ptr, cos_ptr, sin_ptr, s1_ptr, s2_ptr, rot_scale, eps,
+    src_ptr, dst_ptr, norm_ptr, cos_ptr, sin_ptr, scale_ptr, s1_ptr, s2_ptr, rot_scale, eps,
     D: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr, HEAD_NORM: tl.constexpr,
-    ROTATE: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr,
+    SCALE: tl.constexpr, ROTATE: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr,
 ):
     cols = tl.arange(0, D)
     rotated = cols < 2 * HALF
@@ -166,6 +172,8 @@ def _rope_one_head(
     # lower element of a pair: a*cos - b*sin; upper: a*sin + b*cos (a = lower, b = upper), as apply_rope
     y = tl.where(upper, xp * s + x * c, x * c - xp * s)
     y = tl.where(rotated, y, x)
+    if SCALE:  # K equalization: Q times the (power-of-two) scales K was divided by, exact
+        y = y * tl.load(scale_ptr + cols)
     if ROTATE:
         gl = tl.arange(0, G)
         yg = tl.reshape(y, (D // G, G)) * tl.load(s1_ptr + gl)[None, :]
@@ -178,10 +186,12 @@ def _rope_one_head(
 @triton.jit
 def _rope_heads_kernel(
     q_ptr, stride_qt, k_ptr, stride_kt, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr, stride_cs,
-    qn_ptr, kn_ptr, s1_ptr, s2_ptr, rot_scale, eps, HQ, HKV,
+    qn_ptr, kn_ptr, qs_ptr, s1_ptr, s2_ptr, rot_scale, eps, HQ, HKV,
     D: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr, HEAD_NORM: tl.constexpr,
-    ROTATE_Q: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr,
+    SCALE_Q: tl.constexpr, ROTATE_Q: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)  # PDL launch: wait for the kernel before (kernels/pdl.py)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     pos = tl.maximum(tl.load(pos_ptr + t), 0).to(tl.int64)  # padding rows (-1) read position 0
@@ -189,20 +199,23 @@ def _rope_heads_kernel(
     sin_row = sin_ptr + pos * stride_cs
     if h < HQ:
         _rope_one_head(q_ptr + t * stride_qt + h * D, qo_ptr + (t * HQ + h) * D, qn_ptr, cos_row, sin_row,
-                       s1_ptr, s2_ptr, rot_scale, eps, D, HALF, NEOX, HEAD_NORM, ROTATE_Q, G, LOG2_G)
+                       qs_ptr + (h // (HQ // HKV)) * D, s1_ptr, s2_ptr, rot_scale, eps, D, HALF, NEOX,
+                       HEAD_NORM, SCALE_Q, ROTATE_Q, G, LOG2_G)
     else:
         hk = h - HQ
         _rope_one_head(k_ptr + t * stride_kt + hk * D, ko_ptr + (t * HKV + hk) * D, kn_ptr, cos_row, sin_row,
-                       s1_ptr, s2_ptr, rot_scale, eps, D, HALF, NEOX, HEAD_NORM, False, G, LOG2_G)
+                       qs_ptr, s1_ptr, s2_ptr, rot_scale, eps, D, HALF, NEOX, HEAD_NORM, False, False, G,
+                       LOG2_G)
 
 
 def rope_heads(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     neox: bool, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
-    rotation: Rotation | None = None,
+    rotation: Rotation | None = None, q_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel of `rope_heads_reference`. q: (T, Hq, D) and k: (T, Hkv, D) with contiguous heads (row
-    strides free: they may be column slices of one fused QKV output).
+    strides free: they may be column slices of one fused QKV output). q_scale: (Hkv, D) contiguous
+    float32 K-equalization scales (a fixed buffer in a captured graph) or None.
     Returns float32 (T, Hq, D), (T, Hkv, D)."""
     t, hq, dim = q.shape
     hkv = k.shape[1]
@@ -217,6 +230,9 @@ def rope_heads(
         raise ValueError("cos/sin tables must be contiguous (P, rope_dim / 2) with rope_dim <= head_dim")
     if (q_norm is None) != (k_norm is None):
         raise ValueError("pass both Q and K head norms, or neither")
+    if q_scale is not None and (q_scale.shape != (hkv, dim) or q_scale.dtype != torch.float32
+                                or not q_scale.is_contiguous() or hq % hkv):
+        raise ValueError(f"q_scale must be a contiguous ({hkv}, {dim}) float32 tensor")
     q_out = torch.empty(t, hq, dim, dtype=torch.float32, device=q.device)
     k_out = torch.empty(t, hkv, dim, dtype=torch.float32, device=q.device)
     if t == 0:
@@ -229,10 +245,12 @@ def rope_heads(
     _rope_heads_kernel[(t, hq + hkv)](
         q, q.stride(0), k, k.stride(0), q_out, k_out, positions, cos, sin, cos.stride(0),
         dummy if q_norm is None else q_norm, dummy if k_norm is None else k_norm,
+        dummy if q_scale is None else q_scale,
         dummy if rot is None else rot.s1, dummy if rot is None else rot.s2,
         1.0 if rot is None else rot.scale, eps, hq, hkv,
-        D=dim, HALF=half, NEOX=neox, HEAD_NORM=q_norm is not None, ROTATE_Q=rot is not None,
-        G=group, LOG2_G=group.bit_length() - 1, num_warps=1 if dim <= 128 else 2,
+        D=dim, HALF=half, NEOX=neox, HEAD_NORM=q_norm is not None, SCALE_Q=q_scale is not None,
+        ROTATE_Q=rot is not None,
+        G=group, LOG2_G=group.bit_length() - 1, num_warps=1 if dim <= 128 else 2, **pdl_launch(q.device),
     )
     return q_out, k_out
 
@@ -243,8 +261,9 @@ def rope_heads(
 @triton.jit
 def _gated_activation_kernel(
     g_ptr, stride_g, u_ptr, stride_u, o_ptr, stride_o, N, scale,
-    BLOCK: tl.constexpr, ACT: tl.constexpr,
+    BLOCK: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)  # PDL launch: wait for the kernel before; the FFN-down GEMV may start
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -271,6 +290,6 @@ def gated_activation(
     block = min(2048, triton.next_power_of_2(n))
     _gated_activation_kernel[(rows, triton.cdiv(n, block))](
         gate, gate.stride(0), up, up.stride(0), out, out.stride(0), n, scale,
-        BLOCK=block, ACT=ACTIVATIONS[activation], num_warps=4,
+        BLOCK=block, ACT=ACTIVATIONS[activation], num_warps=4, **pdl_launch(gate.device),
     )
     return out

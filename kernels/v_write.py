@@ -3,6 +3,8 @@
 Layouts: v (B, Hkv, T, D) float holds positions [start_pos, start_pos + T); the store is
 (B, Hkv, max_positions, X) (engine.kv_quant). Positions as in kernels.k_write: `start_pos` or a
 device tensor `positions` (T,) (negative = skip the row), for CUDA-graph replay at any position.
+`sink` (B, Hkv, S, D) float16: the attention sinks, as in kernels.k_write (rows at positions < S also
+stored there in f16), so a captured step may write sink positions too.
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ import triton.language as tl
 
 from engine import kv_quant
 from engine.kv_quant import KVStore
-from kernels.k_write import write_rows_reference
+from kernels.k_write import write_rows_reference, write_sink_rows_reference
 from kernels.kv_blocks import _quantize_store_rows, check_kernel_head_dim, check_positions, store_args
+from kernels.pdl import pdl_launch, wait_for_previous
 
 log = logging.getLogger(__name__)
 
 
 def v_write_reference(v: torch.Tensor, store: KVStore, start_pos: int | None = None, *,
-                      positions: torch.Tensor | None = None) -> None:
+                      positions: torch.Tensor | None = None, sink: torch.Tensor | None = None) -> None:
     """Plain-torch V write: the oracle of `v_write` and the CPU path."""
-    write_rows_reference(kv_quant.quantize(v.to(torch.float32), store.kv_type), store, start_pos, positions)
+    x = v.to(torch.float32)  # (B, Hkv, T, D)
+    write_rows_reference(kv_quant.quantize(x, store.kv_type), store, start_pos, positions)
+    if sink is not None:
+        write_sink_rows_reference(x, sink, start_pos, positions)
 
 
 @triton.jit
@@ -32,8 +38,11 @@ def _v_write_kernel(
     v_ptr, stride_vb, stride_vh, stride_vt,
     qs_ptr, d_ptr, m_ptr, stride_qb, stride_qh, stride_qt, stride_sb, stride_sh, stride_st,
     T, H, start_pos, pos_ptr,
+    sink_ptr, stride_nb, stride_nh, n_sink,
     D: tl.constexpr, BLOCK_T: tl.constexpr, KV_TYPE: tl.constexpr, POS_TENSOR: tl.constexpr,
+    SINK: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)  # PDL launch: wait for the kernel before (kernels/pdl.py)
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -51,18 +60,27 @@ def _v_write_kernel(
         pos = (start_pos + t).to(tl.int64)
     qs_row = b.to(tl.int64) * stride_qb + h * stride_qh + pos * stride_qt
     s_row = b.to(tl.int64) * stride_sb + h * stride_sh + pos * stride_st
+    if SINK:  # attention sinks: rows below n_sink also in f16
+        n_row = b.to(tl.int64) * stride_nb + h * stride_nh + pos * D
+        tl.store(sink_ptr + n_row[:, None] + cols[None, :], x.to(tl.float16),
+                 mask=(row_mask & (pos < n_sink))[:, None])
     _quantize_store_rows(x, row_mask, qs_ptr, d_ptr, m_ptr, qs_row, s_row, BLOCK_T, D, KV_TYPE)
 
 
 def v_write(v: torch.Tensor, store: KVStore, start_pos: int | None = None, *, block_t: int = 16,
-            positions: torch.Tensor | None = None) -> None:
+            positions: torch.Tensor | None = None, sink: torch.Tensor | None = None) -> None:
     """Write V rows (B, Hkv, T, D) at positions [start_pos, start_pos + T) of a (B, Hkv, P, X) store,
-    or at per-row `positions` (T,) (a device tensor; rows < 0 are skipped)."""
+    or at per-row `positions` (T,) (a device tensor; rows < 0 are skipped); rows below S also into
+    `sink` (B, Hkv, S, D) float16 when given."""
     b, h, t, dim = v.shape
     check_kernel_head_dim(dim)
     check_positions(start_pos, positions, t, store.qs.shape[2])
     if store.head_dim != dim or store.qs.shape[:2] != (b, h):
         raise ValueError(f"V {tuple(v.shape)} does not fit the store {store.shape}")
+    if sink is not None and (sink.shape[:2] != (b, h) or sink.shape[3] != dim or sink.dtype != torch.float16
+                             or sink.stride(3) != 1 or sink.stride(2) != dim):
+        raise ValueError(f"sink {tuple(sink.shape)} {sink.dtype} must be ({b}, {h}, S, {dim}) float16, "
+                         "(S, D) slabs contiguous")
     if v.stride(-1) != 1:
         v = v.contiguous()
     if t == 0:
@@ -72,5 +90,8 @@ def v_write(v: torch.Tensor, store: KVStore, start_pos: int | None = None, *, bl
     _v_write_kernel[grid](
         v, v.stride(0), v.stride(1), v.stride(2), *args[:9], t, h, start_pos or 0,
         v if positions is None else positions,
-        D=dim, BLOCK_T=block_t, KV_TYPE=args[9], POS_TENSOR=positions is not None, enable_fp_fusion=False,
+        v if sink is None else sink, 0 if sink is None else sink.stride(0),
+        0 if sink is None else sink.stride(1), 0 if sink is None else sink.shape[2],
+        D=dim, BLOCK_T=block_t, KV_TYPE=args[9], POS_TENSOR=positions is not None, SINK=sink is not None,
+        enable_fp_fusion=False, **pdl_launch(v.device),
     )

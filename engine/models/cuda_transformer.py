@@ -20,15 +20,19 @@ Same architectures, same switches (ModelConfig); what changes is how a step is c
 - The KV cache is engine.cuda_kv_cache.CudaKVCache. Blocks of up to VERIFY_ROWS_MAX rows (decode and
   speculative verify) attend row by row as independent decode queries, so row p of a verify block
   equals the decode step at p bit for bit (qmatmul and every kernel here are row-independent too);
-  longer blocks (prefill chunks) use the prefill attention kernel.
+  longer blocks (prefill chunks) use the prefill attention kernel. With K equalization the first chunk
+  runs the RoPE kernel twice per layer: plain, for the cache to take its scales from Q and K, then with
+  Q scaled by them (and rotated).
 - Steps of 1..16 rows at a known position run as CUDA graphs (engine.cuda_graphs), captured lazily per
-  row bucket (1, 2, 4, 8, 16; padded) and per cache; greedy argmax is computed inside the graph.
+  row bucket (1, 2, 4, 8, 16; padded) and per cache, once the cache's statistics are known
+  (`CudaKVCache.can_replay`); greedy argmax is computed inside the graph.
 
 `CudaTransformer` has the CPU model's interface (config, embed, lm_head, forward) plus `step`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -201,7 +205,7 @@ class CudaTransformer(torch.nn.Module):
         first_pos None (the body of a captured step).
 
         first_pos: the first row's position when known on the host (eager): prefill chunks of more than
-        VERIFY_ROWS_MAX rows need it, and K smoothing takes its mean when it is 0.
+        VERIFY_ROWS_MAX rows need it, and K smoothing and equalization take their vectors when it is 0.
         logits_rows: "all" -> (T, vocab), "last" -> (1, vocab), "none". Returns (logits float32, hidden).
         """
         from kernels.layer_ops import add_rms_norm, gated_activation, rope_heads
@@ -221,11 +225,12 @@ class CudaTransformer(torch.nn.Module):
             )  # (T, d_model)
             if layer.index - 1 in capture:
                 captured[layer.index - 1] = x.clone()
-            q, k, v = layer.qkv(h)  # (T, Hq*Dh), (T, Hkv*Dh), (T, Hkv*Dh) float16 views
+            q_in, k_in, v = layer.qkv(h)  # (T, Hq*Dh), (T, Hkv*Dh), (T, Hkv*Dh) float16 views
             cos, sin = self._rope[layer.rope_base]
-            q, k = rope_heads(
-                q.view(n_rows, c.n_heads, c.head_dim),
-                k.view(n_rows, c.n_kv_heads, c.head_dim),
+            rope = functools.partial(
+                rope_heads,
+                q_in.view(n_rows, c.n_heads, c.head_dim),
+                k_in.view(n_rows, c.n_kv_heads, c.head_dim),
                 inputs.positions,
                 cos,
                 sin,
@@ -233,8 +238,11 @@ class CudaTransformer(torch.nn.Module):
                 q_norm=layer.q_norm,
                 k_norm=layer.k_norm,
                 eps=c.norm_eps,
-                rotation=cache.rotation,
-            )  # (T, Hq, Dh) in K's basis, (T, Hkv, Dh), float32
+            )
+            if cache.takes_k_scales(layer.index, first_pos):  # K equalization's first chunk: scales from
+                cache.take_k_scales(layer.index, *rope(), first_pos)  # its plain Q and K
+            q, k = rope(rotation=cache.rotation, q_scale=cache.q_scale(layer.index))
+            # (T, Hq, Dh) scaled and rotated into K's basis, (T, Hkv, Dh), float32
             cache.write_rows(
                 layer.index, k, v.view(n_rows, c.n_kv_heads, c.head_dim), inputs.positions, first_pos
             )
@@ -271,7 +279,7 @@ class CudaTransformer(torch.nn.Module):
         self.check_tokens(ids)
         cache._check_room(pos, n)
         self.rope_for(cache.max_len)
-        if self.graphs is not None and pos > 0 and cache.means_known():
+        if self.graphs is not None and pos > 0 and cache.can_replay():
             return self.graphs.run(ids, pos, cache, tuple(capture))
         logits, hidden = self.run_rows(self.inputs_for(ids, pos), cache, pos, "all", tuple(capture))
         return StepOutput(logits, logits.argmax(-1), hidden)

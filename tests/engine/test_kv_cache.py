@@ -225,13 +225,12 @@ def test_channel_scales_follow_the_recipe():
     assert torch.equal(k_equalize.channel_scales(torch.zeros(2, 1, 4), torch.ones(4, 1, 4)), torch.ones(2, 4))
 
 
-def test_auto_equalization_is_on_for_quantized_k_on_the_cpu_cache():
+def test_auto_equalization_is_on_for_quantized_k_on_either_cache():
     assert [resolve_k_equalize("auto", t) for t in TYPES] == [False, False, True, True, True]
     assert resolve_k_equalize("on", "f16") and not resolve_k_equalize("off", "q4_0")
-    if not k_equalize.CUDA_SUPPORTED:
-        assert resolve_k_equalize("auto", "q4_0", "cuda") is False
-        with pytest.raises(SettingsError, match="GPU"):
-            resolve_k_equalize("on", "q4_0", "cuda")
+    # the GPU cache equalizes too (tests/engine/test_cuda_kv_cache.py)
+    assert [resolve_k_equalize("auto", t, "cuda") for t in TYPES] == [False, False, True, True, True]
+    assert resolve_k_equalize("on", "f16", "cuda") and not resolve_k_equalize("off", "q4_0", "cuda")
     with pytest.raises(SettingsError, match="K equalization"):
         EngineConfig(model="m", k_equalize="yes").validate()
 

@@ -9,7 +9,7 @@ from engine import hadamard, kv_quant
 from kernels.decode_attention import decode_attention, decode_attention_reference
 from kernels.k_write import k_write
 from kernels.v_write import v_write
-from tests.kernels._util import DEVICE, KV_TYPES, assert_close_rms, gpu, random_store
+from tests.kernels._util import DEVICE, KV_TYPES, QUANT_TYPES, assert_close_rms, gpu, random_store
 
 TOL = 3e-3  # both sides read the same dequantized values; the kernel rounds its dot operands to fp16
 
@@ -148,3 +148,83 @@ def test_verify_rows_equal_single_decodes_bit_for_bit(k_type, v_type, window, sp
     want = decode_attention_reference(rows_q[:3], _one_cache_as_rows(ks, 3), _one_cache_as_rows(vs, 3),
                                       lengths[:3], window=window)
     assert_close_rms("verify rows", out[:3].float(), want, 5e-3)
+
+
+# ---- attention sinks: positions < S of a side read from its f16 copies --------------------------------
+
+
+def _sinks(bsz, hkv, dim, gen, n_sink=4):
+    """(B, Hkv, S, D) float16 sink copies, unlike what the random stores hold (so they must matter)."""
+    return (3.0 * torch.randn(bsz, hkv, n_sink, dim, generator=gen)).to(torch.float16).to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "k_type,v_type,lengths,window,split",
+    [("q4_0", "q8_0", [41, 123], None, 32), ("q4_0", "f16", [3, 70], None, 32),
+     ("bf16", "q8_0", [2, 64], 63, 64), ("q4_0", "q4_1", [7, 40], 5, 32), ("q8_0", "q4_0", [9, 99], 7, 64)],
+    ids=["both", "k-only-short", "v-only-window-at-sinks", "window-past-sinks", "window-in-sinks"],
+)
+def test_decode_reads_sinks_from_their_f16_copies(k_type, v_type, lengths, window, split):
+    # the quantized sides keep sinks; an f16/bf16 side is read from its store
+    q, ks, vs, lens = _case(k_type, v_type, 2, 2, 3, 64, lengths, 128, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    k_sink = _sinks(2, 2, 64, gen) if k_type in QUANT_TYPES else None
+    v_sink = _sinks(2, 2, 64, gen) if v_type in QUANT_TYPES else None
+    got = decode_attention(q, ks, vs, lens, window=window, split_size=split, block_n=32,
+                           k_sink=k_sink, v_sink=v_sink)
+    want = decode_attention_reference(q, ks, vs, lens, window=window, k_sink=k_sink, v_sink=v_sink)
+    assert_close_rms(f"decode output with sinks ({k_type} K, {v_type} V)", got, want, TOL)
+    plain = decode_attention_reference(q, ks, vs, lens, window=window)
+    sees_sinks = [n for n in lengths if window is None or n - window < 4]
+    if sees_sinks:
+        assert (got - plain).abs().max() > 1e-2, "the sinks should change the result"
+    else:
+        assert_close_rms("decode output, sinks out of the window", got, plain, TOL)
+
+
+@pytest.mark.parametrize("split", [32, 128], ids=["short-splits", "long-splits"])
+def test_verify_rows_with_sinks_equal_single_decodes_bit_for_bit(split):
+    q, ks, vs, _ = _case("q4_0", "q4_0", 1, 2, 3, 64, [1], 300, seed=4)
+    gen = torch.Generator().manual_seed(8)
+    k_sink, v_sink = _sinks(1, 2, 64, gen), _sinks(1, 2, 64, gen)
+    rows_q = torch.randn(4, 6, 64, generator=gen).to(DEVICE)  # (R, Hq, D)
+    lengths = torch.tensor([2, 3, 263, 0], dtype=torch.int32, device=DEVICE)  # rows inside and past the sinks
+    expand = lambda t: t.expand(4, *t.shape[1:])
+    out = torch.full((4, 6, 64), float("nan"), device=DEVICE)
+    decode_attention(rows_q, _one_cache_as_rows(ks, 4), _one_cache_as_rows(vs, 4), lengths, max_length=300,
+                     split_size=split, block_n=32, out=out, k_sink=expand(k_sink), v_sink=expand(v_sink))
+    for r in range(3):
+        single = decode_attention(rows_q[r : r + 1], ks, vs, lengths[r : r + 1], max_length=300,
+                                  split_size=split, block_n=32, k_sink=k_sink, v_sink=v_sink)
+        assert torch.equal(out[r : r + 1], single), f"row {r} differs from its decode"
+    want = decode_attention_reference(rows_q[:3], _one_cache_as_rows(ks, 3), _one_cache_as_rows(vs, 3),
+                                      lengths[:3], k_sink=expand(k_sink)[:3], v_sink=expand(v_sink)[:3])
+    assert_close_rms("verify rows with sinks", out[:3].float(), want, 5e-3)
+
+
+def test_decode_sinks_are_checked():
+    q, ks, vs, lens = _case("q4_0", "q4_0", 1, 1, 1, 32, [20], 40)
+    gen = torch.Generator().manual_seed(1)
+    with pytest.raises(ValueError, match="at most"):
+        decode_attention(q, ks, vs, lens, block_n=32, k_sink=_sinks(1, 1, 32, gen, 65),
+                         v_sink=_sinks(1, 1, 32, gen, 65))
+    with pytest.raises(ValueError, match="same number"):
+        decode_attention(q, ks, vs, lens, block_n=32, k_sink=_sinks(1, 1, 32, gen, 4),
+                         v_sink=_sinks(1, 1, 32, gen, 2))
+    with pytest.raises(ValueError, match="q4_0 V store needs its sinks"):
+        decode_attention(q, ks, vs, lens, block_n=32, k_sink=_sinks(1, 1, 32, gen, 4))
+
+
+@gpu
+@pytest.mark.parametrize(
+    "k_type,v_type", [("q4_0", "q4_0"), ("q8_0", "q8_0"), ("q4_0", "q8_0"), ("f16", "q4_0")]
+)
+@pytest.mark.parametrize("window", [None, 512])
+def test_decode_sinks_real_shapes_gpu(k_type, v_type, window):
+    q, ks, vs, lens = _case(k_type, v_type, 3, 2, 6, 128, [4097, 1000, 3], 4200)
+    gen = torch.Generator().manual_seed(2)
+    k_sink = _sinks(3, 2, 128, gen) if k_type != "f16" else None
+    v_sink = _sinks(3, 2, 128, gen)
+    got = decode_attention(q, ks, vs, lens, window=window, k_sink=k_sink, v_sink=v_sink)
+    want = decode_attention_reference(q, ks, vs, lens, window=window, k_sink=k_sink, v_sink=v_sink)
+    assert_close_rms(f"decode output with sinks ({k_type} K, {v_type} V)", got, want, TOL)

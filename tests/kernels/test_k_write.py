@@ -91,3 +91,34 @@ def test_k_write_needs_one_kind_of_position():
         k_write(k, store, 0, positions=torch.tensor([0, 1], device=DEVICE))
     with pytest.raises(ValueError, match="do not fit"):
         k_write(k, store, 3)
+
+
+def _pow2_scales(h, dim, gen):
+    """(H, D) K-equalization scales: powers of two from 1/8 to 8."""
+    return torch.exp2(torch.randint(-3, 4, (h, dim), generator=gen).float()).to(DEVICE)
+
+
+@pytest.mark.parametrize("kv_type", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("tensor_positions", [False, True])
+def test_k_write_equalization_and_sinks_match_reference(kv_type, tensor_positions):
+    # K divided by per-channel power-of-two scales after smoothing; rows at positions < 4 also kept in f16
+    gen = torch.Generator().manual_seed(11)
+    k = (torch.randn(1, 2, 6, 64, generator=gen) * 2.0).to(DEVICE)  # (B, H, T, D) at positions 2..7
+    mean = torch.randn(2, 64, generator=gen).to(DEVICE)
+    scale = _pow2_scales(2, 64, gen)
+    rot = hadamard.make_rotation(64)
+    where = dict(positions=torch.tensor([2, 3, -1, 5, 6, 7], device=DEVICE)) if tensor_positions else {}
+    start = None if tensor_positions else 2
+    stores, sinks = [], []
+    for write in (k_write, k_write_reference):
+        stores.append(kv_quant.allocate(kv_type, (1, 2, 10), 64, DEVICE))
+        sinks.append(torch.full((1, 2, 4, 64), 7.0, dtype=torch.float16, device=DEVICE))
+        write(k, stores[-1], start, mean=mean, rotation=rot, scale=scale, sink=sinks[-1], **where)
+    assert_stores_equal(*stores)
+    assert torch.equal(sinks[0], sinks[1]), "sink rows differ from the reference"
+    x = hadamard.rotate((k - mean[None, :, None, :]) / scale[None, :, None, :], rot)  # what was quantized
+    assert torch.equal(sinks[0][:, :, 2:4], x[:, :, :2].to(torch.float16)), "positions 2, 3 in f16"
+    assert bool((sinks[0][:, :, :2] == 7.0).all()), "positions not written keep their sink rows"
+    plain = kv_quant.allocate(kv_type, (1, 2, 10), 64, DEVICE)  # (k / s) written without a scale: the same
+    k_write(k / scale[None, :, None, :], plain, start, mean=mean / scale, rotation=rot, **where)
+    assert_stores_equal(stores[0], plain)

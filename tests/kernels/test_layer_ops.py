@@ -66,6 +66,27 @@ def test_rope_heads(neox, rope_dim, head_norm, rotate):
     assert_close_rms("k after RoPE", got_k, want_k, FP32_TOL)
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+def test_rope_heads_scales_q_for_k_equalization(rotate):
+    # Q head h times the scales of KV head h // 2 (GQA 2), before the rotation; K untouched
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(3, 4, 64, generator=gen).to(DEVICE)  # (T, Hq, D)
+    k = torch.randn(3, 2, 64, generator=gen).to(DEVICE)  # (T, Hkv, D)
+    pos = torch.tensor([0, 1, 2], device=DEVICE)
+    cos, sin = (t.to(DEVICE) for t in rope_tables(torch.arange(0, 4), 64, 10000.0, 1.0, None))
+    scale = torch.exp2(torch.randint(-3, 4, (2, 64), generator=gen).float()).to(DEVICE)  # powers of two
+    rot = hadamard.make_rotation(64).to(DEVICE) if rotate else None
+    want_q, want_k = rope_heads_reference(q, k, pos, cos, sin, neox=True, rotation=rot, q_scale=scale)
+    got_q, got_k = rope_heads(q, k, pos, cos, sin, neox=True, rotation=rot, q_scale=scale)
+    assert_close_rms("scaled q after RoPE", got_q, want_q, FP32_TOL)
+    plain_q, plain_k = rope_heads(q, k, pos, cos, sin, neox=True)
+    assert torch.equal(got_k, plain_k), "K is never scaled here (k_write divides it)"
+    if not rotate:  # a power-of-two product is exact: the plain Q times the scales, bit for bit
+        assert torch.equal(got_q, plain_q * scale.repeat_interleave(2, dim=0))
+    with pytest.raises(ValueError, match="q_scale"):
+        rope_heads(q, k, pos, cos, sin, neox=True, q_scale=scale[:1])
+
+
 def test_rope_heads_rows_do_not_depend_on_the_block():
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(4, 2, 32, generator=gen).to(DEVICE)

@@ -70,3 +70,48 @@ def test_prefill_writes_into_a_given_buffer():
     prefill_attention(view(q_rows), ks, vs, 31, block_n=32, out=view(out_rows))
     want = prefill_attention_reference(view(q_rows), ks, vs, 31)
     assert_close_rms("prefill output in a (T, Hq, D) bf16 buffer", view(out_rows).float(), want, 5e-3)
+
+
+# ---- attention sinks: positions < S of a side read from its f16 copies --------------------------------
+
+
+def _sinks(bsz, hkv, dim, gen, n_sink=4):
+    """(B, Hkv, S, D) float16 sink copies, unlike what the random stores hold (so they must matter)."""
+    return (3.0 * torch.randn(bsz, hkv, n_sink, dim, generator=gen)).to(torch.float16).to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "sides,start,t,window",
+    [("kv", 0, 41, None), ("k", 2, 7, None), ("v", 30, 11, None), ("kv", 0, 20, 3), ("kv", 3, 5, 2),
+     ("kv", 60, 5, 8)],
+    ids=["first-chunk", "k-only-inside-sinks", "v-only-later-chunk", "window3", "window-from-inside-sinks",
+         "sinks-out-of-window"],
+)
+@pytest.mark.parametrize("k_type,v_type", [("q4_0", "q8_0"), ("q8_0", "q4_1")])
+def test_prefill_reads_sinks_from_their_f16_copies(sides, start, t, window, k_type, v_type):
+    q, ks, vs = _case(k_type, v_type, 2, 2, 2, 64, start, t, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    k_sink = _sinks(2, 2, 64, gen) if "k" in sides else None
+    v_sink = _sinks(2, 2, 64, gen) if "v" in sides else None
+    got = prefill_attention(q, ks, vs, start, window=window, block_m=16, block_n=32, k_sink=k_sink,
+                            v_sink=v_sink)
+    want = prefill_attention_reference(q, ks, vs, start, window=window, k_sink=k_sink, v_sink=v_sink)
+    assert_close_rms(f"prefill output with {sides} sinks", got, want, TOL)
+    plain = prefill_attention_reference(q, ks, vs, start, window=window)
+    if window is None or start - window < 3:
+        assert (got - plain).abs().max() > 1e-2, "the sinks should change the result"
+    else:
+        assert_close_rms("prefill output, sinks out of the window", got, plain, TOL)
+
+
+@gpu
+@pytest.mark.parametrize("k_type,v_type", [("q4_0", "q4_0"), ("q8_0", "q8_0"), ("bf16", "q4_0")])
+@pytest.mark.parametrize("start,window", [(0, None), (1500, None), (300, 512)])
+def test_prefill_sinks_real_shapes_gpu(k_type, v_type, start, window):
+    q, ks, vs = _case(k_type, v_type, 1, 2, 6, 128, start, 512)
+    gen = torch.Generator().manual_seed(5)
+    k_sink = _sinks(1, 2, 128, gen) if k_type != "bf16" else None
+    v_sink = _sinks(1, 2, 128, gen)
+    got = prefill_attention(q, ks, vs, start, window=window, k_sink=k_sink, v_sink=v_sink)
+    want = prefill_attention_reference(q, ks, vs, start, window=window, k_sink=k_sink, v_sink=v_sink)
+    assert_close_rms(f"prefill output with sinks ({k_type} K, {v_type} V, at {start})", got, want, TOL)

@@ -56,3 +56,22 @@ def test_v_write_at_positions_from_a_tensor(kv_type):
     v_write_reference(v, want, positions=positions)
     assert_stores_equal(got, want)
     assert int((got.qs[:, :, [0, 1, 3, 4, 5, 7]] != 0).sum()) == 0
+
+
+@pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("tensor_positions", [False, True])
+def test_v_write_sinks_match_reference(kv_type, tensor_positions):
+    # rows at positions < 4 also kept in f16 (attention sinks), from start positions or a position tensor
+    gen = torch.Generator().manual_seed(12)
+    v = (torch.randn(1, 2, 6, 64, generator=gen) * 2.0).to(DEVICE)  # (B, H, T, D) at positions 2..7
+    where = dict(positions=torch.tensor([2, 3, -1, 5, 6, 7], device=DEVICE)) if tensor_positions else {}
+    start = None if tensor_positions else 2
+    stores, sinks = [], []
+    for write in (v_write, v_write_reference):
+        stores.append(kv_quant.allocate(kv_type, (1, 2, 10), 64, DEVICE))
+        sinks.append(torch.full((1, 2, 4, 64), 7.0, dtype=torch.float16, device=DEVICE))
+        write(v, stores[-1], start, sink=sinks[-1], **where)
+    assert_stores_equal(*stores)
+    assert torch.equal(sinks[0], sinks[1]), "sink rows differ from the reference"
+    assert torch.equal(sinks[0][:, :, 2:4], v[:, :, :2].to(torch.float16)), "positions 2, 3 in f16"
+    assert bool((sinks[0][:, :, :2] == 7.0).all()), "positions not written keep their sink rows"

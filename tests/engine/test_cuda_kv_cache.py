@@ -1,0 +1,217 @@
+"""engine.cuda_kv_cache.CudaKVCache (the Triton kernels' cache) against engine.kv_cache.KVCache (torch) with
+the full K recipe: rotation, smoothing, K equalization and attention sinks.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors at these tiny shapes; with CUDA the
+same tests run on the GPU. Both caches get the same K, V and Q through the KVCache interface (write, then
+attention) and must agree within the kernels' fp16 tolerance: they quantize the same values (the write
+kernel is byte-exact against the torch quantizer; the rotation's float32 rounding may differ, which can
+flip a rare 4-bit rounding) and the attention kernels round their dot operands to fp16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernels module is imported
+
+from engine import kv_quant  # noqa: E402
+from engine.api import EngineConfig  # noqa: E402
+from engine.cuda_kv_cache import CudaKVCache  # noqa: E402
+from engine.k_equalize import resolve_k_equalize  # noqa: E402
+from engine.kv_cache import SINK_TOKENS, KVCache, make_kv_cache, resolve_k_smooth  # noqa: E402
+from engine.session import Engine  # noqa: E402
+from engine.snapshots import SnapshotStore  # noqa: E402
+from tests.engine.tiny_models import write_tiny_model  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# relative RMS of the attention outputs; measured under the interpreter (seeds 1 and 5, every case below):
+# 2e-4..5e-4 for the quantized pairs, up to 1e-3 for f16; the old reduced recipe (no equalization, no
+# sinks) is off by 1e-2 (q8_0) to 0.33 (q4_0)
+TOL = 3e-3
+N_KV, N_HEADS, DIM, CAPACITY = 2, 4, 64, 40
+
+
+def rel_rms(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double().cpu(), want.double().cpu()
+    return ((got - want).pow(2).mean() / want.pow(2).mean()).sqrt().item()
+
+
+def biased_inputs(seed: int, n: int = 30) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k, v (n, N_KV, D) and q (n, N_HEADS, D): K with a bias and channels of very different widths (so the
+    smoothing and equalization matter), Q with uneven channels too, and a first token that stands out (as
+    real models' first keys do, which is why the sinks exist)."""
+    gen = torch.Generator().manual_seed(seed)
+    widths = torch.exp2(torch.randint(-3, 6, (1, N_KV, DIM), generator=gen).float())  # 1/8 .. 32
+    k = torch.randn(n, N_KV, DIM, generator=gen) * widths + 5 * torch.randn(1, N_KV, DIM, generator=gen)
+    k[0] *= 4.0
+    v = torch.randn(n, N_KV, DIM, generator=gen)
+    v[0] *= 6.0
+    q_widths = torch.exp2(torch.randint(-3, 4, (1, N_HEADS, DIM), generator=gen).float())  # 1/8 .. 8
+    q = torch.randn(n, N_HEADS, DIM, generator=gen) * q_widths / 8
+    return k, v, q
+
+
+def make_caches(kv_k: str, kv_v: str) -> tuple[KVCache, CudaKVCache]:
+    """The CPU cache and the kernels' cache, both with the defaults' recipe for these types."""
+    equalize = resolve_k_equalize("auto", kv_k, DEVICE)
+    recipe = dict(k_smooth=resolve_k_smooth("auto", kv_k), k_equalize=equalize)
+    cpu = KVCache(1, N_KV, DIM, CAPACITY, kv_k, kv_v, **recipe)
+    gpu = CudaKVCache(1, N_KV, DIM, CAPACITY, kv_k, kv_v, device=DEVICE, **recipe)
+    return cpu, gpu
+
+
+def run_blocks(cache: KVCache, k, v, q, blocks: list[int], window: int | None) -> list[torch.Tensor]:
+    """Write then attend block after block of the given sizes (as the model does) -> each block's output."""
+    outs, pos, device = [], 0, cache.k[0].qs.device
+    for n in blocks:
+        cache.write(0, pos, k[pos : pos + n].to(device), v[pos : pos + n].to(device))
+        outs.append(cache.attention(0, q[pos : pos + n].to(device), pos, 0.125, window).cpu())
+        pos += n
+    return outs
+
+
+# prefill chunk (> VERIFY_ROWS_MAX rows: the prefill kernel), a 3-row verify block, decode steps; and a
+# first block inside the sinks (rows kernel) followed by a prefill chunk that starts inside them
+BLOCKS = {"chunk-rows-decode": [20, 3, 1, 1], "short-first-block": [3, 17, 1]}
+
+
+@pytest.mark.parametrize("blocks", list(BLOCKS), ids=list(BLOCKS))
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize(
+    "kv_k,kv_v", [("q4_0", "q4_0"), ("q8_0", "q8_0"), ("q4_0", "q8_0"), ("f16", "q4_0"), ("f16", "f16")]
+)
+def test_kernel_cache_matches_cpu_cache_with_equalization_and_sinks(kv_k, kv_v, window, blocks):
+    k, v, q = biased_inputs(1)
+    cpu, gpu = make_caches(kv_k, kv_v)
+    quantized_k = kv_k != "f16"
+    assert gpu.k_equalize == cpu.k_equalize == quantized_k, "auto: on for quantized K, on the GPU too"
+    assert gpu.sink_tokens == cpu.sink_tokens == (SINK_TOKENS if (quantized_k or kv_v != "f16") else 0)
+    want = run_blocks(cpu, k, v, q, BLOCKS[blocks], window)
+    got = run_blocks(gpu, k, v, q, BLOCKS[blocks], window)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        err = rel_rms(g, w)
+        assert err <= TOL, f"block {i} ({kv_k} K, {kv_v} V): relative RMS {err:.2e} > {TOL}"
+    if kv_v != "f16":
+        assert torch.equal(gpu.v_sink[0].cpu(), cpu.v_sink[0]), "V sinks: the rows in f16"
+    if not quantized_k:
+        return
+    assert torch.equal(gpu.k_scale[0].cpu(), cpu.k_scale[0]), "scales from the same first chunk and queries"
+    assert bool((cpu.k_scale[0] != 1).any()), "the test K should need scaling"
+    assert torch.allclose(gpu.k_mean[0].cpu(), cpu.k_mean[0], rtol=1e-6, atol=1e-6)
+    assert rel_rms(gpu.k_sink[0], cpu.k_sink[0]) < 1e-3, "K sinks: K as stored, in f16"
+    # the reduced recipe the GPU cache had before (no equalization, no sinks) is measurably off
+    reduced = CudaKVCache(1, N_KV, DIM, CAPACITY, kv_k, kv_v, device=DEVICE, k_smooth=True,
+                          sink_tokens=0)
+    old = run_blocks(reduced, k, v, q, BLOCKS[blocks], window)
+    assert max(rel_rms(o, w) for o, w in zip(old, want, strict=True)) > 2 * TOL
+
+
+def test_first_chunk_stored_without_queries_takes_k_only_scales():
+    # KVCache's fallback: two writes without attention between them store the first chunk from K alone
+    k, v, q = biased_inputs(2)
+    cpu, gpu = make_caches("q4_0", "q4_0")
+    for cache in (cpu, gpu):
+        device = cache.k[0].qs.device
+        cache.write(0, 0, k[:16].to(device), v[:16].to(device))
+        assert cache.k_scale[0] is None, "the first chunk waits for its queries"
+        cache.write(0, 16, k[16:20].to(device), v[16:20].to(device))
+    assert torch.equal(gpu.k_scale[0].cpu(), cpu.k_scale[0])
+    want = cpu.attention(0, q[16:20], 16, 0.125, None)
+    got = gpu.attention(0, q[16:20].to(DEVICE), 16, 0.125, None).cpu()
+    assert rel_rms(got, want) <= TOL
+
+
+def test_captured_style_writes_fill_both_sinks():
+    """A captured step (positions from a tensor, first_pos None) may land on sink positions: the write
+    kernels put the f16 copies of K (as quantized) and V there, so graphs need not wait past the sinks."""
+    k, v, q = biased_inputs(4)
+    _, gpu = make_caches("q4_0", "q4_0")
+    run_blocks(gpu, k, v, q, [20], None)  # statistics taken
+    gpu.k_sink[0].fill_(0)
+    gpu.v_sink[0].fill_(0)
+    new_v = torch.randn(2, N_KV, DIM)
+    gpu.write_rows(0, k[:2].to(DEVICE), new_v.to(DEVICE), torch.tensor([1, 2], device=DEVICE), None)
+    assert torch.equal(gpu.v_sink[0][:, 1:3].cpu(), new_v.transpose(0, 1).to(torch.float16))
+    assert bool((gpu.k_sink[0][:, 1:3] != 0).all()) and bool((gpu.v_sink[0][:, 0] == 0).all())
+
+
+def test_scales_and_means_live_in_fixed_buffers_and_gate_graph_replay():
+    k, v, q = biased_inputs(3)
+    _, gpu = make_caches("q4_0", "q8_0")
+    buffers = [t.data_ptr() for t in (gpu.q_scale(0), gpu._means.buffers[0], gpu.k_sink[0], gpu.v_sink[0])]
+    assert not gpu.can_replay(), "no statistics yet"
+    with pytest.raises(RuntimeError, match="K scales"):
+        gpu.write_rows(0, k[:2].to(DEVICE), v[:2].to(DEVICE), torch.arange(2, device=DEVICE), 0)
+    run_blocks(gpu, k, v, q, [20], None)
+    assert gpu.can_replay(), "statistics known"
+    first = gpu.k_scale[0].clone()
+    gpu.k_scale = [torch.ones(N_KV, DIM, device=DEVICE)]  # a snapshot restore assigns: copied in place
+    assert torch.equal(gpu.q_scale(0), torch.ones(N_KV, DIM, device=DEVICE))
+    gpu.reset()
+    assert gpu.k_scale == [None] and gpu.k_mean == [None] and not gpu.can_replay()
+    run_blocks(gpu, k, v, q, [20], None)  # a new conversation takes them again
+    assert torch.equal(gpu.k_scale[0], first)
+    now = [t.data_ptr() for t in (gpu.q_scale(0), gpu._means.buffers[0], gpu.k_sink[0], gpu.v_sink[0])]
+    assert now == buffers, "a captured graph holds these addresses"
+    bare = KVCache(1, N_KV, DIM, CAPACITY, "q4_0", "q8_0", k_smooth=True, k_equalize=True)  # nothing known
+    assert gpu.nbytes == bare.nbytes + 2 * N_KV * DIM * 4, "the known mean and scales count, as on the CPU"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="make_kv_cache gives the CPU cache without CUDA")
+def test_make_kv_cache_gives_the_gpu_cache_equalization():
+    cache = make_kv_cache(1, N_KV, DIM, CAPACITY, "q4_0", "q4_0", device="cuda", k_smooth=True,
+                          k_equalize=True)
+    assert isinstance(cache, CudaKVCache) and cache.k_equalize and cache.sink_tokens == SINK_TOKENS
+
+
+# ---- snapshots: the scales and sinks saved and restored like the CPU cache's -----------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("cuda_kv") / "llama.gguf", "llama", seed=3,
+                            quantized=True)
+
+
+def session_with_kernel_cache(path, kv_k="q4_0", kv_v="q8_0"):
+    """A CPU session whose cache is swapped for the kernels' cache (snapshots only touch the cache)."""
+    session = Engine.load(EngineConfig(model=str(path), context_length=CAPACITY, kv_k=kv_k, kv_v=kv_v,
+                                       device="cpu"))
+    c = session.model.config
+    assert (c.n_kv_heads, c.head_dim) == (N_KV, DIM)
+    session.cache = CudaKVCache(c.n_layers, N_KV, DIM, CAPACITY, kv_k, kv_v, device=DEVICE, k_smooth=True,
+                                k_equalize=True)
+    return session
+
+
+def test_snapshot_round_trip_keeps_scales_and_sinks(tiny_path, tmp_path):
+    k, v, q = biased_inputs(4)
+    saved = session_with_kernel_cache(tiny_path)
+    for layer in range(len(saved.cache.k)):
+        saved.cache.write(layer, 0, k[:10].to(DEVICE), v[:10].to(DEVICE))
+        saved.cache.attention(layer, q[:10].to(DEVICE), 0, 0.125, None)
+    saved.cached_ids = list(range(10))
+    store = SnapshotStore(tmp_path)
+    assert store.save(saved) is not None
+    restored = session_with_kernel_cache(tiny_path)
+    assert store.restore(restored, list(range(12))) == 10
+    a, b = saved.cache, restored.cache
+    for layer in range(len(a.k)):
+        for sa, sb in ((a.k[layer], b.k[layer]), (a.v[layer], b.v[layer])):
+            a_rows, b_rows = (kv_quant.dequantize(s.narrow(1, 0, 10)) for s in (sa, sb))
+            assert torch.equal(a_rows, b_rows), f"layer {layer} {sa.kv_type} store"
+        for name in ("k_mean", "k_scale"):
+            assert torch.equal(getattr(a, name)[layer], getattr(b, name)[layer]), f"{name} {layer}"
+        assert torch.equal(a.k_sink[layer], b.k_sink[layer]) and torch.equal(a.v_sink[layer], b.v_sink[layer])
+    assert b.q_scale(0) is b.k_scale[0], "restored into the fixed buffer"
+    assert bool((b.k_scale[0] != 1).any()) and bool(b.k_sink[0].any())
+    for cache in (a, b):  # both continue alike, bit for bit
+        cache.write(0, 10, k[10:11].to(DEVICE), v[10:11].to(DEVICE))
+    got = [c.attention(0, q[10:11].to(DEVICE), 10, 0.125, None) for c in (a, b)]
+    assert torch.equal(*got)
