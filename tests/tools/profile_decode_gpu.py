@@ -1,16 +1,22 @@
 """Where a GPU decode step's time goes: kernel by kernel, from the CUDA profiler (issue 5).
 
-    python3 -m tests.tools.profile_decode_gpu --model M.gguf [--ctk f16 --ctv f16 --depth 1024]
+    python3 -m tests.tools.profile_decode_gpu --model M.gguf [--ctk f16 --ctv f16 --depth 1024] [--pdl]
 
 Loads the model on CUDA, fills the cache to `depth`, captures the 1-row decode graph, replays it
 `steps` times under torch.profiler and prints, per kernel name, launches and device microseconds per
 step, then the step's wall time (graph replays back to back) against the sum of kernel times: the
 difference is time the GPU spent between kernels.
+
+Programmatic dependent launch (kernels/pdl.py) is turned off unless --pdl is given: with it a kernel
+starts before the previous one ends and waits inside, so its profiled duration includes that wait (the
+per-kernel times then overlap and add up to more than the wall time; measured on an H200 in session 4:
+add + RMSNorm 10.4 us "each" instead of 1.8).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import defaultdict
 
@@ -66,14 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctv", default="f16")
     parser.add_argument("--depth", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--pdl", action="store_true",
+                        help="keep programmatic dependent launch on (per-kernel times then include waits)")
     args = parser.parse_args(argv)
+    if not args.pdl:
+        os.environ["TANDEM_PDL"] = "0"  # read at the first kernel launch (kernels/pdl.py)
     if not torch.cuda.is_available():
         print("profile_decode_gpu needs a CUDA GPU", file=sys.stderr)
         return 2
     res = profile(args.model, args.ctk, args.ctv, args.depth, args.steps)
     kernel_us = sum(r[2] for r in res["rows"])
     launches = sum(r[1] for r in res["rows"])
-    print(f"decode step, {args.ctk}/{args.ctv} cache at depth {args.depth}: wall {res['wall_us']:.0f} us, "
+    pdl = "PDL on" if args.pdl else "PDL off"
+    print(f"decode step ({pdl}), {args.ctk}/{args.ctv} cache at depth {args.depth}: "
+          f"wall {res['wall_us']:.0f} us, "
           f"kernels {kernel_us:.0f} us in {launches:.0f} launches "
           f"({launches / res['n_layers']:.1f} per layer), between kernels "
           f"{res['wall_us'] - kernel_us:.0f} us")
