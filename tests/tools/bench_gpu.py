@@ -20,6 +20,8 @@ Steps, in this order:
 4. Ours: `engine.gpu_bench.measure(...)` (contract in `run_our_engine`).
 5. llama-bench with flash attention, all layers on the GPU, per cache type (f16/f16, q4_0/q4_0):
    pp1, pp4, pp8, pp16 (its verify-step equivalent), pp2048 and tg128, at depth 0 and 4096; JSON.
+   pp2048 runs twice: with llama-bench's default micro-batch (n_ubatch 512) and with the whole prompt
+   in one micro-batch (-ub 2048 -b 2048, as our engine's 2048-token chunk); the table takes the faster.
 6. transformers: `AutoModelForCausalLM.from_config` of the equivalent config (random bf16 weights,
    sdpa): prefill, eager decode (dynamic cache), and decode through `torch.compile` with a static
    cache ("reduce-overhead": CUDA graphs) when there is time; CUDA events.
@@ -217,16 +219,26 @@ def run_llama_bench(binary: Path, model: Path, args: argparse.Namespace) -> dict
             log(f"llama-bench {ctype} failed:\n{proc.stderr[-2000:]}")
             continue
         results["tests"][ctype] = json.loads(proc.stdout)
+        # the prompt in one micro-batch too (llama-bench's default n_ubatch is 512; ours takes 2048 at once)
+        whole = [str(binary), "-m", str(model), "-ngl", "99", "-fa", "1", "-ctk", ctype, "-ctv", ctype,
+                 "-p", str(args.n_prompt), "-n", "0", "-d", "0", "-b", str(args.n_prompt), "-ub",
+                 str(args.n_prompt), "-r", str(args.llama_reps), "-o", "json"]
+        results["commands"].append(" ".join(whole))
+        proc = subprocess.run(whole, capture_output=True, text=True, timeout=max(60, seconds_left(args)))
+        if proc.returncode == 0:
+            results["tests"][ctype] += json.loads(proc.stdout)
+        else:
+            log(f"llama-bench {ctype} with -ub {args.n_prompt} failed:\n{proc.stderr[-2000:]}")
     return results
 
 
 def llama_lookup(llama: dict, ctype: str, n_prompt: int, n_gen: int, depth: int) -> dict | None:
-    for test in (
-        llama.get("tests", {}).get(ctype, []) if isinstance(llama.get("tests", {}).get(ctype), list) else []
-    ):
-        if (test["n_prompt"], test["n_gen"], test["n_depth"]) == (n_prompt, n_gen, depth):
-            return test
-    return None
+    """llama-bench's test of that shape; where it ran several (pp2048 with two micro-batch sizes), the
+    fastest."""
+    tests = llama.get("tests", {}).get(ctype)
+    found = [t for t in (tests if isinstance(tests, list) else [])
+             if (t["n_prompt"], t["n_gen"], t["n_depth"]) == (n_prompt, n_gen, depth)]
+    return max(found, key=lambda t: float(t["avg_ts"]), default=None)
 
 
 def llama_tok_s(llama: dict, ctype: str, n_prompt: int, n_gen: int, depth: int) -> float | None:
