@@ -30,6 +30,7 @@ from kernels.kv_blocks import (
     _quantize_store_rows,
     check_kernel_head_dim,
     check_positions,
+    sink_args,
     store_args,
 )
 from kernels.pdl import pdl_launch, wait_for_previous
@@ -147,10 +148,7 @@ def k_write(
     dummy = k  # stands in for pointers the constexpr switches leave unread (no allocation: graph-friendly)
     mean_t = dummy if mean is None else mean.to(device=k.device, dtype=torch.float32).contiguous()  # (Hkv, D)
     scale_t = dummy if scale is None else scale.to(device=k.device, dtype=torch.float32).contiguous()
-    if sink is not None and (sink.shape[:2] != (b, h) or sink.shape[3] != dim or sink.dtype != torch.float16
-                             or sink.stride(3) != 1 or sink.stride(2) != dim):
-        raise ValueError(f"sink {tuple(sink.shape)} {sink.dtype} must be ({b}, {h}, S, {dim}) float16, "
-                         "(S, D) slabs contiguous")
+    sinks = sink_args(sink, store, dummy)  # (sink, stride_b, stride_h), checked against the store
     rot = rotation
     if rot is not None and rot.s1.device != k.device:
         rot = rot.to(k.device)  # a host-to-device copy per call: keep the engine's Rotation on the device
@@ -163,8 +161,7 @@ def k_write(
         1.0 if rot is None else rot.scale,
         *store_args(store)[:9],
         t, h, start_pos or 0, dummy if positions is None else positions,
-        dummy if sink is None else sink, 0 if sink is None else sink.stride(0),
-        0 if sink is None else sink.stride(1), 0 if sink is None else sink.shape[2],
+        *sinks, 0 if sink is None else sink.shape[2],
         D=dim, BLOCK_T=block_t, KV_TYPE=store_args(store)[9],
         SMOOTH=mean is not None, EQUALIZE=scale is not None, ROTATE=rot is not None, G=group,
         LOG2_G=group.bit_length() - 1, POS_TENSOR=positions is not None, SINK=sink is not None,

@@ -38,26 +38,23 @@ lop3.b32 lo, t, 0x000F000F, 0x64006400, 0xEA;
 shr.u32 hi, t, 4;
 lop3.b32 hi, hi, 0x000F000F, 0x64006400, 0xEA;
 """
+
+
+def _to_values(bias: str, scale_lo: str, scale_hi: str) -> str:
+    """The common tail: the lo / hi lanes hold 1024 + q; subtract the fp16 pair `bias` (1024 + offset,
+    exact), run `scale_lo` / `scale_hi` (the fp16x2 mul or fma that scales each), write them to $0, $1."""
+    return (f"mov.b32 c, {bias};\nsub.rn.f16x2 lo, lo, c;\nsub.rn.f16x2 hi, hi, c;\n"
+            f"{scale_lo};\n{scale_hi};\nmov.b32 $0, lo;\nmov.b32 $1, hi;\n}}")
+
+
 # outputs $0 (low nibbles), $1 (high), fp16x2; inputs $2 two bytes, $3 fp16 d
-_ASM_Q4_SYM: tl.constexpr = tl.constexpr("{\n.reg .b32 t, lo, hi, c;\n" + _BYTES_TO_LANES + _NIBBLES + """
-mov.b32 c, 0x64086408;
-sub.rn.f16x2 lo, lo, c;
-sub.rn.f16x2 hi, hi, c;
-mul.rn.f16x2 lo, lo, $3;
-mul.rn.f16x2 hi, hi, $3;
-mov.b32 $0, lo;
-mov.b32 $1, hi;
-}""")
+_ASM_Q4_SYM: tl.constexpr = tl.constexpr(
+    "{\n.reg .b32 t, lo, hi, c;\n" + _BYTES_TO_LANES + _NIBBLES + "\n"
+    + _to_values("0x64086408", "mul.rn.f16x2 lo, lo, $3", "mul.rn.f16x2 hi, hi, $3"))
 # outputs as above; inputs $2 two bytes, $3 scale and $4 offset of the low values, $5 $6 of the high
-_ASM_Q4_AFFINE: tl.constexpr = tl.constexpr("{\n.reg .b32 t, lo, hi, c;\n" + _BYTES_TO_LANES + _NIBBLES + """
-mov.b32 c, 0x64006400;
-sub.rn.f16x2 lo, lo, c;
-sub.rn.f16x2 hi, hi, c;
-fma.rn.f16x2 lo, lo, $3, $4;
-fma.rn.f16x2 hi, hi, $5, $6;
-mov.b32 $0, lo;
-mov.b32 $1, hi;
-}""")
+_ASM_Q4_AFFINE: tl.constexpr = tl.constexpr(
+    "{\n.reg .b32 t, lo, hi, c;\n" + _BYTES_TO_LANES + _NIBBLES + "\n"
+    + _to_values("0x64006400", "fma.rn.f16x2 lo, lo, $3, $4", "fma.rn.f16x2 hi, hi, $5, $6"))
 # output $0; inputs $1 two int8, $2 fp16 d. 0x64 | (byte ^ 0x80) = 1024 + q + 128.
 _ASM_Q8: tl.constexpr = tl.constexpr("""{
 .reg .b32 t, c;
@@ -84,14 +81,7 @@ lop3.b32 hh, hh, 0x00300030, 0x64006400, 0xEA;
 lop3.b32 lo, t, 0x000F000F, hl, 0xEA;
 shr.u32 hi, t, 4;
 lop3.b32 hi, hi, 0x000F000F, hh, 0xEA;
-mov.b32 c, 0x64206420;
-sub.rn.f16x2 lo, lo, c;
-sub.rn.f16x2 hi, hi, c;
-mul.rn.f16x2 lo, lo, $4;
-mul.rn.f16x2 hi, hi, $5;
-mov.b32 $0, lo;
-mov.b32 $1, hi;
-}""")
+""" + _to_values("0x64206420", "mul.rn.f16x2 lo, lo, $4", "mul.rn.f16x2 hi, hi, $5"))
 
 
 _ASM_Q6_PART0: tl.constexpr = tl.constexpr(_q6_asm(0))

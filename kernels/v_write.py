@@ -18,7 +18,13 @@ import triton.language as tl
 from engine import kv_quant
 from engine.kv_quant import KVStore
 from kernels.k_write import write_rows_reference, write_sink_rows_reference
-from kernels.kv_blocks import _quantize_store_rows, check_kernel_head_dim, check_positions, store_args
+from kernels.kv_blocks import (
+    _quantize_store_rows,
+    check_kernel_head_dim,
+    check_positions,
+    sink_args,
+    store_args,
+)
 from kernels.pdl import pdl_launch, wait_for_previous
 
 log = logging.getLogger(__name__)
@@ -77,10 +83,6 @@ def v_write(v: torch.Tensor, store: KVStore, start_pos: int | None = None, *, bl
     check_positions(start_pos, positions, t, store.qs.shape[2])
     if store.head_dim != dim or store.qs.shape[:2] != (b, h):
         raise ValueError(f"V {tuple(v.shape)} does not fit the store {store.shape}")
-    if sink is not None and (sink.shape[:2] != (b, h) or sink.shape[3] != dim or sink.dtype != torch.float16
-                             or sink.stride(3) != 1 or sink.stride(2) != dim):
-        raise ValueError(f"sink {tuple(sink.shape)} {sink.dtype} must be ({b}, {h}, S, {dim}) float16, "
-                         "(S, D) slabs contiguous")
     if v.stride(-1) != 1:
         v = v.contiguous()
     if t == 0:
@@ -90,8 +92,7 @@ def v_write(v: torch.Tensor, store: KVStore, start_pos: int | None = None, *, bl
     _v_write_kernel[grid](
         v, v.stride(0), v.stride(1), v.stride(2), *args[:9], t, h, start_pos or 0,
         v if positions is None else positions,
-        v if sink is None else sink, 0 if sink is None else sink.stride(0),
-        0 if sink is None else sink.stride(1), 0 if sink is None else sink.shape[2],
+        *sink_args(sink, store, v), 0 if sink is None else sink.shape[2],
         D=dim, BLOCK_T=block_t, KV_TYPE=args[9], POS_TENSOR=positions is not None, SINK=sink is not None,
         enable_fp_fusion=False, **pdl_launch(v.device),
     )

@@ -40,6 +40,11 @@ def random_store(kv_type: str, shape: tuple[int, ...], head_dim: int, gen: torch
     return store.to(DEVICE)
 
 
+def random_sinks(bsz: int, hkv: int, dim: int, gen: torch.Generator, n_sink: int = 4) -> torch.Tensor:
+    """(B, Hkv, S, D) float16 attention-sink copies, unlike what random stores hold (so they must matter)."""
+    return (3.0 * torch.randn(bsz, hkv, n_sink, dim, generator=gen)).to(torch.float16).to(DEVICE)
+
+
 def assert_stores_equal(got: KVStore, want: KVStore) -> None:
     for field in ("qs", "d", "m"):
         a, b = getattr(got, field), getattr(want, field)

@@ -9,7 +9,15 @@ from engine import hadamard, kv_quant
 from kernels.decode_attention import decode_attention, decode_attention_reference
 from kernels.k_write import k_write
 from kernels.v_write import v_write
-from tests.kernels._util import DEVICE, KV_TYPES, QUANT_TYPES, assert_close_rms, gpu, random_store
+from tests.kernels._util import (
+    DEVICE,
+    KV_TYPES,
+    QUANT_TYPES,
+    assert_close_rms,
+    gpu,
+    random_sinks,
+    random_store,
+)
 
 TOL = 3e-3  # both sides read the same dequantized values; the kernel rounds its dot operands to fp16
 
@@ -153,11 +161,6 @@ def test_verify_rows_equal_single_decodes_bit_for_bit(k_type, v_type, window, sp
 # ---- attention sinks: positions < S of a side read from its f16 copies --------------------------------
 
 
-def _sinks(bsz, hkv, dim, gen, n_sink=4):
-    """(B, Hkv, S, D) float16 sink copies, unlike what the random stores hold (so they must matter)."""
-    return (3.0 * torch.randn(bsz, hkv, n_sink, dim, generator=gen)).to(torch.float16).to(DEVICE)
-
-
 @pytest.mark.parametrize(
     "k_type,v_type,lengths,window,split",
     [("q4_0", "q8_0", [41, 123], None, 32), ("q4_0", "f16", [3, 70], None, 32),
@@ -168,8 +171,8 @@ def test_decode_reads_sinks_from_their_f16_copies(k_type, v_type, lengths, windo
     # the quantized sides keep sinks; an f16/bf16 side is read from its store
     q, ks, vs, lens = _case(k_type, v_type, 2, 2, 3, 64, lengths, 128, seed=5)
     gen = torch.Generator().manual_seed(6)
-    k_sink = _sinks(2, 2, 64, gen) if k_type in QUANT_TYPES else None
-    v_sink = _sinks(2, 2, 64, gen) if v_type in QUANT_TYPES else None
+    k_sink = random_sinks(2, 2, 64, gen) if k_type in QUANT_TYPES else None
+    v_sink = random_sinks(2, 2, 64, gen) if v_type in QUANT_TYPES else None
     got = decode_attention(q, ks, vs, lens, window=window, split_size=split, block_n=32,
                            k_sink=k_sink, v_sink=v_sink)
     want = decode_attention_reference(q, ks, vs, lens, window=window, k_sink=k_sink, v_sink=v_sink)
@@ -186,7 +189,7 @@ def test_decode_reads_sinks_from_their_f16_copies(k_type, v_type, lengths, windo
 def test_verify_rows_with_sinks_equal_single_decodes_bit_for_bit(split):
     q, ks, vs, _ = _case("q4_0", "q4_0", 1, 2, 3, 64, [1], 300, seed=4)
     gen = torch.Generator().manual_seed(8)
-    k_sink, v_sink = _sinks(1, 2, 64, gen), _sinks(1, 2, 64, gen)
+    k_sink, v_sink = random_sinks(1, 2, 64, gen), random_sinks(1, 2, 64, gen)
     rows_q = torch.randn(4, 6, 64, generator=gen).to(DEVICE)  # (R, Hq, D)
     lengths = torch.tensor([2, 3, 263, 0], dtype=torch.int32, device=DEVICE)  # rows inside and past the sinks
     expand = lambda t: t.expand(4, *t.shape[1:])
@@ -206,13 +209,13 @@ def test_decode_sinks_are_checked():
     q, ks, vs, lens = _case("q4_0", "q4_0", 1, 1, 1, 32, [20], 40)
     gen = torch.Generator().manual_seed(1)
     with pytest.raises(ValueError, match="at most"):
-        decode_attention(q, ks, vs, lens, block_n=32, k_sink=_sinks(1, 1, 32, gen, 65),
-                         v_sink=_sinks(1, 1, 32, gen, 65))
+        decode_attention(q, ks, vs, lens, block_n=32, k_sink=random_sinks(1, 1, 32, gen, 65),
+                         v_sink=random_sinks(1, 1, 32, gen, 65))
     with pytest.raises(ValueError, match="same number"):
-        decode_attention(q, ks, vs, lens, block_n=32, k_sink=_sinks(1, 1, 32, gen, 4),
-                         v_sink=_sinks(1, 1, 32, gen, 2))
+        decode_attention(q, ks, vs, lens, block_n=32, k_sink=random_sinks(1, 1, 32, gen, 4),
+                         v_sink=random_sinks(1, 1, 32, gen, 2))
     with pytest.raises(ValueError, match="q4_0 V store needs its sinks"):
-        decode_attention(q, ks, vs, lens, block_n=32, k_sink=_sinks(1, 1, 32, gen, 4))
+        decode_attention(q, ks, vs, lens, block_n=32, k_sink=random_sinks(1, 1, 32, gen, 4))
 
 
 @gpu
@@ -223,8 +226,8 @@ def test_decode_sinks_are_checked():
 def test_decode_sinks_real_shapes_gpu(k_type, v_type, window):
     q, ks, vs, lens = _case(k_type, v_type, 3, 2, 6, 128, [4097, 1000, 3], 4200)
     gen = torch.Generator().manual_seed(2)
-    k_sink = _sinks(3, 2, 128, gen) if k_type != "f16" else None
-    v_sink = _sinks(3, 2, 128, gen)
+    k_sink = random_sinks(3, 2, 128, gen) if k_type != "f16" else None
+    v_sink = random_sinks(3, 2, 128, gen)
     got = decode_attention(q, ks, vs, lens, window=window, k_sink=k_sink, v_sink=v_sink)
     want = decode_attention_reference(q, ks, vs, lens, window=window, k_sink=k_sink, v_sink=v_sink)
     assert_close_rms(f"decode output with sinks ({k_type} K, {v_type} V)", got, want, TOL)

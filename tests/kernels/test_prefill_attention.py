@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels.prefill_attention import prefill_attention, prefill_attention_reference
-from tests.kernels._util import DEVICE, KV_TYPES, assert_close_rms, gpu, random_store
+from tests.kernels._util import DEVICE, KV_TYPES, assert_close_rms, gpu, random_sinks, random_store
 
 TOL = 3e-3  # both sides read the same dequantized values; the kernel rounds its dot operands to fp16
 
@@ -75,11 +75,6 @@ def test_prefill_writes_into_a_given_buffer():
 # ---- attention sinks: positions < S of a side read from its f16 copies --------------------------------
 
 
-def _sinks(bsz, hkv, dim, gen, n_sink=4):
-    """(B, Hkv, S, D) float16 sink copies, unlike what the random stores hold (so they must matter)."""
-    return (3.0 * torch.randn(bsz, hkv, n_sink, dim, generator=gen)).to(torch.float16).to(DEVICE)
-
-
 @pytest.mark.parametrize(
     "sides,start,t,window",
     [("kv", 0, 41, None), ("k", 2, 7, None), ("v", 30, 11, None), ("kv", 0, 20, 3), ("kv", 3, 5, 2),
@@ -91,8 +86,8 @@ def _sinks(bsz, hkv, dim, gen, n_sink=4):
 def test_prefill_reads_sinks_from_their_f16_copies(sides, start, t, window, k_type, v_type):
     q, ks, vs = _case(k_type, v_type, 2, 2, 2, 64, start, t, seed=3)
     gen = torch.Generator().manual_seed(4)
-    k_sink = _sinks(2, 2, 64, gen) if "k" in sides else None
-    v_sink = _sinks(2, 2, 64, gen) if "v" in sides else None
+    k_sink = random_sinks(2, 2, 64, gen) if "k" in sides else None
+    v_sink = random_sinks(2, 2, 64, gen) if "v" in sides else None
     got = prefill_attention(q, ks, vs, start, window=window, block_m=16, block_n=32, k_sink=k_sink,
                             v_sink=v_sink)
     want = prefill_attention_reference(q, ks, vs, start, window=window, k_sink=k_sink, v_sink=v_sink)
@@ -110,8 +105,8 @@ def test_prefill_reads_sinks_from_their_f16_copies(sides, start, t, window, k_ty
 def test_prefill_sinks_real_shapes_gpu(k_type, v_type, start, window):
     q, ks, vs = _case(k_type, v_type, 1, 2, 6, 128, start, 512)
     gen = torch.Generator().manual_seed(5)
-    k_sink = _sinks(1, 2, 128, gen) if k_type != "bf16" else None
-    v_sink = _sinks(1, 2, 128, gen)
+    k_sink = random_sinks(1, 2, 128, gen) if k_type != "bf16" else None
+    v_sink = random_sinks(1, 2, 128, gen)
     got = prefill_attention(q, ks, vs, start, window=window, k_sink=k_sink, v_sink=v_sink)
     want = prefill_attention_reference(q, ks, vs, start, window=window, k_sink=k_sink, v_sink=v_sink)
     assert_close_rms(f"prefill output with sinks ({k_type} K, {v_type} V, at {start})", got, want, TOL)

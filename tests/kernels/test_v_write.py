@@ -75,3 +75,14 @@ def test_v_write_sinks_match_reference(kv_type, tensor_positions):
     assert torch.equal(sinks[0], sinks[1]), "sink rows differ from the reference"
     assert torch.equal(sinks[0][:, :, 2:4], v[:, :, :2].to(torch.float16)), "positions 2, 3 in f16"
     assert bool((sinks[0][:, :, :2] == 7.0).all()), "positions not written keep their sink rows"
+
+
+def test_k_and_v_write_refuse_sinks_that_do_not_fit_the_store():
+    from kernels.k_write import k_write
+
+    x = torch.zeros(1, 2, 3, 64, device=DEVICE)
+    for write, wrong in ((v_write, torch.zeros(1, 2, 4, 32, dtype=torch.float16, device=DEVICE)),
+                         (k_write, torch.zeros(1, 2, 4, 64, dtype=torch.float32, device=DEVICE))):
+        store = kv_quant.allocate("q4_0", (1, 2, 8), 64, DEVICE)
+        with pytest.raises(ValueError, match="sinks"):
+            write(x, store, 0, sink=wrong)
