@@ -4,6 +4,7 @@
     python -m kernels.bench_qmatmul --types Q4_K Q6_K   # some types
     python -m kernels.bench_qmatmul --sweep             # launch-parameter sweep (tuning)
     python -m kernels.bench_qmatmul --compile-only      # run every launch once (fills Triton's cache)
+    python -m kernels.bench_qmatmul --ab-meta           # plain vs vector-metadata layout, engine GEMVs
 
 GEMV times are per call inside a CUDA graph (as the engine decodes), cycling over enough copies of
 the weight that they do not fit in L2 (a decode step reads every weight from memory once). GB/s
@@ -21,6 +22,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+import triton
 from gguf import GGMLQuantizationType as QT
 
 from engine.gpu_bench import timed_seconds
@@ -138,11 +140,13 @@ def _gemm_config_tflops(w: QuantizedWeight, x: torch.Tensor, cfg: KernelConfig) 
     return gemm_tflops(lambda: qmatmul(x, w, config=cfg), x.shape[0], n, k)
 
 
-def _weights(qtype: QT, shape, l2_bytes: int) -> list[QuantizedWeight]:
+def _weights(qtype: QT, shape, l2_bytes: int, vector_meta: bool | None = None) -> list[QuantizedWeight]:
+    """Enough copies of one random weight to miss L2 when cycled; vector_meta: its layout (None: default)."""
     raw = random_gguf_bytes(qtype, shape, DEVICE)
-    first = QuantizedWeight.from_bytes(raw, qtype, shape, DEVICE)
+    first = QuantizedWeight.from_bytes(raw, qtype, shape, DEVICE, vector_meta=vector_meta)
     n_copies = _copies_for(first.nbytes, l2_bytes)
-    return [first] + [QuantizedWeight.from_bytes(raw, qtype, shape, DEVICE) for _ in range(n_copies - 1)]
+    return [first] + [QuantizedWeight.from_bytes(raw, qtype, shape, DEVICE, vector_meta=vector_meta)
+                      for _ in range(n_copies - 1)]
 
 
 def bench_type(qtype: QT, shapes, l2_bytes: int, compile_only: bool) -> list[dict]:
@@ -303,6 +307,49 @@ def ab_prefetch(l2_bytes: int, rows=(1, 16)) -> None:
         torch.cuda.empty_cache()
 
 
+# The GEMVs of a Qwen2.5-1.5B Q4_K_M decode step whose metadata layout changes (Q4_K, Q6_K): fused Q/K,
+# fused gate/up, output projection, FFN-down (Q4_K and Q6_K layers), V, LM head.
+META_AB_SHAPES = [(QT.Q4_K, (1792, 1536)), (QT.Q4_K, (17920, 1536)), (QT.Q4_K, (1536, 1536)),
+                  (QT.Q4_K, (1536, 8960)), (QT.Q4_K, (256, 1536)), (QT.Q6_K, (1536, 8960)),
+                  (QT.Q6_K, (256, 1536)), (QT.Q6_K, (151936, 1536))]
+
+
+def ab_meta(l2_bytes: int, rows=(1, 16)) -> None:
+    """The default GEMV launch on the same weight in the plain layout and in the vector-metadata one
+    (kernels/qmatmul_layouts.py: metadata loads pipelined as cp.async), per shape of a Qwen2.5-1.5B
+    decode step; order plain, vector, vector, plain. Both layouts give the same bits (GPU test)."""
+    totals = {False: [0.0] * len(rows), True: [0.0] * len(rows)}
+    for qtype, shape in META_AB_SHAPES:
+        sets = {vec: _weights(qtype, shape, l2_bytes, vector_meta=vec) for vec in (False, True)}
+        assert sets[True][0].vector_meta and not sets[False][0].vector_meta
+        x16 = torch.randn(16, shape[1], device=DEVICE, dtype=torch.float16)
+        same = torch.equal(qmatmul(x16, sets[True][0]), qmatmul(x16, sets[False][0]))  # also compiles both
+        times: dict[bool, list[list[float]]] = {False: [], True: []}
+        for vec in (False, True, True, False):
+            times[vec].append([gemv_time(sets[vec], m) * 1e6 for m in rows])
+        lines, means = [], {}
+        for vec, runs in times.items():
+            means[vec] = [statistics.mean(r[i] for r in runs) for i in range(len(rows))]
+            for i, t in enumerate(means[vec]):
+                totals[vec][i] += t
+            cells = " ".join(f"M{m}={t:6.2f}" for m, t in zip(rows, means[vec], strict=True))
+            spread = " ".join(f"{r[0]:.2f}" for r in runs)
+            gbps = sets[vec][0].nbytes / means[vec][0] / 1e3
+            name = "vector" if vec else "plain"
+            lines.append(f"{name:6}: {cells} us (M{rows[0]} runs {spread}) {gbps:5.0f} GB/s")
+        ratio = " ".join(f"M{m} {means[True][i] / means[False][i]:.3f}" for i, m in enumerate(rows))
+        cfg = sets[True][0].gemv_config
+        title = (f"gemv {qtype.name} {shape[0]}x{shape[1]} bn{cfg.block_n} s{cfg.num_stages} "
+                 f"split{cfg.split_k} prefetch {cfg.prefetch} ({sets[True][0].nbytes / 1e6:.2f} MB)")
+        print(title + ":\n  " + "\n  ".join(lines) + f"\n  vector / plain: {ratio}; same bits (M=16): {same}",
+              flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    cells = " ".join(f"M{m}: plain {totals[False][i]:.1f} vector {totals[True][i]:.1f} us"
+                     for i, m in enumerate(rows))
+    print(f"sum over the shapes above (one of each): {cells}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", nargs="*", default=None, help="GGUF type names (default: all)")
@@ -314,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="GEMV launch parameters on the shapes of a Qwen2.5-1.5B layer")
     parser.add_argument("--ab-prefetch", action="store_true",
                         help="default GEMV with / without the L2 prefetch and programmatic dependent launch")
+    parser.add_argument("--ab-meta", action="store_true",
+                        help="default GEMV, plain vs vector-metadata layout (Q4_K / Q6_K engine shapes)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_qmatmul needs a CUDA device", file=sys.stderr)
@@ -328,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(20):
             qmatmul(x, w)
         _sync()
+        return 0
+    if args.ab_meta:
+        print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes >> 20} MiB, "
+              f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
+        ab_meta(l2_bytes)
         return 0
     if args.ab_prefetch:
         print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes >> 20} MiB, "

@@ -5,7 +5,8 @@
     y_ref = qmatmul_reference(x, w, bias)         # dequantize -> float32 matmul -> x.dtype
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K are read directly by one Triton kernel, from
-the struct-of-arrays layout of `kernels.qmatmul_layouts` (the GGUF bytes, moved, no requantizing).
+the struct-of-arrays layout of `kernels.qmatmul_layouts` (the GGUF bytes, moved, no requantizing;
+its vector-metadata variant unless TANDEM_QMATMUL_VECTOR_META=0, see `_VECTOR_META`).
 Q2_K and Q3_K are dequantized once at load to fp16, F16/BF16/F32 are kept as they are; those
 "dense" weights use the same kernel for 1..16 rows and cuBLAS (F.linear) above.
 
@@ -49,8 +50,8 @@ from gguf import GGMLQuantizationType as QT
 from engine import quants
 from engine.errors import ModelFileError
 from kernels.pdl import pdl_supported, wait_for_previous
-from kernels.qmatmul_layouts import FIELDS, GROUP_ELEMS, split_fields, to_gguf_bytes
-from kernels.qmatmul_prefetch import prefetch_lines, prefetch_weight_slice
+from kernels.qmatmul_layouts import FIELDS, GROUP_ELEMS, split_fields, to_gguf_bytes, vector_layout_fits
+from kernels.qmatmul_prefetch import prefetch_column_span, prefetch_lines, prefetch_weight_slice
 from kernels.qmatmul_tiles import dequant_tile, k_index, tile_q6_k_fast
 
 if TYPE_CHECKING:
@@ -72,6 +73,12 @@ FAST_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q6_K)
 # GEMV weights up to this size prefetch their slices to L2 first (kernels/qmatmul_prefetch.py, measured
 # there); TANDEM_QMATMUL_PREFETCH_MB overrides it (0: never).
 _PREFETCH_MAX_BYTES = float(os.environ.get("TANDEM_QMATMUL_PREFETCH_MB", "4")) * 2**20
+# K-quant block metadata (Q4_K / Q5_K / Q6_K d, dmin, scales) laid out and loaded as whole 32- or 128-bit
+# words, which Triton pipelines as cp.async ahead of the K-tile (kernels/qmatmul_layouts.py,
+# qmatmul_tiles.py); =0 gives the layout and byte loads of before (each K-tile waited for them). Read at
+# import; a weight's layout is fixed when it is built (`QuantizedWeight.from_bytes(..., vector_meta=...)`),
+# the kernel follows it.
+_VECTOR_META = os.environ.get("TANDEM_QMATMUL_VECTOR_META", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -97,10 +104,11 @@ class QuantizedWeight:
     """A GGUF 2-D weight (N out, K in) on a device, in a kernel-friendly layout of the same bytes."""
 
     def __init__(self, qtype: QT, shape: tuple[int, int], fields: dict[str, torch.Tensor] | None,
-                 dense: torch.Tensor | None) -> None:
+                 dense: torch.Tensor | None, vector_meta: bool = False) -> None:
         self.qtype = QT(qtype)
         self.shape = (int(shape[0]), int(shape[1]))
         self.fields = fields  # role -> (N, per-row) tensor (kernel types), else None
+        self.vector_meta = vector_meta and fields is not None  # the layout of `fields`
         self.dense = dense  # (N, K) fp16 / bf16 / fp32 (dense types), else None
         some = dense if dense is not None else fields["q"]
         self.device = some.device
@@ -124,8 +132,12 @@ class QuantizedWeight:
 
     @classmethod
     def from_bytes(cls, data: torch.Tensor | np.ndarray, qtype: int, shape: tuple[int, int],
-                   device: torch.device | str) -> QuantizedWeight:
-        """GGUF bytes of a (N, K) tensor (uint8, on any device) -> a weight on `device`."""
+                   device: torch.device | str, *, vector_meta: bool | None = None) -> QuantizedWeight:
+        """GGUF bytes of a (N, K) tensor (uint8, on any device) -> a weight on `device`.
+
+        vector_meta: which layout of kernels.qmatmul_layouts (None: `_VECTOR_META`, the environment's);
+        a weight the vector layout does not fit (Q6_K with odd N) keeps the plain one.
+        """
         try:
             qtype = QT(qtype)
         except ValueError:
@@ -142,7 +154,10 @@ class QuantizedWeight:
                 f"{qtype.name} tensor of shape {shape} needs {expected} bytes, has {raw.numel()}")
         raw = raw.to(device)
         if qtype in KERNEL_TYPES:
-            return cls(qtype, shape, split_fields(raw, qtype, shape), None)
+            vector_meta = _VECTOR_META if vector_meta is None else vector_meta
+            vector_meta = vector_meta and vector_layout_fits(qtype, shape)
+            fields = split_fields(raw, qtype, shape, vector_meta=vector_meta)
+            return cls(qtype, shape, fields, None, vector_meta)
         if qtype == QT.F16:
             dense = raw.view(torch.float16).reshape(shape).clone()
         elif qtype == QT.BF16:
@@ -161,7 +176,8 @@ class QuantizedWeight:
         return quants.dequantize(raw, self.qtype, self.shape)  # (N, K)
 
     def __repr__(self) -> str:
-        return f"QuantizedWeight({self.qtype.name}, shape={self.shape}, device={self.device})"
+        meta = ", vector_meta" if self.vector_meta else ""
+        return f"QuantizedWeight({self.qtype.name}, shape={self.shape}, device={self.device}{meta})"
 
 
 @functools.cache
@@ -251,7 +267,8 @@ def _qmatmul_kernel(
     SPLIT_K: tl.constexpr, QTYPE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_IN_F32: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    PF_LINES: tl.constexpr, PF_META_LINES: tl.constexpr, USE_GDC: tl.constexpr,
+    PF_LINES: tl.constexpr, PF_META_LINES: tl.constexpr, PF_META_COLS: tl.constexpr, USE_GDC: tl.constexpr,
+    VEC_META: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -267,7 +284,8 @@ def _qmatmul_kernel(
     t_stop = tl.minimum(t_start + tiles_per_split, n_k_tiles)
     if PF_LINES > 0:  # the whole weight slice of this program in flight at once (see prefetch_weight_slice)
         prefetch_weight_slice(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, n_mask,
-                              t_start, t_stop, n_k_tiles, QTYPE, PF_LINES, PF_META_LINES)
+                              t_start, t_stop, n_k_tiles, QTYPE, PF_LINES, PF_META_LINES, VEC_META,
+                              pid_n * BLOCK_N, N, PF_META_COLS, BLOCK_N)
     wait_for_previous(USE_GDC)  # launched as a programmatic dependent: nothing above reads x or writes
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     m_mask = m < M
@@ -282,7 +300,8 @@ def _qmatmul_kernel(
             g_mask = gi < n_groups
         if FAST and QTYPE == 14:  # Q6_K: four quarter tiles (see _tile_q6_k_fast)
             w0, w1, w2, w3 = tile_q6_k_fast(q_ptr, h_ptr, s_ptr, d_ptr, sq, sh, ss, sd, rows, n_mask, gi,
-                                             g_mask, BLOCK_N, NG)  # [BN, NG * 32] each
+                                            g_mask, pid_n * BLOCK_N, N, BLOCK_N, NG,
+                                            VEC_META)  # [BN, NG * 32] each
             jj = tl.arange(0, NG * 32)
             k0 = (t * NG + jj // 32) * 128 + jj % 32  # [NG * 32]
             acc = _dot_x(acc, w0, x_rows, k0, m_mask, K, DOT_IN_F32, EVEN_K)
@@ -291,7 +310,8 @@ def _qmatmul_kernel(
             acc = _dot_x(acc, w3, x_rows, k0 + 96, m_mask, K, DOT_IN_F32, EVEN_K)
         else:
             w_lo, w_hi = dequant_tile(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, n_mask,
-                                       gi, g_mask, K, QTYPE, BLOCK_N, BKH, FAST)  # [BN, BKH] each
+                                      gi, g_mask, K, pid_n * BLOCK_N, N, QTYPE, BLOCK_N, BKH, FAST, VEC_META,
+                                      NG)  # [BN, BKH] each
             k_lo = k_index(t, NG, G)  # [BKH]
             acc = _dot_x(acc, w_lo, x_rows, k_lo, m_mask, K, DOT_IN_F32, EVEN_K)
             acc = _dot_x(acc, w_hi, x_rows, k_lo + G, m_mask, K, DOT_IN_F32, EVEN_K)
@@ -342,7 +362,9 @@ def _store_output(acc, y_ptr, stride_ym, bias_ptr, n, n_mask, m, m_mask, HAS_BIA
 
 
 def _weight_args(w: QuantizedWeight) -> tuple[list, int, int]:
-    """(10 pointer/stride args in kernel order q, h, s, d, m, sq, sh, ss, sd, sm; QTYPE code; G)."""
+    """(10 pointer/stride args in kernel order q, h, s, d, m, sq, sh, ss, sd, sm; QTYPE code; G).
+    A field's stride is its elements per row: its row stride, or for a column-major field (Q6_K's d in
+    the vector layout, addressed e * N + n by the kernel) what the prefetch counts its span with."""
     if w.dense is not None:
         t = w.dense
         return [t, t, t, t, t, t.stride(0), 0, 0, 0, 0], _DENSE, _DENSE_GROUP // 2
@@ -350,7 +372,7 @@ def _weight_args(w: QuantizedWeight) -> tuple[list, int, int]:
     for role in ("q", "h", "s", "d", "m"):
         t = w.fields.get(role)
         ptrs.append(t if t is not None else w.fields["q"])
-        strides.append(t.stride(0) if t is not None else 0)
+        strides.append(t.shape[1] if t is not None else 0)
     return ptrs + strides, int(w.qtype), GROUP_ELEMS[w.qtype] // 2
 
 
@@ -381,7 +403,11 @@ def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
     fast = cfg.fast and _use_fast_dequant(w, x)
     even_n = n % cfg.block_n == 0
     even_k = k % cfg.block_k == 0 and n_groups % ng == 0
-    pf_lines, pf_meta_lines = prefetch_lines(wargs, tiles_per_split, n_k_tiles) if cfg.prefetch else (0, 0)
+    pf_lines, pf_meta_lines, pf_meta_cols = 0, 0, 0
+    if cfg.prefetch:
+        column_d = w.vector_meta and w.qtype == QT.Q6_K  # d column-major (kernels/qmatmul_layouts.py)
+        pf_lines, pf_meta_lines = prefetch_lines(wargs, tiles_per_split, n_k_tiles, column_d=column_d)
+        pf_meta_cols = prefetch_column_span(w.fields["d"], tiles_per_split, n_k_tiles) if column_d else 0
     gdc = cfg.pdl and pdl_supported(x.device)
     grid = (triton.cdiv(m, cfg.block_m), n_tiles, split)
     _qmatmul_kernel[grid](
@@ -391,7 +417,8 @@ def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
         SPLIT_K=split, QTYPE=qtype_code, G=half, NG=ng, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_BIAS=bias is not None, DOT_IN_F32=_INTERPRETED and x.dtype == torch.bfloat16,
         FAST=fast, EVEN_N=even_n, EVEN_K=even_k, PF_LINES=pf_lines, PF_META_LINES=pf_meta_lines,
-        USE_GDC=gdc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PF_META_COLS=pf_meta_cols,
+        USE_GDC=gdc, VEC_META=w.vector_meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if gdc else {}),
     )
     return y

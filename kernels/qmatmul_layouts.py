@@ -13,6 +13,17 @@ Roles (the kernel arguments they feed):
     s  the K-quant sub-block scales (12 packed 6-bit bytes for Q4_K/Q5_K, 16 int8 for Q6_K)
     d  the fp16 block / super-block scale
     m  the fp16 block minimum (Q4_1/Q5_1) or super-block min scale (Q4_K/Q5_K)
+
+Vector metadata (`vector_meta=True`, the default of `kernels.qmatmul`): the kernel reads the K-quant
+block metadata (Q4_K / Q5_K d, dmin and scales, Q6_K d and scales) as whole 32- or 128-bit words, which
+Triton's pipeliner turns into cp.async copies issued ahead like the quants' (1- and 2-byte loads are too
+narrow for cp.async: each K-tile waited for them). For that the layout changes in two ways, still the
+GGUF bytes, moved (the other types keep the plain layout: Triton already pipelines their metadata):
+- Q4_K / Q5_K: the first 16 bytes of each block (d, dmin, the 12 packed scale bytes) stay together as
+  one `s` field of 4 int32 words per super-block (`VECTOR_FIELDS`): one 16-byte load per row and group.
+- Q6_K (even N only, `vector_layout_fits`): its fp16 `d` field is stored column-major (still an (N,
+  super-blocks) tensor, strides (1, N)), so the d of rows 2i and 2i + 1 of a super-block share one
+  aligned 32-bit word; its int8 scales are already 16 contiguous bytes per super-block.
 """
 
 from __future__ import annotations
@@ -68,8 +79,17 @@ GROUP_ELEMS: dict[QT, int] = {
 assert FIELDS.keys() == GROUP_ELEMS.keys()
 
 
+# Vector-metadata layout: these types' tables differ from FIELDS (the others are the same).
+VECTOR_FIELDS: dict[QT, tuple[Field, ...]] = {
+    QT.Q4_K: (Field("s", 0, 16, torch.int32), Field("q", 16, 144, torch.uint8)),
+    QT.Q5_K: (
+        Field("s", 0, 16, torch.int32), Field("h", 16, 48, torch.uint8), Field("q", 48, 176, torch.uint8),
+    ),
+}
+
+
 def _check_block_tables() -> None:
-    for qtype, fields in FIELDS.items():
+    for qtype, fields in list(FIELDS.items()) + list(VECTOR_FIELDS.items()):
         _, block_bytes = BLOCK_TABLE[qtype]
         spans = sorted((f.start, f.stop) for f in fields)
         assert spans[0][0] == 0 and spans[-1][1] == block_bytes, qtype
@@ -77,27 +97,49 @@ def _check_block_tables() -> None:
 
 
 _check_block_tables()
+_COLUMN_MAJOR = {QT.Q6_K: ("d",)}  # fields stored column-major in the vector layout
 
 
-def split_fields(raw: torch.Tensor, qtype: QT, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """GGUF bytes (n_bytes,) uint8 -> {role: (N, per-row elements) tensor}, on raw's device."""
+def field_table(qtype: QT, vector_meta: bool) -> tuple[Field, ...]:
+    """The fields of a type in one of the two layouts."""
+    if vector_meta and qtype in VECTOR_FIELDS:
+        return VECTOR_FIELDS[qtype]
+    return FIELDS[qtype]
+
+
+def vector_layout_fits(qtype: QT, shape: tuple[int, int]) -> bool:
+    """Whether a (N, K) weight can take the vector-metadata layout (Q6_K's d words pair rows: N even)."""
+    return qtype != QT.Q6_K or shape[0] % 2 == 0
+
+
+def split_fields(raw: torch.Tensor, qtype: QT, shape: tuple[int, int], *,
+                 vector_meta: bool = False) -> dict[str, torch.Tensor]:
+    """GGUF bytes (n_bytes,) uint8 -> {role: (N, per-row elements) tensor}, on raw's device, in the
+    plain layout (`FIELDS`) or the vector-metadata one (where `vector_layout_fits`)."""
+    if vector_meta and not vector_layout_fits(qtype, shape):
+        raise ValueError(f"{qtype.name} {shape} does not fit the vector-metadata layout")
     n_rows, n_cols = shape
     block_elems, block_bytes = BLOCK_TABLE[qtype]
     blocks = raw.reshape(n_rows, n_cols // block_elems, block_bytes)  # (N, blocks per row, block bytes)
     out = {}
-    for field in FIELDS[qtype]:
+    for field in field_table(qtype, vector_meta):
         part = blocks[:, :, field.start : field.stop].contiguous()  # (N, nb, field bytes)
-        out[field.role] = part.view(field.dtype).reshape(n_rows, -1)  # (N, nb * field elems)
+        per_row = part.view(field.dtype).reshape(n_rows, -1)  # (N, nb * field elems)
+        if vector_meta and field.role in _COLUMN_MAJOR.get(qtype, ()):
+            per_row = per_row.t().contiguous().t()  # the same (N, per-row) tensor, memory (per-row, N)
+        out[field.role] = per_row
     return out
 
 
 def to_gguf_bytes(fields: dict[str, torch.Tensor], qtype: QT, shape: tuple[int, int]) -> torch.Tensor:
-    """The inverse of `split_fields`: (n_bytes,) uint8 GGUF bytes, on the fields' device."""
+    """The inverse of `split_fields` (either layout, told apart by its roles): (n_bytes,) uint8 GGUF
+    bytes, on the fields' device."""
     n_rows, n_cols = shape
     block_elems, _ = BLOCK_TABLE[qtype]
     n_blocks = n_cols // block_elems
+    table = field_table(qtype, vector_meta=set(fields) != {f.role for f in FIELDS[qtype]})
     parts = []
-    for field in sorted(FIELDS[qtype], key=lambda f: f.start):
+    for field in sorted(table, key=lambda f: f.start):
         arr = fields[field.role].contiguous().view(torch.uint8)  # (N, nb * field bytes)
         parts.append(arr.reshape(n_rows, n_blocks, field.stop - field.start))
     return torch.cat(parts, dim=2).reshape(-1)  # (n_bytes,)

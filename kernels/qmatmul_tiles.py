@@ -5,6 +5,12 @@ half a Q6_K super-block); each group comes as a low half and a high half (the lo
 the same bytes) so nibbles are never shuffled into K order; `k_index` gives the K positions.
 Two dequantizers: inline PTX on fp16 pairs (CUDA, fp16 activations, FAST_TYPES of qmatmul) and a
 portable float32 one (everything else, the interpreter).
+VEC (the weight's vector-metadata layout, kernels/qmatmul_layouts.py; Q4_K, Q5_K, Q6_K): the K-quant
+block metadata (d, dmin, scales) is loaded as whole 32/128-bit words and its bytes taken apart in
+registers, so Triton's pipeliner issues those loads as cp.async a K-tile ahead (a 1- or 2-byte load
+stays a plain load that each K-tile waits for). Both ways give the same values bit for bit. Q4_0 /
+Q4_1 / Q8_0 pass VEC off: their fp16 d of a tile's 4 groups is already one 8-byte run per row, which
+Triton 3.6 pipelines as it is (and the word-wise load made it stage the tile through shared memory).
 """
 
 from __future__ import annotations
@@ -121,6 +127,56 @@ def _asm_q6(ql, qh, d_lo, d_hi, ASM: tl.constexpr):
 
 
 @triton.jit
+def _half(word, HIGH: tl.constexpr):
+    """The fp16 in the low (or high) 16 bits of int32 words."""
+    bits = (word >> 16) & 0xFFFF if HIGH else word & 0xFFFF
+    return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _byte(word, k):
+    """Byte k (0 = lowest; an int, or an int tensor broadcast with word) of int32 words, as int32 0..255."""
+    return (word >> (8 * k)) & 255
+
+
+# Vector metadata and the tensor cores (Triton 3.6, seen in the TTGIR of the Q6_K GEMV): Triton moves the
+# tensor-core operand layout back from the dot through elementwise ops and views (expand_dims, reshape,
+# join, split, trans) to the loads; a value computed from an index (arange, a row parity) on the way
+# stopped it, and the dequantized tiles then went to the tensor cores through shared memory (4
+# local_alloc per K-tile, +18 KB). So Q6_K's words are taken apart with constant shifts and views only.
+# (Q4_K's byte choice by group, `_k_head`, depends on the index as the byte loads' did, and its tile
+# reaches the tensor cores in registers either way.)
+
+
+@triton.jit
+def _q6_d(d_ptr, n0, N, gi, g_mask, BLOCK_N: tl.constexpr, NG: tl.constexpr):
+    """Q6_K vector layout: fp16 d of super-block gi // 2 for rows n0 .. n0 + BLOCK_N, [BN, NG]. d is
+    column-major (element sb of row n at sb * N + n, N even): one 32-bit word holds rows 2i, 2i + 1."""
+    i = tl.arange(0, BLOCK_N // 2)
+    word_idx = (gi // 2)[:, None] * (N // 2) + (n0 // 2 + i)[None, :]  # [NG, BN / 2]
+    mask = g_mask[:, None] & (n0 + 2 * i < N)[None, :]
+    word = tl.load(d_ptr.to(tl.pointer_type(tl.int32)) + word_idx, mask=mask, other=0)
+    d = tl.join(_half(word, False), _half(word, True)).reshape(NG, BLOCK_N)  # rows in order
+    return tl.trans(d)
+
+
+@triton.jit
+def _q6_scales(s_ptr, ss, rows, gi, mask2, FIRST: tl.constexpr, COUNT: tl.constexpr):
+    """Q6_K vector layout: int8 scales FIRST .. FIRST + COUNT - 1 (COUNT 2 or 4, within one 32-bit
+    word) of the 8 of half super-block gi, as float32 [BN, NG, COUNT], from one word per row and group."""
+    # a row's 16 scales per super-block are 16-byte aligned: words 2 gi, 2 gi + 1 are half gi's
+    word_idx = (rows[:, None] * (ss // 8) + gi[None, :]) * 2 + FIRST // 4  # [BN, NG]
+    word = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + word_idx, mask=mask2, other=0)
+    b: tl.constexpr = FIRST % 4
+    if COUNT == 2:
+        sc = tl.join(_byte(word, b), _byte(word, b + 1))  # [BN, NG, 2]
+    else:  # join order: element 2 j + k of the result is byte 2 j + k
+        sc = tl.join(tl.join(_byte(word, 0), _byte(word, 2)), tl.join(_byte(word, 1), _byte(word, 3)))
+        sc = sc.reshape(sc.shape[0], sc.shape[1], 4)
+    return sc.to(tl.int8).to(tl.float32)
+
+
+@triton.jit
 def _exact_float(q, OFFSET: tl.constexpr):
     """int32 0 <= q < 2**22 -> float32 (q - OFFSET), exact, without the slow int->float convert.
 
@@ -204,6 +260,12 @@ def _k_scale_min(s_ptr, ss, rows, sb, sub, mask2):
     b_d = tl.load(base + jm, mask=mask2, other=0).to(tl.int32)
     b_m = tl.load(base + 4 + jm, mask=mask2, other=0).to(tl.int32)
     b_md = tl.load(base + 8 + jm, mask=mask2, other=0).to(tl.int32)
+    return _k_unpack(b_d, b_m, b_md, sub)
+
+
+@triton.jit
+def _k_unpack(b_d, b_m, b_md, sub):
+    """The 6-bit scale and min of sub-block `sub` from its bytes d[sub % 4], m[sub % 4], md[sub % 4]."""
     low = (sub < 4)[None, :]
     sc = tl.where(low, b_d & 63, (b_md & 15) | ((b_d >> 2) & 0x30))
     mn = tl.where(low, b_m & 63, (b_md >> 4) | ((b_m >> 2) & 0x30))
@@ -211,8 +273,30 @@ def _k_scale_min(s_ptr, ss, rows, sb, sub, mask2):
 
 
 @triton.jit
+def _k_head(s_ptr, ss, rows, sb, c, mask2, BLOCK_N: tl.constexpr, NG: tl.constexpr):
+    """Q4_K/Q5_K vector layout: the 16-byte head of super-block sb (d, dmin, 12 scale bytes as 4 int32
+    words) of each row in one load, taken apart in registers -> (sc_lo, mn_lo, sc_hi, mn_hi) int32 of
+    sub-blocks 2c and 2c + 1, d, dmin float32; all [BN, NG]."""
+    k = tl.arange(0, 4)
+    word0 = (rows[:, None] * (ss // 4) + sb[None, :]) * 4  # [BN, NG] first word of each head
+    head = tl.load(s_ptr + word0[:, :, None] + k[None, None, :], mask=mask2[:, :, None],
+                   other=0)  # [BN, NG, 4] int32
+    even, odd = tl.split(head.reshape(BLOCK_N, NG, 2, 2))  # words 0, 2 and words 1, 3
+    w_dm, w_m = tl.split(even)  # d | dmin << 16; scale bytes m[0:4] (block bytes 8..11)
+    w_d, w_md = tl.split(odd)  # scale bytes d[0:4] (block bytes 4..7); md[0:4] (12..15)
+    d = (w_dm & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = ((w_dm >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    sub_lo = 2 * c
+    jm = (sub_lo % 4)[None, :]  # byte of sub-block 2c; 2c + 1 is the next one
+    sc_lo, mn_lo = _k_unpack(_byte(w_d, jm), _byte(w_m, jm), _byte(w_md, jm), sub_lo)
+    sc_hi, mn_hi = _k_unpack(_byte(w_d, jm + 1), _byte(w_m, jm + 1), _byte(w_md, jm + 1), sub_lo + 1)
+    return sc_lo, mn_lo, sc_hi, mn_hi, d, dmin
+
+
+@triton.jit
 def _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi, g_mask,
-                    HAS_HIGH: tl.constexpr, FAST: tl.constexpr):
+                    HAS_HIGH: tl.constexpr, FAST: tl.constexpr, VEC: tl.constexpr, BLOCK_N: tl.constexpr,
+                    NG: tl.constexpr):
     """Q4_K/Q5_K: group c (0..3) of a super-block = 32 bytes; low nibbles are sub-block 2c, high 2c + 1."""
     j = tl.arange(0, 32)
     mask2 = row_mask[:, None] & g_mask[None, :]  # [BN, NG]
@@ -229,10 +313,14 @@ def _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows,
         shift = (2 * c)[None, :, None]
         lo = lo | (((qh >> shift) & 1) << 4)
         hi = hi | (((qh >> (shift + 1)) & 1) << 4)
-    sc_lo, mn_lo = _k_scale_min(s_ptr, ss, rows, sb, 2 * c, mask2)
-    sc_hi, mn_hi = _k_scale_min(s_ptr, ss, rows, sb, 2 * c + 1, mask2)
-    d = tl.load(d_ptr + rows[:, None] * sd + sb[None, :], mask=mask2, other=0.0).to(tl.float32)  # [BN, NG]
-    dmin = tl.load(m_ptr + rows[:, None] * sm + sb[None, :], mask=mask2, other=0.0).to(tl.float32)
+    if VEC:
+        sc_lo, mn_lo, sc_hi, mn_hi, d, dmin = _k_head(s_ptr, ss, rows, sb, c, mask2, BLOCK_N, NG)
+    else:
+        sc_lo, mn_lo = _k_scale_min(s_ptr, ss, rows, sb, 2 * c, mask2)
+        sc_hi, mn_hi = _k_scale_min(s_ptr, ss, rows, sb, 2 * c + 1, mask2)
+        d = tl.load(d_ptr + rows[:, None] * sd + sb[None, :], mask=mask2, other=0.0)
+        d = d.to(tl.float32)  # [BN, NG]
+        dmin = tl.load(m_ptr + rows[:, None] * sm + sb[None, :], mask=mask2, other=0.0).to(tl.float32)
     # d * sc and dmin * m are exact in float32 (11 x 6 bits), as in the reference.
     dl_lo = (d * sc_lo.to(tl.float32))[:, :, None]
     dl_hi = (d * sc_hi.to(tl.float32))[:, :, None]
@@ -248,7 +336,8 @@ def _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows,
 
 
 @triton.jit
-def _tile_q6_k(q_ptr, h_ptr, s_ptr, d_ptr, sq, sh, ss, sd, rows, row_mask, gi, g_mask):
+def _tile_q6_k(q_ptr, h_ptr, s_ptr, d_ptr, sq, sh, ss, sd, rows, row_mask, gi, g_mask, n0, N,
+               VEC: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr):
     """Q6_K: group = half a super-block (128 values): ql byte j (0..63) holds element j (low nibble)
     and 64 + j (high); their top 2 bits are in qh[j % 32] at shifts 2 * (j // 32) and 4 + that.
     Sub-blocks of 16 have an int8 scale each: a [BN, NG, 4, 16] tile per half."""
@@ -265,18 +354,23 @@ def _tile_q6_k(q_ptr, h_ptr, s_ptr, d_ptr, sq, sh, ss, sd, rows, row_mask, gi, g
     shift = (2 * (a // 2))[None, None, :, None]
     lo = (ql & 15) | (((qh >> shift) & 3) << 4)
     hi = (ql >> 4) | (((qh >> (shift + 4)) & 3) << 4)
-    s_base = s_ptr + rows[:, None, None] * ss + gi[None, :, None] * 8 + a[None, None, :]  # [BN, NG, 4]
-    sc_lo = tl.load(s_base, mask=mask2[:, :, None], other=0).to(tl.float32)
-    sc_hi = tl.load(s_base + 4, mask=mask2[:, :, None], other=0).to(tl.float32)
-    d = tl.load(d_ptr + rows[:, None] * sd + (gi // 2)[None, :], mask=mask2, other=0.0).to(tl.float32)
+    if VEC:
+        sc_lo = _q6_scales(s_ptr, ss, rows, gi, mask2, 0, 4)  # [BN, NG, 4]
+        sc_hi = _q6_scales(s_ptr, ss, rows, gi, mask2, 4, 4)
+        d = _q6_d(d_ptr, n0, N, gi, g_mask, BLOCK_N, NG).to(tl.float32)
+    else:
+        s_base = s_ptr + rows[:, None, None] * ss + gi[None, :, None] * 8 + a[None, None, :]  # [BN, NG, 4]
+        sc_lo = tl.load(s_base, mask=mask2[:, :, None], other=0).to(tl.float32)
+        sc_hi = tl.load(s_base + 4, mask=mask2[:, :, None], other=0).to(tl.float32)
+        d = tl.load(d_ptr + rows[:, None] * sd + (gi // 2)[None, :], mask=mask2, other=0.0).to(tl.float32)
     dl_lo = (d[:, :, None] * sc_lo)[:, :, :, None]  # [BN, NG, 4, 1], exact (11 x 8 bits)
     dl_hi = (d[:, :, None] * sc_hi)[:, :, :, None]
     return dl_lo * _exact_float(lo, 32), dl_hi * _exact_float(hi, 32)
 
 
 @triton.jit
-def tile_q6_k_fast(q_ptr, h_ptr, s_ptr, d_ptr, sq, sh, ss, sd, rows, row_mask, gi, g_mask,
-                    BLOCK_N: tl.constexpr, NG: tl.constexpr):
+def tile_q6_k_fast(q_ptr, h_ptr, s_ptr, d_ptr, sq, sh, ss, sd, rows, row_mask, gi, g_mask, n0, N,
+                   BLOCK_N: tl.constexpr, NG: tl.constexpr, VEC: tl.constexpr):
     """Q6_K for fp16 activations: the half super-block's 64 ql bytes as part 0 (j < 32) and part 1
     (j >= 32), so each asm call has constant qh shifts. Four [BN, NG * 32] tiles at K offsets
     0, 32 (low values of parts 0 and 1), 64, 96 (high values) within each 128-group."""
@@ -290,15 +384,22 @@ def tile_q6_k_fast(q_ptr, h_ptr, s_ptr, d_ptr, sq, sh, ss, sd, rows, row_mask, g
     ql1 = tl.load(q_base + 32, mask=mask4, other=0)
     qh = tl.load(h_ptr + rows[:, None, None, None] * sh + gi[None, :, None, None] * 32 + jj[None, None, :, :],
                  mask=mask4, other=0)
-    s_base = s_ptr + rows[:, None, None] * ss + gi[None, :, None] * 8 + a[None, None, :]  # [BN, NG, 2]
-    mask3 = mask2[:, :, None]
-    d = tl.load(d_ptr + rows[:, None] * sd + (gi // 2)[None, :], mask=mask2, other=0.0)
-    d = d.to(tl.float32)[:, :, None]  # [BN, NG, 1]
     # sub-block j // 16 (+ 4 for the high values); d * scale is exact in float32, then rounded to fp16
-    dl_lo0 = (d * tl.load(s_base, mask=mask3, other=0).to(tl.float32)).to(tl.float16)[:, :, :, None]
-    dl_lo1 = (d * tl.load(s_base + 2, mask=mask3, other=0).to(tl.float32)).to(tl.float16)[:, :, :, None]
-    dl_hi0 = (d * tl.load(s_base + 4, mask=mask3, other=0).to(tl.float32)).to(tl.float16)[:, :, :, None]
-    dl_hi1 = (d * tl.load(s_base + 6, mask=mask3, other=0).to(tl.float32)).to(tl.float16)[:, :, :, None]
+    if VEC:
+        d = _q6_d(d_ptr, n0, N, gi, g_mask, BLOCK_N, NG).to(tl.float32)[:, :, None]  # [BN, NG, 1]
+        dl_lo0 = (d * _q6_scales(s_ptr, ss, rows, gi, mask2, 0, 2)).to(tl.float16)[:, :, :, None]
+        dl_lo1 = (d * _q6_scales(s_ptr, ss, rows, gi, mask2, 2, 2)).to(tl.float16)[:, :, :, None]
+        dl_hi0 = (d * _q6_scales(s_ptr, ss, rows, gi, mask2, 4, 2)).to(tl.float16)[:, :, :, None]
+        dl_hi1 = (d * _q6_scales(s_ptr, ss, rows, gi, mask2, 6, 2)).to(tl.float16)[:, :, :, None]
+    else:
+        s_base = s_ptr + rows[:, None, None] * ss + gi[None, :, None] * 8 + a[None, None, :]  # [BN, NG, 2]
+        mask3 = mask2[:, :, None]
+        d = tl.load(d_ptr + rows[:, None] * sd + (gi // 2)[None, :], mask=mask2, other=0.0)
+        d = d.to(tl.float32)[:, :, None]  # [BN, NG, 1]
+        dl_lo0 = (d * tl.load(s_base, mask=mask3, other=0).to(tl.float32)).to(tl.float16)[:, :, :, None]
+        dl_lo1 = (d * tl.load(s_base + 2, mask=mask3, other=0).to(tl.float32)).to(tl.float16)[:, :, :, None]
+        dl_hi0 = (d * tl.load(s_base + 4, mask=mask3, other=0).to(tl.float32)).to(tl.float16)[:, :, :, None]
+        dl_hi1 = (d * tl.load(s_base + 6, mask=mask3, other=0).to(tl.float32)).to(tl.float16)[:, :, :, None]
     lo0, hi0 = _asm_q6(ql0, qh, dl_lo0, dl_hi0, _ASM_Q6_PART0)
     lo1, hi1 = _asm_q6(ql1, qh, dl_lo1, dl_hi1, _ASM_Q6_PART1)
     BK4: tl.constexpr = NG * 32
@@ -319,8 +420,9 @@ def _tile_dense(q_ptr, sq, rows, row_mask, gi, K):
 
 
 @triton.jit
-def dequant_tile(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi, g_mask, K,
-                  QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BKH: tl.constexpr, FAST: tl.constexpr):
+def dequant_tile(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi, g_mask, K, n0, N,
+                 QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BKH: tl.constexpr, FAST: tl.constexpr,
+                 VEC: tl.constexpr, NG: tl.constexpr):
     """One K-tile -> (w_lo, w_hi), each [BLOCK_N, BKH] float32 (see `_k_index` for their K positions)."""
     if QTYPE == 2:  # Q4_0
         lo, hi = _tile_q4_q5(q_ptr, h_ptr, d_ptr, m_ptr, sq, sh, sd, sm, rows, row_mask, gi, g_mask,
@@ -338,12 +440,13 @@ def dequant_tile(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, ro
         lo, hi = _tile_q8_0(q_ptr, d_ptr, sq, sd, rows, row_mask, gi, g_mask, FAST)
     elif QTYPE == 12:  # Q4_K
         lo, hi = _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi,
-                                 g_mask, False, FAST)
+                                 g_mask, False, FAST, VEC, BLOCK_N, NG)
     elif QTYPE == 13:  # Q5_K
         lo, hi = _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi,
-                                 g_mask, True, False)
+                                 g_mask, True, False, VEC, BLOCK_N, NG)
     elif QTYPE == 14:  # Q6_K
-        lo, hi = _tile_q6_k(q_ptr, h_ptr, s_ptr, d_ptr, sq, sh, ss, sd, rows, row_mask, gi, g_mask)
+        lo, hi = _tile_q6_k(q_ptr, h_ptr, s_ptr, d_ptr, sq, sh, ss, sd, rows, row_mask, gi, g_mask, n0, N,
+                            VEC, BLOCK_N, NG)
     else:  # dense
         lo, hi = _tile_dense(q_ptr, sq, rows, row_mask, gi, K)
     return lo.reshape(BLOCK_N, BKH), hi.reshape(BLOCK_N, BKH)

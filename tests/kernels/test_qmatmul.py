@@ -19,6 +19,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from gguf import GGMLQuantizationType as QT
 
 from engine import quants
@@ -35,7 +37,8 @@ from kernels.qmatmul import (
     qmatmul,
     qmatmul_reference,
 )
-from kernels.qmatmul_layouts import split_fields, to_gguf_bytes
+from kernels.qmatmul_layouts import VECTOR_FIELDS, split_fields, to_gguf_bytes
+from kernels.qmatmul_tiles import _q6_scales
 from tests.engine.gguf_builders import random_blocks, write_gguf
 from tests.kernels._util import DEVICE, assert_close_rms, gpu
 
@@ -78,6 +81,86 @@ def test_layout_round_trip_is_byte_exact(qtype):
     fields = split_fields(raw, qtype, (5, 512))
     assert sum(t.numel() * t.element_size() for t in fields.values()) == raw.numel()  # GGUF size
     assert torch.equal(to_gguf_bytes(fields, qtype, (5, 512)), raw)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=_names(KERNEL_TYPES))
+def test_vector_layout_round_trip_is_byte_exact(qtype):
+    """The vector-metadata layout (kernels/qmatmul_layouts.py): still the GGUF bytes, moved."""
+    raw = torch.from_numpy(random_blocks(qtype, (6, 512), np.random.default_rng(4))).reshape(-1)
+    fields = split_fields(raw, qtype, (6, 512), vector_meta=True)
+    assert sum(t.numel() * t.element_size() for t in fields.values()) == raw.numel()  # GGUF size
+    assert torch.equal(to_gguf_bytes(fields, qtype, (6, 512)), raw)
+    blocks = raw.reshape(6, 512 // 256 if qtype in VECTOR_FIELDS or qtype == QT.Q6_K else 16, -1)
+    if qtype in VECTOR_FIELDS:  # Q4_K / Q5_K: d, dmin and the 12 scale bytes of each block, 4 words
+        assert set(fields) == {f.role for f in VECTOR_FIELDS[qtype]}
+        head = fields["s"].view(torch.uint8).reshape(6, 2, 16)
+        assert torch.equal(head, blocks[:, :, :16])
+    if qtype == QT.Q6_K:  # d column-major: element sb of row n at sb * N + n
+        assert fields["d"].shape == (6, 2) and fields["d"].stride() == (1, 6)
+        assert torch.equal(fields["d"].contiguous().view(torch.uint8).reshape(6, 2, 2), blocks[:, :, 208:210])
+
+
+def test_vector_layout_needs_even_rows_for_q6_k():
+    raw = random_blocks(QT.Q6_K, (5, 256), np.random.default_rng(5))
+    assert not QuantizedWeight.from_bytes(raw, QT.Q6_K, (5, 256), DEVICE, vector_meta=True).vector_meta
+    assert QuantizedWeight.from_bytes(raw[:4], QT.Q6_K, (4, 256), DEVICE, vector_meta=True).vector_meta
+    with pytest.raises(ValueError, match="vector"):
+        split_fields(torch.from_numpy(raw).reshape(-1), QT.Q6_K, (5, 256), vector_meta=True)
+
+
+_VECTOR_TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
+
+
+@pytest.mark.parametrize("qtype", _VECTOR_TYPES, ids=_names(_VECTOR_TYPES))
+def test_vector_metadata_changes_no_bit(qtype):
+    """The same weight in both layouts gives the same bits with the engine's launches (GEMV at 1 and 16
+    rows, GEMM, fp16 and bf16); in a hand-made split-K launch (block_n 16, a partial last column tile) each
+    layout keeps rows independent and the two agree to rounding: on the H200 (session 5) the Q6_K fast
+    path differed from the plain layout in 1-2 of 640 outputs by one fp16 ulp there, never in the engine's
+    own launch shapes (`bench_qmatmul --ab-meta`)."""
+    raw = random_blocks(qtype, (40, 768), np.random.default_rng(6), max_abs=0.02)  # 3 super-blocks a row
+    plain = QuantizedWeight.from_bytes(raw, qtype, (40, 768), DEVICE, vector_meta=False)
+    vector = QuantizedWeight.from_bytes(raw, qtype, (40, 768), DEVICE, vector_meta=True)
+    assert vector.vector_meta and not plain.vector_meta
+    split = KernelConfig(block_n=16, block_m=16, block_k=256, split_k=3)  # rows 32..47 of 40 masked
+    for dtype in (torch.float16, torch.bfloat16):
+        x = _x(33, 768, dtype, seed=7)
+        for rows in (1, 16, 33):
+            got, want = qmatmul(x[:rows], vector), qmatmul(x[:rows], plain)
+            n_bad = (got.view(torch.int16) != want.view(torch.int16)).sum().item()
+            assert n_bad == 0, f"{qtype.name} {dtype} M={rows}: {n_bad} outputs differ"
+        got = qmatmul(x[:16], vector, config=split)
+        assert_close_rms(f"{qtype.name} {dtype} split-K, vector vs plain", got,
+                         qmatmul(x[:16], plain, config=split), 2e-3)
+        for i in (0, 7, 15):  # rows stay independent in the vector layout too
+            assert torch.equal(got[i : i + 1], qmatmul(x[i : i + 1], vector, config=split)), f"row {i}"
+
+
+@triton.jit
+def _q6_scales_probe(s_ptr, ss, out_ptr, N_ROWS: tl.constexpr, NG: tl.constexpr):
+    """Every (FIRST, COUNT) of _q6_scales the two Q6_K paths use, for rows 0..N_ROWS and halves
+    0..NG: out[row, half, k] for k in 0..7 (once from the pairs, once from the quads)."""
+    rows = tl.arange(0, N_ROWS).to(tl.int64)
+    gi = tl.arange(0, NG)
+    mask2 = (rows[:, None] >= 0) & (gi[None, :] >= 0)
+    base = out_ptr + (rows[:, None, None] * NG + gi[None, :, None]) * 16
+    two = tl.arange(0, 2)[None, None, :]
+    four = tl.arange(0, 4)[None, None, :]
+    for first in tl.static_range(0, 8, 2):
+        tl.store(base + first + two, _q6_scales(s_ptr, ss, rows, gi, mask2, first, 2))
+    tl.store(base + 8 + four, _q6_scales(s_ptr, ss, rows, gi, mask2, 0, 4))
+    tl.store(base + 12 + four, _q6_scales(s_ptr, ss, rows, gi, mask2, 4, 4))
+
+
+def test_q6_scales_words_give_the_scale_bytes():
+    """The word-wise Q6_K scale loads of the vector layout (the inline-PTX path's pairs included, which
+    the interpreter's GEMV does not run) give the int8 scales the byte loads give."""
+    raw = random_blocks(QT.Q6_K, (4, 512), np.random.default_rng(8))
+    s = split_fields(torch.from_numpy(raw).reshape(-1), QT.Q6_K, (4, 512), vector_meta=True)["s"].to(DEVICE)
+    out = torch.empty(4, 4, 16, device=DEVICE)  # (row, half super-block, 2 x 8 scales)
+    _q6_scales_probe[(1,)](s, s.stride(0), out, N_ROWS=4, NG=4)
+    want = s.reshape(4, 4, 8).to(torch.float32)  # scales of half gi = bytes 8 gi .. 8 gi + 7 of the row
+    assert torch.equal(out[:, :, :8], want) and torch.equal(out[:, :, 8:], want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
@@ -288,6 +371,33 @@ def test_prefetch_lines_cover_every_split(n_k_tiles, stride, elem):
                 assert needed <= touched, (tiles_per_split, t_start, lines)
 
 
+@pytest.mark.parametrize("n_k_tiles", [1, 7, 12, 70])
+@pytest.mark.parametrize("per_row,n_rows,block_n",
+                         [(6, 1536, 64), (35, 256, 64), (3, 40, 16), (6, 151936, 64)])
+def test_prefetch_columns_cover_every_split(n_k_tiles, per_row, n_rows, block_n):
+    """Column-major fields (Q6_K's d in the vector layout): the kernel's addresses (elements lo + c,
+    clamped to hi - 1; rows n0 + i * line, clamped to the tile's last row) touch every 128-byte line
+    of the program's elements of every column tile, for every split (the formula of _prefetch_columns)."""
+    from kernels.qmatmul_prefetch import LINE_BYTES, column_span
+
+    elem = 2  # fp16 d
+    line = LINE_BYTES // elem
+    run_lines = 2 * ((block_n * elem + LINE_BYTES - 1) // LINE_BYTES)
+    for tiles_per_split in sorted({1, 2, 3, max(1, n_k_tiles // 4), n_k_tiles}):
+        cols = column_span(per_row, tiles_per_split, n_k_tiles)
+        for t_start in range(0, n_k_tiles, tiles_per_split):
+            t_stop = min(t_start + tiles_per_split, n_k_tiles)
+            lo = t_start * per_row // n_k_tiles
+            hi = (t_stop * per_row + n_k_tiles - 1) // n_k_tiles
+            for n0 in sorted({0, block_n, (n_rows - 1) // block_n * block_n}):
+                last = min(n0 + block_n, n_rows) - 1
+                addrs = {min(lo + c, hi - 1) * n_rows + min(n0 + i * line, last)
+                         for c in range(cols) for i in range(run_lines)}
+                touched = {a // line for a in addrs}
+                needed = {(e * n_rows + n) // line for e in range(lo, hi) for n in range(n0, last + 1)}
+                assert needed <= touched, (tiles_per_split, t_start, n0, cols)
+
+
 def test_prefetch_off_without_cuda():
     from kernels.qmatmul_prefetch import prefetch_lines
 
@@ -333,3 +443,28 @@ def test_prefetch_and_pdl_change_no_bit_gpu(qtype):
         for i, (a, b) in enumerate(zip(got, want, strict=True)):
             assert torch.isfinite(b).all() and b.abs().max() > 1e-2, f"{qtype.name} M={m} GEMV {i} scale"
             assert torch.equal(a, b), f"{qtype.name} M={m} GEMV {i}"
+
+
+_ENGINE_GEMVS = [(QT.Q4_K, (1792, 1536)), (QT.Q4_K, (17920, 1536)), (QT.Q4_K, (1536, 8960)),
+                 (QT.Q4_K, (256, 1536)), (QT.Q6_K, (1536, 8960)), (QT.Q6_K, (256, 1536)),
+                 (QT.Q6_K, (151936, 1536)), (QT.Q5_K, (1536, 1536))]
+
+
+@pytest.mark.parametrize("qtype,shape", _ENGINE_GEMVS, ids=[f"{q.name}-{n}x{k}" for q, (n, k) in
+                                                             _ENGINE_GEMVS])
+@gpu
+def test_vector_metadata_changes_no_bit_gpu(qtype, shape):
+    """The engine's GEMV launches (prefetch and PDL as configured) and GEMM give the same bits from the
+    vector-metadata layout as from the plain one: fp16 (inline PTX) and bf16 (float32 path)."""
+    raw = random_blocks(qtype, shape, np.random.default_rng(12), max_abs=0.01)
+    plain = QuantizedWeight.from_bytes(raw, qtype, shape, DEVICE, vector_meta=False)
+    vector = QuantizedWeight.from_bytes(raw, qtype, shape, DEVICE, vector_meta=True)
+    assert vector.vector_meta
+    for dtype in (torch.float16, torch.bfloat16):
+        x = _x(300, shape[1], dtype, seed=13)
+        for rows in (1, 16, 300):
+            if rows == 300 and shape[0] > 20000:
+                continue  # the GEMM of an LM head: slow and the same code as the other GEMMs
+            got, want = qmatmul(x[:rows], vector), qmatmul(x[:rows], plain)
+            assert torch.isfinite(want).all()
+            assert torch.equal(got, want), f"{qtype.name} {shape} {dtype} M={rows}"
