@@ -77,6 +77,59 @@ def write_rows_reference(rows: KVStore, store: KVStore, start_pos: int | None,
 
 
 @triton.jit
+def _k_prepare_rows(
+    x,  # [BLOCK_T, D] fp32 K rows of one KV head, after RoPE
+    mean_row, scale_row,  # pointers to that head's (D,) smoothing mean / K-equalization scales
+    s1_ptr, s2_ptr, rot_scale,
+    BLOCK_T: tl.constexpr, D: tl.constexpr, SMOOTH: tl.constexpr, EQUALIZE: tl.constexpr,
+    ROTATE: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr,
+):
+    """K rows -> what the quantizer takes: smoothed, equalized, WHT-rotated ([BLOCK_T, D] fp32)."""
+    cols = tl.arange(0, D)
+    if SMOOTH:
+        x = x - tl.load(mean_row + cols)[None, :].to(tl.float32)
+    if EQUALIZE:  # powers of two: the division is exact
+        x = tl.math.div_rn(x, tl.broadcast_to(tl.load(scale_row + cols)[None, :], x.shape))
+    if ROTATE:
+        gl = tl.arange(0, G)
+        xg = tl.reshape(x, (BLOCK_T * (D // G), G)) * tl.load(s1_ptr + gl)[None, :]
+        xg = _fwht_rows(xg, BLOCK_T * (D // G), G, LOG2_G)
+        xg = xg * tl.load(s2_ptr + gl)[None, :]
+        x = tl.reshape(xg * rot_scale, (BLOCK_T, D))
+    return x
+
+
+@triton.jit
+def _store_rows_at(
+    x,  # [BLOCK_T, D] fp32 rows of one head
+    t,  # [BLOCK_T] row indices of the write
+    row_mask,  # [BLOCK_T] bool
+    start_pos, pos_ptr,
+    qs_ptr, d_ptr, m_ptr,
+    qs_head, s_head,  # int64 element offsets of the head's (P, X) slab in qs and in d / m
+    stride_qt, stride_st,
+    sink_ptr, sink_head, n_sink,  # sink_head: int64 element offset of the head's (S, D) sink slab
+    BLOCK_T: tl.constexpr, D: tl.constexpr, KV_TYPE: tl.constexpr, POS_TENSOR: tl.constexpr,
+    SINK: tl.constexpr,
+):
+    """Rows to their positions (start_pos + t, or pos_ptr[t] with negative rows skipped): the f16 sink
+    copy of rows below n_sink, then quantize and store (kernels.k_write and kernels.v_write alike)."""
+    cols = tl.arange(0, D)
+    if POS_TENSOR:
+        pos = tl.load(pos_ptr + t, mask=row_mask, other=-1).to(tl.int64)
+        row_mask = row_mask & (pos >= 0)
+    else:
+        pos = (start_pos + t).to(tl.int64)
+    qs_row = qs_head + pos * stride_qt
+    s_row = s_head + pos * stride_st
+    if SINK:  # attention sinks: rows below n_sink also in f16, as they go into the quantizer
+        n_row = sink_head + pos * D
+        tl.store(sink_ptr + n_row[:, None] + cols[None, :], x.to(tl.float16),
+                 mask=(row_mask & (pos < n_sink))[:, None])
+    _quantize_store_rows(x, row_mask, qs_ptr, d_ptr, m_ptr, qs_row, s_row, BLOCK_T, D, KV_TYPE)
+
+
+@triton.jit
 def _k_write_kernel(
     k_ptr, stride_kb, stride_kh, stride_kt,
     mean_ptr, stride_mh, scale_ptr, stride_eh,
@@ -98,29 +151,12 @@ def _k_write_kernel(
     cols = tl.arange(0, D)
     row = b.to(tl.int64) * stride_kb + h * stride_kh + t.to(tl.int64) * stride_kt  # [BLOCK_T]
     x = tl.load(k_ptr + row[:, None] + cols[None, :], mask=row_mask[:, None], other=0.0)
-    x = x.to(tl.float32)  # [BLOCK_T, D]
-    if SMOOTH:
-        x = x - tl.load(mean_ptr + h * stride_mh + cols)[None, :].to(tl.float32)
-    if EQUALIZE:  # powers of two: the division is exact
-        x = tl.math.div_rn(x, tl.broadcast_to(tl.load(scale_ptr + h * stride_eh + cols)[None, :], x.shape))
-    if ROTATE:
-        gl = tl.arange(0, G)
-        xg = tl.reshape(x, (BLOCK_T * (D // G), G)) * tl.load(s1_ptr + gl)[None, :]
-        xg = _fwht_rows(xg, BLOCK_T * (D // G), G, LOG2_G)
-        xg = xg * tl.load(s2_ptr + gl)[None, :]
-        x = tl.reshape(xg * rot_scale, (BLOCK_T, D))
-    if POS_TENSOR:
-        pos = tl.load(pos_ptr + t, mask=row_mask, other=-1).to(tl.int64)
-        row_mask = row_mask & (pos >= 0)
-    else:
-        pos = (start_pos + t).to(tl.int64)
-    qs_row = b.to(tl.int64) * stride_qb + h * stride_qh + pos * stride_qt
-    s_row = b.to(tl.int64) * stride_sb + h * stride_sh + pos * stride_st
-    if SINK:  # attention sinks: rows below n_sink also in f16, as they go into the quantizer
-        n_row = b.to(tl.int64) * stride_nb + h * stride_nh + pos * D
-        tl.store(sink_ptr + n_row[:, None] + cols[None, :], x.to(tl.float16),
-                 mask=(row_mask & (pos < n_sink))[:, None])
-    _quantize_store_rows(x, row_mask, qs_ptr, d_ptr, m_ptr, qs_row, s_row, BLOCK_T, D, KV_TYPE)
+    x = _k_prepare_rows(x.to(tl.float32), mean_ptr + h * stride_mh, scale_ptr + h * stride_eh, s1_ptr, s2_ptr,
+                        rot_scale, BLOCK_T, D, SMOOTH, EQUALIZE, ROTATE, G, LOG2_G)  # [BLOCK_T, D]
+    _store_rows_at(x, t, row_mask, start_pos, pos_ptr, qs_ptr, d_ptr, m_ptr,
+                   b.to(tl.int64) * stride_qb + h * stride_qh, b.to(tl.int64) * stride_sb + h * stride_sh,
+                   stride_qt, stride_st, sink_ptr, b.to(tl.int64) * stride_nb + h * stride_nh, n_sink,
+                   BLOCK_T, D, KV_TYPE, POS_TENSOR, SINK)
 
 
 def k_write(

@@ -144,11 +144,13 @@ def add_rms_norm(
 
 
 @triton.jit
-def _rope_one_head(
-    src_ptr, dst_ptr, norm_ptr, cos_ptr, sin_ptr, scale_ptr, s1_ptr, s2_ptr, rot_scale, eps,
+def _rope_head(
+    src_ptr, norm_ptr, cos_ptr, sin_ptr, scale_ptr, s1_ptr, s2_ptr, rot_scale, eps,
     D: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr, HEAD_NORM: tl.constexpr,
     SCALE: tl.constexpr, ROTATE: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr,
 ):
+    """One head (D,) at src_ptr -> [D] fp32: optional RMSNorm, RoPE (cos_ptr / sin_ptr: the position's
+    table rows), optional scales (SCALE) and WHT rotation (ROTATE)."""
     cols = tl.arange(0, D)
     rotated = cols < 2 * HALF
     if NEOX:  # pairs (i, i + HALF)
@@ -180,7 +182,18 @@ def _rope_one_head(
         yg = _fwht_rows(yg, D // G, G, LOG2_G)
         yg = yg * tl.load(s2_ptr + gl)[None, :]
         y = tl.reshape(yg * rot_scale, (D,))
-    tl.store(dst_ptr + cols, y)
+    return y
+
+
+@triton.jit
+def _rope_one_head(
+    src_ptr, dst_ptr, norm_ptr, cos_ptr, sin_ptr, scale_ptr, s1_ptr, s2_ptr, rot_scale, eps,
+    D: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr, HEAD_NORM: tl.constexpr,
+    SCALE: tl.constexpr, ROTATE: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr,
+):
+    y = _rope_head(src_ptr, norm_ptr, cos_ptr, sin_ptr, scale_ptr, s1_ptr, s2_ptr, rot_scale, eps,
+                   D, HALF, NEOX, HEAD_NORM, SCALE, ROTATE, G, LOG2_G)  # [D] fp32
+    tl.store(dst_ptr + tl.arange(0, D), y)
 
 
 @triton.jit
@@ -206,6 +219,12 @@ def _rope_heads_kernel(
         _rope_one_head(k_ptr + t * stride_kt + hk * D, ko_ptr + (t * HKV + hk) * D, kn_ptr, cos_row, sin_row,
                        qs_ptr, s1_ptr, s2_ptr, rot_scale, eps, D, HALF, NEOX, HEAD_NORM, False, False, G,
                        LOG2_G)
+
+
+def rope_num_warps(head_dim: int) -> int:
+    """Warps of a one-head-per-program RoPE launch (rope_heads, kernels.rope_kv_write): the head norm's
+    sum runs in this layout, so both launch it alike."""
+    return 1 if head_dim <= 128 else 2
 
 
 def rope_heads(
@@ -250,8 +269,9 @@ def rope_heads(
         1.0 if rot is None else rot.scale, eps, hq, hkv,
         D=dim, HALF=half, NEOX=neox, HEAD_NORM=q_norm is not None, SCALE_Q=q_scale is not None,
         ROTATE_Q=rot is not None,
-        G=group, LOG2_G=group.bit_length() - 1, num_warps=1 if dim <= 128 else 2, **pdl_launch(q.device),
-    )
+        G=group, LOG2_G=group.bit_length() - 1, num_warps=rope_num_warps(dim),
+        enable_fp_fusion=False, **pdl_launch(q.device),
+    )  # no FMA contraction: kernels.rope_kv_write computes the same values in a launch that needs none
     return q_out, k_out
 
 

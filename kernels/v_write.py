@@ -17,9 +17,8 @@ import triton.language as tl
 
 from engine import kv_quant
 from engine.kv_quant import KVStore
-from kernels.k_write import write_rows_reference, write_sink_rows_reference
+from kernels.k_write import _store_rows_at, write_rows_reference, write_sink_rows_reference
 from kernels.kv_blocks import (
-    _quantize_store_rows,
     check_kernel_head_dim,
     check_positions,
     sink_args,
@@ -58,19 +57,10 @@ def _v_write_kernel(
     cols = tl.arange(0, D)
     row = b.to(tl.int64) * stride_vb + h * stride_vh + t.to(tl.int64) * stride_vt  # [BLOCK_T]
     x = tl.load(v_ptr + row[:, None] + cols[None, :], mask=row_mask[:, None], other=0.0)
-    x = x.to(tl.float32)  # [BLOCK_T, D]
-    if POS_TENSOR:
-        pos = tl.load(pos_ptr + t, mask=row_mask, other=-1).to(tl.int64)
-        row_mask = row_mask & (pos >= 0)
-    else:
-        pos = (start_pos + t).to(tl.int64)
-    qs_row = b.to(tl.int64) * stride_qb + h * stride_qh + pos * stride_qt
-    s_row = b.to(tl.int64) * stride_sb + h * stride_sh + pos * stride_st
-    if SINK:  # attention sinks: rows below n_sink also in f16
-        n_row = b.to(tl.int64) * stride_nb + h * stride_nh + pos * D
-        tl.store(sink_ptr + n_row[:, None] + cols[None, :], x.to(tl.float16),
-                 mask=(row_mask & (pos < n_sink))[:, None])
-    _quantize_store_rows(x, row_mask, qs_ptr, d_ptr, m_ptr, qs_row, s_row, BLOCK_T, D, KV_TYPE)
+    _store_rows_at(x.to(tl.float32), t, row_mask, start_pos, pos_ptr, qs_ptr, d_ptr, m_ptr,
+                   b.to(tl.int64) * stride_qb + h * stride_qh, b.to(tl.int64) * stride_sb + h * stride_sh,
+                   stride_qt, stride_st, sink_ptr, b.to(tl.int64) * stride_nb + h * stride_nh, n_sink,
+                   BLOCK_T, D, KV_TYPE, POS_TENSOR, SINK)  # f16 sink copies, quantize, store
 
 
 def v_write(v: torch.Tensor, store: KVStore, start_pos: int | None = None, *, block_t: int = 16,

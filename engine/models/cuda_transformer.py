@@ -22,7 +22,9 @@ Same architectures, same switches (ModelConfig); what changes is how a step is c
   equals the decode step at p bit for bit (qmatmul and every kernel here are row-independent too);
   longer blocks (prefill chunks) use the prefill attention kernel. With K equalization the first chunk
   runs the RoPE kernel twice per layer: plain, for the cache to take its scales from Q and K, then with
-  Q scaled by them (and rotated).
+  Q scaled by them (and rotated). Blocks of up to VERIFY_ROWS_MAX rows whose cache statistics are known
+  run RoPE and the K and V writes as one launch (kernels.rope_kv_write, the same bits as rope_heads +
+  k_write + v_write; TANDEM_FUSED_ROPE_WRITE=0 keeps the three launches, for an A/B).
 - Steps of 1..16 rows at a known position run as CUDA graphs (engine.cuda_graphs), captured lazily per
   row bucket (1, 2, 4, 8, 16; padded) and per cache, once the cache's statistics are known
   (`CudaKVCache.can_replay`); greedy argmax is computed inside the graph.
@@ -57,6 +59,12 @@ EMBED_ROWS_PER_CHUNK = 8192  # rows dequantized at a time when the embedding tab
 def graphs_enabled() -> bool:
     """CUDA graphs are on unless TANDEM_CUDA_GRAPHS is "0" (debugging: every step then runs eagerly)."""
     return os.environ.get("TANDEM_CUDA_GRAPHS", "1") != "0"
+
+
+def fused_rope_write_enabled() -> bool:
+    """RoPE + K/V writes of a row block in one launch unless TANDEM_FUSED_ROPE_WRITE is "0" (an A/B of
+    the three launches; read when a step runs or is captured)."""
+    return os.environ.get("TANDEM_FUSED_ROPE_WRITE", "1") != "0"
 
 
 class Projections:
@@ -219,6 +227,7 @@ class CudaTransformer(torch.nn.Module):
         pending: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # (FFN output, post-norm)
         down_scale = 1.0 / FFN_DOWN_SCALE
         captured: dict[int, torch.Tensor] = {}
+        fuse = as_rows and fused_rope_write_enabled()
         for layer in self.layers:
             h = add_rms_norm(
                 x, layer.attn_norm, c.norm_eps, *pending, out_dtype=ACT_DTYPE, delta_scale=down_scale
@@ -226,26 +235,19 @@ class CudaTransformer(torch.nn.Module):
             if layer.index - 1 in capture:
                 captured[layer.index - 1] = x.clone()
             q_in, k_in, v = layer.qkv(h)  # (T, Hq*Dh), (T, Hkv*Dh), (T, Hkv*Dh) float16 views
+            q_in = q_in.view(n_rows, c.n_heads, c.head_dim)
+            k_in, v = (t.view(n_rows, c.n_kv_heads, c.head_dim) for t in (k_in, v))
             cos, sin = self._rope[layer.rope_base]
-            rope = functools.partial(
-                rope_heads,
-                q_in.view(n_rows, c.n_heads, c.head_dim),
-                k_in.view(n_rows, c.n_kv_heads, c.head_dim),
-                inputs.positions,
-                cos,
-                sin,
-                neox=c.rope_neox,
-                q_norm=layer.q_norm,
-                k_norm=layer.k_norm,
-                eps=c.norm_eps,
-            )
-            if cache.takes_k_scales(layer.index, first_pos):  # K equalization's first chunk: scales from
-                cache.take_k_scales(layer.index, *rope(), first_pos)  # its plain Q and K
-            q, k = rope(rotation=cache.rotation, q_scale=cache.q_scale(layer.index))
-            # (T, Hq, Dh) scaled and rotated into K's basis, (T, Hkv, Dh), float32
-            cache.write_rows(
-                layer.index, k, v.view(n_rows, c.n_kv_heads, c.head_dim), inputs.positions, first_pos
-            )
+            rope_opts = dict(neox=c.rope_neox, q_norm=layer.q_norm, k_norm=layer.k_norm, eps=c.norm_eps)
+            if fuse and cache.fuses_rope_write(layer.index, first_pos):  # one launch, the same bits
+                q = cache.rope_write_rows(layer.index, q_in, k_in, v, inputs.positions, cos, sin, **rope_opts)
+            else:
+                rope = functools.partial(rope_heads, q_in, k_in, inputs.positions, cos, sin, **rope_opts)
+                if cache.takes_k_scales(layer.index, first_pos):  # K equalization's first chunk: scales
+                    cache.take_k_scales(layer.index, *rope(), first_pos)  # from its plain Q and K
+                q, k = rope(rotation=cache.rotation, q_scale=cache.q_scale(layer.index))
+                # (T, Hq, Dh) scaled and rotated into K's basis, (T, Hkv, Dh), float32
+                cache.write_rows(layer.index, k, v, inputs.positions, first_pos)
             attn = torch.empty(n_rows, c.n_heads, c.head_dim, dtype=ACT_DTYPE, device=self.device)
             if as_rows:
                 cache.attend_rows(layer.index, q, inputs.lengths, c.attn_scale, layer.window, attn)

@@ -162,6 +162,55 @@ def test_scales_and_means_live_in_fixed_buffers_and_gate_graph_replay():
     assert gpu.nbytes == bare.nbytes + 2 * N_KV * DIM * 4, "the known mean and scales count, as on the CPU"
 
 
+@pytest.mark.parametrize("kv_k,kv_v", [("q4_0", "q8_0"), ("f16", "q4_0")])
+def test_rope_write_rows_equals_rope_heads_then_write_rows(kv_k, kv_v):
+    """The fused launch of a row block (engine's decode / verify path) against rope_heads + write_rows, bit
+    for bit: Q in K's basis, both stores, both sinks; and when it may stand in for them."""
+    from engine.models.transformer import rope_tables
+    from kernels.layer_ops import rope_heads
+
+    k, v, q = biased_inputs(6)
+    caches = [make_caches(kv_k, kv_v)[1] for _ in range(2)]
+    qkv = torch.randn(4, (N_HEADS + 2 * N_KV) * DIM, generator=torch.Generator().manual_seed(6))
+    qkv = qkv.to(torch.float16).to(DEVICE)  # a fused QKV output: Q, K and V are its column slices
+    q_in = qkv[:, : N_HEADS * DIM].view(4, N_HEADS, DIM)
+    k_in, v_in = (qkv[:, (N_HEADS + i * N_KV) * DIM :][:, : N_KV * DIM].view(4, N_KV, DIM) for i in (0, 1))
+    positions = torch.tensor([2, 3, 21, -1], device=DEVICE)  # two sink positions and a padding row
+    cos, sin = (t.to(DEVICE) for t in rope_tables(torch.arange(0, CAPACITY), DIM, 10000.0, 1.0, None))
+    opts = dict(neox=True, q_norm=None, k_norm=None, eps=1e-6)
+    needs_statistics = caches[0].k_smooth or caches[0].k_equalize
+    assert caches[0].fuses_rope_write(0, 5) == (not needs_statistics)
+    for cache in caches:
+        run_blocks(cache, k, v, q, [20], None)  # statistics taken from the same first chunk
+    fused = caches[0]
+    assert fused.fuses_rope_write(0, None) and fused.fuses_rope_write(0, 20)
+    assert not fused.fuses_rope_write(0, 0), "a block at 0 takes its statistics again"
+    got = fused.rope_write_rows(0, q_in, k_in, v_in, positions, cos, sin, **opts)
+    plain = caches[1]
+    want, k_roped = rope_heads(q_in, k_in, positions, cos, sin, **opts, rotation=plain.rotation,
+                               q_scale=plain.q_scale(0))
+    plain.write_rows(0, k_roped, v_in, positions, None)
+    assert torch.equal(got, want), "Q in K's basis"
+    for side in ("k", "v"):
+        for field in ("qs", "d", "m"):
+            a, b = getattr(getattr(fused, side)[0], field), getattr(getattr(plain, side)[0], field)
+            assert (a is None and b is None) or torch.equal(a, b), f"{side} store .{field}"
+        sinks = getattr(fused, f"{side}_sink"), getattr(plain, f"{side}_sink")
+        assert (sinks[0] is None) == (sinks[1] is None)
+        assert sinks[0] is None or torch.equal(sinks[0][0], sinks[1][0]), f"{side} sinks"
+    assert int((fused.v[0].qs[:, 21] != 0).sum()) > 0, "row 21 was written"
+
+
+def test_rope_write_rows_needs_the_statistics():
+    _, gpu = make_caches("q4_0", "q4_0")
+    assert gpu.k_smooth and gpu.k_equalize and not gpu.fuses_rope_write(0, None)
+    q_in, k_in = torch.zeros(1, N_HEADS, DIM, device=DEVICE), torch.zeros(1, N_KV, DIM, device=DEVICE)
+    table = torch.ones(CAPACITY, DIM // 2, device=DEVICE)
+    with pytest.raises(RuntimeError, match="write_rows"):
+        gpu.rope_write_rows(0, q_in, k_in, k_in, torch.zeros(1, dtype=torch.long, device=DEVICE), table,
+                            table, neox=True, q_norm=None, k_norm=None, eps=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="make_kv_cache gives the CPU cache without CUDA")
 def test_make_kv_cache_gives_the_gpu_cache_equalization():
@@ -215,3 +264,42 @@ def test_snapshot_round_trip_keeps_scales_and_sinks(tiny_path, tmp_path):
         cache.write(0, 10, k[10:11].to(DEVICE), v[10:11].to(DEVICE))
     got = [c.attention(0, q[10:11].to(DEVICE), 10, 0.125, None) for c in (a, b)]
     assert torch.equal(*got)
+
+
+# ---- the fused RoPE + K/V write launch: the engine's A/B switch changes no bit ---------------------------
+
+
+@pytest.mark.slow  # ~20 s a case under the interpreter
+@pytest.mark.parametrize("kv", ["f16", "q4_0"])
+def test_fused_rope_write_switch_changes_no_bit(tiny_path, monkeypatch, kv):
+    """A prefill chunk (statistics taken, three launches either way), a 3-row verify block and a decode step
+    (graph replays on CUDA) with TANDEM_FUSED_ROPE_WRITE off and on: the same logits and cache bytes."""
+    from engine.gguf_file import GGUFModelFile
+    from engine.models.cuda_transformer import CudaTransformer
+
+    fused_launches = []
+    fused = CudaKVCache.rope_write_rows
+    monkeypatch.setattr(CudaKVCache, "rope_write_rows",
+                        lambda self, *a, **kw: fused_launches.append(a[0]) or fused(self, *a, **kw))
+    model = CudaTransformer.from_gguf(GGUFModelFile.open(tiny_path), device=DEVICE)
+    c = model.config
+    runs = []
+    for switch in ("0", "1"):
+        monkeypatch.setenv("TANDEM_FUSED_ROPE_WRITE", switch)
+        if model.graphs is not None:
+            model.graphs.graphs.clear()  # captured under the other setting
+        cache = CudaKVCache(c.n_layers, c.n_kv_heads, c.head_dim, CAPACITY, kv, kv, device=DEVICE,
+                            k_smooth=resolve_k_smooth("auto", kv),
+                            k_equalize=resolve_k_equalize("auto", kv, DEVICE))
+        with torch.inference_mode():
+            model(torch.arange(40, 60), 0, cache, logits_for="none")  # 20 rows: the chunk path
+            rows = model.step([7, 8, 9], 20, cache).logits.clone()  # (3, vocab)
+            one = model.step([10], 23, cache).logits.clone()  # (1, vocab)
+        runs.append((rows, one, cache))
+        launched = len(fused_launches)
+        assert (launched > 0) == (switch == "1"), f"{launched} fused launches with the switch at {switch}"
+    (rows_a, one_a, cache_a), (rows_b, one_b, cache_b) = runs
+    assert torch.equal(rows_a, rows_b) and torch.equal(one_a, one_b), "logits"
+    for layer in range(c.n_layers):
+        for sa, sb in ((cache_a.k[layer], cache_b.k[layer]), (cache_a.v[layer], cache_b.v[layer])):
+            assert torch.equal(sa.qs, sb.qs) and (sa.d is None or torch.equal(sa.d, sb.d)), f"layer {layer}"
