@@ -15,9 +15,10 @@ the form of the calls:
   `k_mean` / `k_scale` copies into them instead of replacing the tensors; the sinks are fixed tensors too;
 - a block's statistics are taken on the host's word (`first_pos`), so a captured step needs them known
   (`can_replay`); the sink rows of K and V are written by the write kernels, at any position;
-- rows of up to VERIFY_ROWS_MAX queries are attended as independent single-token decodes over the
-  same cache, with split boundaries fixed per cache, so row p of a speculative verify block is
-  computed exactly as the decode step at position p (greedy verification is lossless bit for bit).
+- rows of up to VERIFY_ROWS_MAX queries are attended with split boundaries fixed per cache, each tile read
+  once for all rows (kernels.verify_attention; windowed layers: one decode per row), so row p of a
+  speculative verify block is computed exactly as the decode step at position p (greedy verification
+  is lossless bit for bit).
 
 Q must reach attention in K's basis: the engine scales (K equalization) and rotates it in its RoPE kernel
 (kernels.layer_ops.rope_heads, `q_scale=` and `rotation=`); the KVCache interface (`attention`) does it
@@ -26,7 +27,9 @@ in torch.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 
 import torch
 
@@ -39,6 +42,8 @@ from engine.kv_quant import KVStore
 log = logging.getLogger(__name__)
 
 BLOCK_N = 64  # positions per attention tile; the decode split size is a multiple of it
+# Verify rows through kernels.verify_attention (default); TANDEM_VERIFY_ATTENTION=0: one decode per row (A/B).
+VERIFY_ATTENTION = os.environ.get("TANDEM_VERIFY_ATTENTION", "1") != "0"
 
 
 def _shared(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
@@ -213,6 +218,38 @@ class CudaKVCache(KVCache):
         v_write(v.permute(1, 0, 2)[None], v_stores[layer], positions=positions,
                 sink=None if v_sinks is None else v_sinks[layer])
 
+    def fuses_rope_write(self, layer: int, first_pos: int | None) -> bool:
+        """Whether `rope_write_rows` may stand for rope_heads + `write_rows`: the layer's smoothing vector
+        and K scales are known, and this block does not take them (first_pos 0 takes them again)."""
+        if first_pos == 0:
+            return False
+        means = not self.k_smooth or self._means.known[layer]
+        return means and (not self.k_equalize or self._scales.known[layer])
+
+    def rope_write_rows(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+        cos: torch.Tensor, sin: torch.Tensor, *, neox: bool, q_norm: torch.Tensor | None,
+        k_norm: torch.Tensor | None, eps: float,
+    ) -> torch.Tensor:
+        """kernels.layer_ops.rope_heads (Q scaled and rotated into K's basis) and `write_rows` in one launch
+        (kernels.rope_kv_write), the same bits; only where `fuses_rope_write` says so.
+
+        q: (T, Hq, D), k and v: (T, n_kv, D) the projections before RoPE (any float, row strides free);
+        positions: (T,) on the device (negative rows: padding, not written); cos, sin: the RoPE tables.
+        Returns q (T, Hq, D) float32."""
+        from kernels.rope_kv_write import rope_kv_write
+
+        if not self.fuses_rope_write(layer, None):
+            raise RuntimeError(f"layer {layer} lacks its K smoothing vector or K scales; use write_rows")
+        k_stores, v_stores, k_sinks, v_sinks = self._views_for_rows(1)
+        return rope_kv_write(
+            q, k, v, positions, cos, sin, k_stores[layer], v_stores[layer], neox=neox, q_norm=q_norm,
+            k_norm=k_norm, eps=eps, rotation=self.rotation, k_scale=self.q_scale(layer),
+            mean=self._means.buffers[layer] if self.k_smooth else None,
+            k_sink=None if k_sinks is None else k_sinks[layer],
+            v_sink=None if v_sinks is None else v_sinks[layer],
+        )
+
     def attend_rows(
         self,
         layer: int,
@@ -223,17 +260,21 @@ class CudaKVCache(KVCache):
         out: torch.Tensor,
     ) -> None:
         """Each row of q (R, Hq, D) (float32, in K's basis) attends to cache positions [0, lengths[r])
-        (lengths: (R,) int32 on the device; 0 = a padding row) -> out (R, Hq, D)."""
+        (lengths: (R,) int32 on the device; 0 = a padding row) -> out (R, Hq, D). Several rows without a
+        window: kernels.verify_attention (each tile read once for all rows), else one decode per row;
+        the same bits either way."""
+        from kernels import verify_attention as verify
         from kernels.decode_attention import decode_attention
 
         k_stores, v_stores, k_sinks, v_sinks = self._views_for_rows(q.shape[0])
-        decode_attention(
+        batched = VERIFY_ATTENTION and verify.applies(q.shape[0], q.shape[1] // self.n_kv_heads, window)
+        attend = verify.verify_attention if batched else functools.partial(decode_attention, window=window)
+        attend(
             q,
             k_stores[layer],
             v_stores[layer],
             lengths,
             scale=scale,
-            window=window,
             max_length=self.max_len,
             split_size=self.split_size,
             block_n=BLOCK_N,

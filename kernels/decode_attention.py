@@ -85,11 +85,14 @@ def _lengths_list(lengths: int | torch.Tensor, batch: int) -> list[int]:
 
 @triton.jit
 def _attend_tile(
-    q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, end,
+    q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, end,
     D: tl.constexpr, BLOCK_N: tl.constexpr, K_TYPE: tl.constexpr, V_TYPE: tl.constexpr,
     FAST: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """Online-softmax step over cache rows [n0, n0 + BLOCK_N) (MASKED: rows >= end count as absent)."""
+    """Online-softmax step over cache rows [n0, n0 + BLOCK_N) (MASKED: rows >= end count as absent).
+
+    The softmax sum is accumulated by the tensor cores like the output (`row_sums`), not by a reduction
+    whose order would depend on how the warps share the tile (see verify_attention)."""
     k_lo, k_hi = _load_halves(kq, kd, km, n0, end, BLOCK_N, D, K_TYPE, FAST, MASKED)  # [BLOCK_N, D/2] each
     s = tl.dot(q_lo, tl.trans(k_lo))
     s = tl.dot(q_hi, tl.trans(k_hi), s)  # [BLOCK_H, BLOCK_N] fp32
@@ -97,13 +100,24 @@ def _attend_tile(
         s = tl.where((n0 + tl.arange(0, BLOCK_N) < end)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p16 = tl.exp2(s - m_new[:, None]).to(tl.float16)
+    l_acc = row_sums(p16, l_acc * alpha[:, None], BLOCK_N, 0)
     v_lo, v_hi = _load_halves(vq, vd, vm, n0, end, BLOCK_N, D, V_TYPE, FAST, MASKED)  # [BLOCK_N, D/2] each
-    p16 = p.to(tl.float16)
     acc_lo = tl.dot(p16, v_lo, acc_lo * alpha[:, None])
     acc_hi = tl.dot(p16, v_hi, acc_hi * alpha[:, None])
-    return m_new, l_i, acc_lo, acc_hi
+    return m_new, l_acc, acc_lo, acc_hi
+
+
+@triton.jit
+def row_sums(p16, l_acc, BLOCK_N: tl.constexpr, BATCH: tl.constexpr):
+    """l_acc + the row sums of p16 in each of l_acc's 16 columns, as a dot with ones: the same tensor-core
+    accumulation order whatever the warp layout (tl.sum's order is not). p16 [R, BLOCK_N] and l_acc [R, 16]
+    (BATCH 0), or [BATCH, R, BLOCK_N] and [BATCH, R, 16]."""
+    if BATCH > 0:
+        ones = tl.full([BATCH, BLOCK_N, 16], 1.0, tl.float16)
+    else:
+        ones = tl.full([BLOCK_N, 16], 1.0, tl.float16)
+    return tl.dot(p16, ones, l_acc)
 
 
 @triton.jit
@@ -147,7 +161,7 @@ def _decode_split_kernel(
     end = tl.minimum(pid_s * split_size + split_size, length)
 
     m_i = tl.full((BLOCK_H,), -1.0e30, tl.float32)
-    l_i = tl.zeros((BLOCK_H,), tl.float32)
+    l_acc = tl.zeros((BLOCK_H, 16), tl.float32)  # the softmax sum, in each of 16 equal columns
     acc_lo = tl.zeros((BLOCK_H, D // 2), tl.float32)
     acc_hi = tl.zeros((BLOCK_H, D // 2), tl.float32)
     # this (sequence, KV head)'s slab of each store; offsets inside a slab fit in int32
@@ -160,19 +174,19 @@ def _decode_split_kernel(
     # whole tiles without masks, then the partial last tile (if any) with them
     n_full = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
     for n0 in range(start, n_full, BLOCK_N):
-        m_i, l_i, acc_lo, acc_hi = _attend_tile(
-            q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, end,
+        m_i, l_acc, acc_lo, acc_hi = _attend_tile(
+            q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, end,
             D, BLOCK_N, K_TYPE, V_TYPE, FAST, False)
     if n_full < end:
-        m_i, l_i, acc_lo, acc_hi = _attend_tile(
-            q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, end,
+        m_i, l_acc, acc_lo, acc_hi = _attend_tile(
+            q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, end,
             D, BLOCK_N, K_TYPE, V_TYPE, FAST, True)
 
     row = (b * HKV * GQA + heads).to(tl.int64) * n_splits + pid_s  # [BLOCK_H] index into (B * Hq, S)
     tl.store(o_ptr + row[:, None] * D + cols_lo[None, :], acc_lo, mask=hmask[:, None])
     tl.store(o_ptr + row[:, None] * D + cols_hi[None, :], acc_hi, mask=hmask[:, None])
     tl.store(ml_ptr + row * 2, m_i, mask=hmask)
-    tl.store(ml_ptr + row * 2 + 1, l_i, mask=hmask)
+    tl.store(ml_ptr + row * 2 + 1, tl.max(l_acc, axis=1), mask=hmask)
 
 
 @triton.jit
@@ -302,7 +316,7 @@ def _check_rows_contiguous(store: KVStore, args: tuple) -> None:
                          f"(strides {qs.stride()})")
 
 
-def _sink_sources(
+def sink_sources(
     k_store: KVStore, v_store: KVStore, k_sink: torch.Tensor | None, v_sink: torch.Tensor | None,
     dummy: torch.Tensor,
 ) -> tuple[int, tuple, tuple]:
@@ -342,18 +356,13 @@ def decode_attention(
     (allowed for an f16/bf16 side only, whose store is read then).
     """
     bsz, hq, dim = q.shape
-    check_kernel_head_dim(dim)
-    hkv = k_store.qs.shape[1]
-    if hq % hkv or k_store.head_dim != dim or v_store.head_dim != dim:
-        raise ValueError(f"q {tuple(q.shape)} does not match the stores {k_store.shape} / {v_store.shape}")
     if isinstance(lengths, int):
-        max_len = lengths
+        hkv, gqa, max_len = check_attention_args(q, k_store, v_store, lengths)
         lens = q  # unused: the kernel takes the length as a scalar
     else:
         lens = lengths.to(device=q.device, dtype=torch.int32)
         max_len = max_length if max_length is not None else int(lens.max().item())
-    if max_len > k_store.qs.shape[2]:
-        raise ValueError(f"length {max_len} exceeds the cache's {k_store.qs.shape[2]} positions")
+        hkv, gqa, max_len = check_attention_args(q, k_store, v_store, max_len)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if split_size is None:
@@ -368,14 +377,11 @@ def decode_attention(
     auto_warps, auto_stages = launch_config(split_size, block_n, tile_bytes)
     num_warps = num_warps or auto_warps
     num_stages = num_stages or auto_stages
-    gqa = hq // hkv
     o_part = torch.empty(bsz * hq, n_splits, dim, dtype=torch.float32, device=q.device)  # (B*Hq, S, D)
     ml = torch.empty(bsz * hq, n_splits, 2, dtype=torch.float32, device=q.device)  # (B*Hq, S, [max, sum])
     ka, va = store_args(k_store), store_args(v_store)
-    _check_rows_contiguous(k_store, ka)
-    _check_rows_contiguous(v_store, va)
     qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
-    n_sink, k_rows, v_rows = _sink_sources(k_store, v_store, k_sink, v_sink, q)
+    n_sink, k_rows, v_rows = sink_sources(k_store, v_store, k_sink, v_sink, q)
     _decode_split_kernel[(n_splits, bsz * hkv)](
         q, q.stride(0), q.stride(1), *ka[:5], *ka[6:8], *va[:5], *va[6:8], lens, max_len, o_part, ml,
         qk_scale, int(window or 0), split_size, n_splits, hkv, n_sink,
@@ -385,16 +391,44 @@ def decode_attention(
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         **pdl_launch(q.device),
     )
+    return launch_merge(o_part, ml, q, lens if not isinstance(lengths, int) else None, max_len, split_size,
+                        n_splits, qk_scale, window, gqa, n_sink, k_rows, v_rows, out)
+
+
+def check_attention_args(q: torch.Tensor, k_store: KVStore, v_store: KVStore,
+                         max_len: int) -> tuple[int, int, int]:
+    """(Hkv, GQA, max_len) after checking q (B, Hq, D) against the stores and max_len against their room;
+    the stores' positions must be contiguous."""
+    _, hq, dim = q.shape
+    check_kernel_head_dim(dim)
+    hkv = k_store.qs.shape[1]
+    if hq % hkv or k_store.head_dim != dim or v_store.head_dim != dim:
+        raise ValueError(f"q {tuple(q.shape)} does not match the stores {k_store.shape} / {v_store.shape}")
+    if max_len > k_store.qs.shape[2]:
+        raise ValueError(f"length {max_len} exceeds the cache's {k_store.qs.shape[2]} positions")
+    _check_rows_contiguous(k_store, store_args(k_store))
+    _check_rows_contiguous(v_store, store_args(v_store))
+    return hkv, hq // hkv, max_len
+
+
+def launch_merge(
+    o_part: torch.Tensor, ml: torch.Tensor, q: torch.Tensor, lens: torch.Tensor | None, max_len: int,
+    split_size: int, n_splits: int, qk_scale: float, window: int | None, gqa: int, n_sink: int,
+    k_rows: tuple, v_rows: tuple, out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Step 2: merge the splits' partials o_part (B*Hq, S, D) / ml (B*Hq, S, 2) and the sinks' partial
+    -> out (B, Hq, D). lens: (B,) int32 per-sequence lengths, or None when every sequence has max_len."""
+    bsz, hq, dim = q.shape
     if out is None:
         out = torch.empty_like(q)  # (B, Hq, D)
     elif out.shape != q.shape or out.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} must be {tuple(q.shape)} with a contiguous last dim")
     block_d = min(dim, 32)
     _decode_reduce_kernel[(bsz * hq, dim // block_d)](
-        o_part, ml, out, out.stride(0), out.stride(1), hq, n_splits, lens, max_len, split_size,
-        q, q.stride(0), q.stride(1), qk_scale, int(window or 0), *k_rows, *v_rows, n_sink,
+        o_part, ml, out, out.stride(0), out.stride(1), hq, n_splits, lens if lens is not None else q, max_len,
+        split_size, q, q.stride(0), q.stride(1), qk_scale, int(window or 0), *k_rows, *v_rows, n_sink,
         D=dim, BLOCK_D=block_d, BLOCK_S=min(128, triton.next_power_of_2(n_splits)),
-        PER_SEQ_LENGTH=not isinstance(lengths, int), GQA=gqa, S_PAD=triton.next_power_of_2(max(n_sink, 1)),
+        PER_SEQ_LENGTH=lens is not None, GQA=gqa, S_PAD=triton.next_power_of_2(max(n_sink, 1)),
         SINKS=n_sink > 0, **pdl_launch(q.device),
     )
     return out

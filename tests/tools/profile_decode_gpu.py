@@ -1,8 +1,9 @@
 """Where a GPU decode step's time goes: kernel by kernel, from the CUDA profiler (issue 5).
 
-    python3 -m tests.tools.profile_decode_gpu --model M.gguf [--ctk f16 --ctv f16 --depth 1024] [--pdl]
+    python3 -m tests.tools.profile_decode_gpu --model M.gguf [--ctk f16 --ctv f16] [--depth 1024] [--rows 1]
 
-Loads the model on CUDA, fills the cache to `depth`, captures the 1-row decode graph, replays it
+Loads the model on CUDA, fills the cache to `depth`, captures the 1-row decode graph (or the graph of
+a `rows`-token speculative verify step), replays it
 `steps` times under torch.profiler and prints, per kernel name, launches and device microseconds per
 step, then the step's wall time (graph replays back to back) against the sum of kernel times: the
 difference is time the GPU spent between kernels.
@@ -23,11 +24,12 @@ from collections import defaultdict
 import torch
 
 
-def profile(model_path: str, ctk: str, ctv: str, depth: int, steps: int) -> dict:
+def profile(model_path: str, ctk: str, ctv: str, depth: int, steps: int, rows: int = 1) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     from engine.api import EngineConfig
+    from engine.cuda_graphs import bucket_for
     from engine.session import Engine
 
     context = -(-(depth + 64) // 256) * 256
@@ -35,11 +37,11 @@ def profile(model_path: str, ctk: str, ctv: str, depth: int, steps: int) -> dict
                                        context_length=context))
     model, cache = session.model, session.cache
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model.config.vocab_size, (depth + 1,), generator=gen)  # (depth + 1,)
+    tokens = torch.randint(0, model.config.vocab_size, (depth + rows,), generator=gen)  # (depth + rows,)
     with torch.inference_mode():
         session.prefill(tokens[:depth].tolist(), 0)
-        model.step([int(tokens[depth])], depth, cache)  # captures the decode graph
-        graph = model.graphs.graphs[(1, ())]
+        model.step(tokens[depth:].tolist(), depth, cache)  # captures the step's graph
+        graph = model.graphs.graphs[(bucket_for(rows), ())]
         for _ in range(5):
             graph.replay()
         torch.cuda.synchronize()
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctv", default="f16")
     parser.add_argument("--depth", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=1, help="tokens per step: 1 = decode, more = verify")
     parser.add_argument("--pdl", action="store_true",
                         help="keep programmatic dependent launch on (per-kernel times then include waits)")
     args = parser.parse_args(argv)
@@ -80,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("profile_decode_gpu needs a CUDA GPU", file=sys.stderr)
         return 2
-    res = profile(args.model, args.ctk, args.ctv, args.depth, args.steps)
+    res = profile(args.model, args.ctk, args.ctv, args.depth, args.steps, args.rows)
     kernel_us = sum(r[2] for r in res["rows"])
     launches = sum(r[1] for r in res["rows"])
     pdl = "PDL on" if args.pdl else "PDL off"
-    print(f"decode step ({pdl}), {args.ctk}/{args.ctv} cache at depth {args.depth}: "
+    what = "decode step" if args.rows == 1 else f"{args.rows}-row verify step"
+    print(f"{what} ({pdl}), {args.ctk}/{args.ctv} cache at depth {args.depth}: "
           f"wall {res['wall_us']:.0f} us, "
           f"kernels {kernel_us:.0f} us in {launches:.0f} launches "
           f"({launches / res['n_layers']:.1f} per layer), between kernels "

@@ -1,0 +1,188 @@
+"""Speculative verify attention: R query rows over ONE sequence's cache, each tile of K/V read once.
+
+A verify step asks R rows (positions p, p + 1, ..., one per draft token) to attend over the same cache,
+row r over positions [0, lengths[r]). `decode_attention` can do it as R sequences sharing the store
+(stride 0), but then every row's programs read and dequantize every K/V tile again: at depth 4096 the
+16-row verify step spent ~24 us a layer more than the 1-row decode step on an H200 (BENCHMARKS.md,
+GPU run 4). Here a program takes BLOCK_R rows of one (KV head, split): it loads and dequantizes each
+tile once and runs the rows as a batched (3-D) tensor-core dot, one row per warp.
+
+Bit for bit a decode. Row r must come out exactly as `decode_attention` computes the single query at
+lengths[r] (greedy speculative decoding is lossless only then). What keeps it so:
+- the same splits (`split_size`, the cache's), the same tiles (`block_n`, starting at the split start,
+  or at the sink count for split 0), the same scale folding and fp16 rounding of Q, P, K and V;
+- every product and sum goes through the same tensor-core instruction (mma m16n8k16: a 16-row tile per
+  head group, 3-D dots are never wgmma) accumulated along K in the same order; the softmax sum as well
+  (`decode_attention.row_sums`: a dot with ones, because a tl.sum's order depends on the warp layout,
+  which differs between the 2-D decode tile and the 3-D batch);
+- a tile past row r's end (another row of the program is longer) is masked to -inf for row r: its
+  max stays, alpha is exp2(0) = 1, its P is exactly 0, so l and the output get exact zeros added;
+  positions of a tile between row r's end and the longest row's end are real, finite cache values
+  (written by this step), times P = 0.
+Tested against `decode_attention` row by row (interpreter in CI, real shapes on the GPU).
+
+No sliding window (rows would start their tiles at different positions): windowed layers keep using
+`decode_attention`'s rows-as-sequences form. The merge is `decode_attention`'s second kernel.
+
+q: (R, Hq, D) in K's basis; stores: the rows' view of one cache, (R, Hkv, P, X) with batch stride 0
+(as engine.cuda_kv_cache builds them); sinks likewise (R, Hkv, S, D) with stride 0, or None.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kv_quant import KVStore
+from kernels.decode_attention import (
+    check_attention_args,
+    launch_merge,
+    row_sums,
+    sink_sources,
+)
+from kernels.kv_blocks import LOG2E, _half_cols, _load_halves, interpreting, store_args
+from kernels.pdl import pdl_launch, wait_for_previous
+
+ROWS_PER_PROGRAM = 4  # rows of a program (one warp each); GPU sweep in kernels/README.md
+MAX_GQA = 32  # query heads per KV head: a 2-D decode tile of 64 rows may compile to wgmma, a 3-D dot never
+
+
+def applies(n_rows: int, gqa: int, window: int | None) -> bool:
+    """Whether `verify_attention` takes these rows (else: decode_attention, one sequence per row)."""
+    return n_rows > 1 and not window and gqa <= MAX_GQA
+
+
+@triton.jit
+def _attend_rows_tile(
+    q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, row_end, tile_end,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, K_TYPE: tl.constexpr,
+    V_TYPE: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
+):
+    """`decode_attention._attend_tile` for BLOCK_R rows at once: cache rows [n0, n0 + BLOCK_N), loads
+    masked at tile_end (MASKED), positions >= row_end[r] absent for row r. q_* [BR, BH, D/2] fp16,
+    m_i [BR, BH], l_acc [BR, BH, 16], acc_* [BR, BH, D/2] fp32."""
+    DH: tl.constexpr = D // 2
+    k_lo, k_hi = _load_halves(kq, kd, km, n0, tile_end, BLOCK_N, D, K_TYPE, FAST, MASKED)  # [BN, D/2] each
+    s = tl.dot(q_lo, tl.broadcast_to(tl.trans(k_lo)[None, :, :], (BLOCK_R, DH, BLOCK_N)))
+    s = tl.dot(q_hi, tl.broadcast_to(tl.trans(k_hi)[None, :, :], (BLOCK_R, DH, BLOCK_N)), s)  # [BR, BH, BN]
+    seen = (n0 + tl.arange(0, BLOCK_N))[None, None, :] < row_end[:, None, None]  # [BR, 1, BN]
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=2))
+    alpha = tl.exp2(m_i - m_new)  # [BR, BH]
+    p16 = tl.exp2(s - m_new[:, :, None]).to(tl.float16)
+    l_acc = row_sums(p16, l_acc * alpha[:, :, None], BLOCK_N, BLOCK_R)
+    v_lo, v_hi = _load_halves(vq, vd, vm, n0, tile_end, BLOCK_N, D, V_TYPE, FAST, MASKED)  # [BN, D/2] each
+    a = alpha[:, :, None]
+    acc_lo = tl.dot(p16, tl.broadcast_to(v_lo[None, :, :], (BLOCK_R, BLOCK_N, DH)), acc_lo * a)
+    acc_hi = tl.dot(p16, tl.broadcast_to(v_hi[None, :, :], (BLOCK_R, BLOCK_N, DH)), acc_hi * a)
+    return m_new, l_acc, acc_lo, acc_hi
+
+
+@triton.jit
+def _verify_split_kernel(
+    q_ptr, stride_qr, stride_qh,
+    kq_ptr, kd_ptr, km_ptr, stride_kh, stride_ksh,
+    vq_ptr, vd_ptr, vm_ptr, stride_vh, stride_vsh,
+    lens_ptr, n_rows, o_ptr, ml_ptr,
+    qk_scale, split_size, n_splits, HKV, n_sink,
+    D: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    K_TYPE: tl.constexpr, V_TYPE: tl.constexpr, FAST: tl.constexpr, SINKS: tl.constexpr, PDL: tl.constexpr,
+):
+    wait_for_previous(PDL)  # PDL launch: wait for the kernel before (kernels/pdl.py)
+    pid_s = tl.program_id(0)
+    hkv = tl.program_id(1)
+    r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] query rows
+    r_mask = r < n_rows
+    length = tl.load(lens_ptr + r, mask=r_mask, other=0)  # [BR]
+    split_start = pid_s * split_size
+    if split_start >= tl.max(length, axis=0):
+        return  # past every row's end: the merge never reads these splits
+    heads = hkv * GQA + tl.arange(0, BLOCK_H)
+    h_mask = tl.arange(0, BLOCK_H) < GQA
+    cols_lo = _half_cols(D, 0)  # [D/2], as in decode_attention
+    cols_hi = _half_cols(D, 1)
+    q_rows = q_ptr + r.to(tl.int64)[:, None, None] * stride_qr + heads[None, :, None] * stride_qh  # [BR,BH,1]
+    q_mask = r_mask[:, None, None] & h_mask[None, :, None]
+    q_lo = tl.load(q_rows + cols_lo[None, None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q_hi = tl.load(q_rows + cols_hi[None, None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q_lo = (q_lo * qk_scale).to(tl.float16)  # [BR, BH, D/2], softmax scale and log2(e) folded in
+    q_hi = (q_hi * qk_scale).to(tl.float16)
+
+    start = split_start
+    if SINKS:
+        start = tl.maximum(start, n_sink)  # positions < n_sink: the merge reads their f16 copies
+    row_end = tl.minimum(split_start + split_size, length)  # [BR]
+    tile_end = tl.max(row_end, axis=0)
+
+    m_i = tl.full((BLOCK_R, BLOCK_H), -1.0e30, tl.float32)
+    l_acc = tl.zeros((BLOCK_R, BLOCK_H, 16), tl.float32)
+    acc_lo = tl.zeros((BLOCK_R, BLOCK_H, D // 2), tl.float32)
+    acc_hi = tl.zeros((BLOCK_R, BLOCK_H, D // 2), tl.float32)
+    kq = kq_ptr + hkv * stride_kh  # this KV head's slab of each store (the rows share sequence 0)
+    kd = kd_ptr + hkv * stride_ksh
+    km = km_ptr + hkv * stride_ksh
+    vq = vq_ptr + hkv * stride_vh
+    vd = vd_ptr + hkv * stride_vsh
+    vm = vm_ptr + hkv * stride_vsh
+    n_full = start + (tl.maximum(tile_end - start, 0) // BLOCK_N) * BLOCK_N
+    for n0 in range(start, n_full, BLOCK_N):
+        m_i, l_acc, acc_lo, acc_hi = _attend_rows_tile(
+            q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, row_end, tile_end,
+            D, BLOCK_N, BLOCK_R, K_TYPE, V_TYPE, FAST, False)
+    if n_full < tile_end:
+        m_i, l_acc, acc_lo, acc_hi = _attend_rows_tile(
+            q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, row_end, tile_end,
+            D, BLOCK_N, BLOCK_R, K_TYPE, V_TYPE, FAST, True)
+
+    part = (r[:, None] * (HKV * GQA) + heads[None, :]).to(tl.int64) * n_splits + pid_s  # [BR, BH]
+    o_mask = r_mask[:, None] & h_mask[None, :]
+    tl.store(o_ptr + part[:, :, None] * D + cols_lo[None, None, :], acc_lo, mask=o_mask[:, :, None])
+    tl.store(o_ptr + part[:, :, None] * D + cols_hi[None, None, :], acc_hi, mask=o_mask[:, :, None])
+    tl.store(ml_ptr + part * 2, m_i, mask=o_mask)
+    tl.store(ml_ptr + part * 2 + 1, tl.max(l_acc, axis=2), mask=o_mask)
+
+
+def verify_attention(
+    q: torch.Tensor, k_store: KVStore, v_store: KVStore, lengths: torch.Tensor, *, max_length: int,
+    split_size: int, scale: float | None = None, block_n: int = 64, rows_per_program: int | None = None,
+    fast: bool = True, out: torch.Tensor | None = None, k_sink: torch.Tensor | None = None,
+    v_sink: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Row r of q (R, Hq, D) attends to positions [0, lengths[r]) of the one cache the stores view
+    (R, Hkv, P, X, batch stride 0) -> (R, Hq, D), equal bit for bit to `decode_attention` of that row with
+    the same split_size and block_n. lengths: (R,) int32 on q's device (0: a padding row, output 0);
+    max_length bounds them (no host read). Other arguments as decode_attention (no window)."""
+    n_rows, hq, dim = q.shape
+    hkv, gqa, max_len = check_attention_args(q, k_store, v_store, max_length)
+    for name, t in (("K store", k_store.qs), ("V store", v_store.qs), ("K sink", k_sink), ("V sink", v_sink)):
+        if t is not None and t.shape[0] > 1 and t.stride(0) != 0:
+            raise ValueError(f"verify_attention needs the rows to share one cache: the {name} has batch "
+                             f"stride {t.stride(0)}")
+    if gqa > MAX_GQA:
+        raise ValueError(f"verify_attention handles up to {MAX_GQA} query heads per KV head, not {gqa}")
+    if split_size % block_n or block_n < 32:
+        raise ValueError(f"split_size {split_size} must be a multiple of block_n {block_n} (>= 32)")
+    lens = lengths.to(device=q.device, dtype=torch.int32)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    n_splits = max(1, triton.cdiv(max_len, split_size))
+    block_r = rows_per_program or ROWS_PER_PROGRAM
+    block_r = min(block_r, triton.next_power_of_2(n_rows))
+    o_part = torch.empty(n_rows * hq, n_splits, dim, dtype=torch.float32, device=q.device)  # (R*Hq, S, D)
+    ml = torch.empty(n_rows * hq, n_splits, 2, dtype=torch.float32, device=q.device)  # (R*Hq, S, [max, sum])
+    ka, va = store_args(k_store), store_args(v_store)
+    qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
+    n_sink, k_rows, v_rows = sink_sources(k_store, v_store, k_sink, v_sink, q)
+    _verify_split_kernel[(n_splits, hkv, triton.cdiv(n_rows, block_r))](
+        q, q.stride(0), q.stride(1), *ka[:3], ka[4], ka[7], *va[:3], va[4], va[7], lens, n_rows, o_part, ml,
+        qk_scale, split_size, n_splits, hkv, n_sink,
+        D=dim, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), BLOCK_N=block_n, BLOCK_R=block_r,
+        K_TYPE=ka[9], V_TYPE=va[9],
+        FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0, num_warps=block_r, num_stages=2,
+        **pdl_launch(q.device),
+    )
+    return launch_merge(o_part, ml, q, lens, max_len, split_size, n_splits, qk_scale, None, gqa, n_sink,
+                        k_rows, v_rows, out)
+
+

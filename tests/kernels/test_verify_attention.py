@@ -1,0 +1,98 @@
+"""verify_attention (R rows over one cache, each tile read once) against decode_attention row by row: equal
+bit for bit, so speculative verification stays lossless."""
+
+import itertools
+
+import pytest
+import torch
+
+from engine import kv_quant
+from kernels.decode_attention import decode_attention, decode_attention_reference
+from kernels.verify_attention import applies, verify_attention
+from tests.kernels._util import (
+    DEVICE,
+    KV_TYPES,
+    QUANT_TYPES,
+    assert_close_rms,
+    gpu,
+    random_sinks,
+    random_store,
+)
+
+
+def _shared(store: kv_quant.KVStore, rows: int) -> kv_quant.KVStore:
+    """A (1, Hkv, P, X) store as `rows` sequences sharing it (stride 0), as the CUDA cache passes it."""
+    expand = lambda t: None if t is None else t.expand(rows, *t.shape[1:])
+    return kv_quant.KVStore(store.kv_type, expand(store.qs), expand(store.d), expand(store.m))
+
+
+def _check_rows(k_type, v_type, lengths, *, dim, gqa, positions, split, block_n, rows_per_program, sinks,
+                seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ks = random_store(k_type, (1, 2, positions), dim, gen)
+    vs = random_store(v_type, (1, 2, positions), dim, gen)
+    n_rows = len(lengths)
+    q = torch.randn(n_rows, 2 * gqa, dim, generator=gen).to(DEVICE)  # (R, Hq, D)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    k_sink = random_sinks(1, 2, dim, gen) if sinks and k_type in QUANT_TYPES else None
+    v_sink = random_sinks(1, 2, dim, gen) if sinks and (v_type in QUANT_TYPES or k_sink is not None) else None
+    shared_sink = lambda t: None if t is None else t.expand(n_rows, *t.shape[1:])
+    out = torch.full(q.shape, float("nan"), device=DEVICE)
+    verify_attention(q, _shared(ks, n_rows), _shared(vs, n_rows), lens, max_length=positions,
+                     split_size=split, block_n=block_n, rows_per_program=rows_per_program, out=out,
+                     k_sink=shared_sink(k_sink), v_sink=shared_sink(v_sink))
+    for r, n in enumerate(lengths):
+        single = decode_attention(q[r : r + 1], ks, vs, lens[r : r + 1], max_length=positions,
+                                  split_size=split, block_n=block_n, k_sink=k_sink, v_sink=v_sink)
+        assert torch.equal(out[r : r + 1], single), (
+            f"row {r} (length {n}) differs from its decode by {(out[r] - single[0]).abs().max().item():.3e}")
+    live = [r for r, n in enumerate(lengths) if n > 0]
+    for r in set(range(n_rows)) - set(live):
+        assert torch.equal(out[r], torch.zeros_like(out[r])), "a padding row attends to nothing"
+    live_sink = lambda t: None if t is None else t.expand(len(live), *t.shape[1:])
+    want = decode_attention_reference(q[live], _shared(ks, len(live)), _shared(vs, len(live)), lens[live],
+                                      k_sink=live_sink(k_sink), v_sink=live_sink(v_sink))
+    assert_close_rms(f"verify rows ({k_type} K, {v_type} V)", out[live], want, 5e-3)
+
+
+@pytest.mark.parametrize(
+    "k_type,v_type,split,rows_per_program,sinks",
+    [("q4_0", "q8_0", 32, 4, False), ("f16", "q4_1", 128, 2, True), ("q4_0", "q4_0", 128, 4, True),
+     ("bf16", "bf16", 64, 1, False), ("q8_0", "f16", 32, 2, True)],
+    ids=["q4_0-q8_0-short", "f16-q4_1-sinks", "q4_0-sinks", "bf16-one-row-programs", "q8_0-f16-sinks"],
+)
+def test_verify_rows_equal_decodes_bit_for_bit(k_type, v_type, split, rows_per_program, sinks):
+    # consecutive verify positions ending inside, at and past tile and split boundaries; a padding row;
+    # rows that end inside the sinks (2, 3) next to long ones
+    lengths = [2, 3, 63, 64, 65, 127, 128, 129, 0, 261] if sinks else [61, 62, 63, 64, 65, 0, 129]
+    _check_rows(k_type, v_type, lengths, dim=64, gqa=3, positions=300, split=split, block_n=32,
+                rows_per_program=rows_per_program, sinks=sinks)
+
+
+def test_verify_rejects_rows_that_do_not_share_a_cache():
+    gen = torch.Generator().manual_seed(0)
+    ks = random_store("q4_0", (2, 1, 64), 32, gen)
+    q = torch.randn(2, 1, 32, generator=gen).to(DEVICE)
+    lens = torch.tensor([10, 11], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="share one cache"):
+        verify_attention(q, ks, ks, lens, max_length=64, split_size=32, block_n=32)
+
+
+def test_verify_applies_to_rows_without_a_window():
+    assert applies(16, 6, None) and applies(2, 32, 0)
+    assert not applies(1, 6, None)  # one row: the decode kernel
+    assert not applies(16, 6, 512)  # a window: each row's tiles start elsewhere
+    assert not applies(16, 64, None)  # a 64-row decode tile may compile to wgmma
+
+
+@gpu
+@pytest.mark.parametrize("k_type,v_type", [p for p in itertools.product(KV_TYPES, KV_TYPES) if p[0] == p[1]]
+                         + [("q4_0", "q8_0"), ("f16", "q4_0")])
+@pytest.mark.parametrize("split,rows_per_program", [(128, 4), (128, 8), (512, 2)],
+                         ids=["engine-split", "eight-row-programs", "one-warp-decode-split"])
+def test_verify_rows_equal_decodes_real_shapes_gpu(k_type, v_type, split, rows_per_program):
+    # Qwen2.5-1.5B's attention (Hq 12, Hkv 2, D 128), 16 verify rows at depth ~4096, the engine's block_n;
+    # split 512 makes the decode run its one-warp launch, 128 its four-warp one
+    lengths = [4090 + r for r in range(15)] + [0]
+    _check_rows(k_type, v_type, lengths, dim=128, gqa=6, positions=4608, split=split, block_n=64,
+                rows_per_program=rows_per_program, sinks=True, seed=3)
