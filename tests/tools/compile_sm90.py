@@ -123,27 +123,35 @@ def _gemv_launches():
     from tests.engine.gguf_builders import random_blocks
 
     rng = __import__("numpy").random.default_rng(0)
-    for qtype, shape in ((QT.Q4_K, (1536, 1536)), (QT.Q6_K, (1536, 8960)), (QT.Q4_0, (8960, 1536)),
-                         (QT.Q8_0, (256, 1536)), (QT.Q5_K, (256, 1536))):
-        w = qm.QuantizedWeight.from_bytes(random_blocks(qtype, shape, rng, max_abs=0.01), qtype, shape, "cpu")
+    # (type, shape, layout): the default (vector-metadata) layout, and the plain one kept for A/B runs
+    for qtype, shape, vector_meta in ((QT.Q4_K, (1536, 1536), None), (QT.Q6_K, (1536, 8960), None),
+                                      (QT.Q4_0, (8960, 1536), None), (QT.Q8_0, (256, 1536), None),
+                                      (QT.Q5_K, (256, 1536), None), (QT.Q4_K, (1536, 1536), False),
+                                      (QT.Q6_K, (1536, 8960), False)):
+        w = qm.QuantizedWeight.from_bytes(random_blocks(qtype, shape, rng, max_abs=0.01), qtype, shape, "cpu",
+                                          vector_meta=vector_meta)
         x = torch.zeros(1, shape[1], dtype=torch.float16)
         with recording(qm, "_qmatmul_kernel") as rec:
             qm.qmatmul(x, w)
         args, kwargs = rec.calls[0]
-        yield (f"qmatmul GEMV {qtype.name} {shape[0]}x{shape[1]}", rec.kernel, args, kwargs,
-               {"FAST": qtype in qm.FAST_TYPES, "PF_LINES": 4, "PF_META_LINES": 2, "USE_GDC": True,
-                "launch_pdl": True})
+        layout = " plain layout" if vector_meta is False else ""
+        yield (f"qmatmul GEMV {qtype.name} {shape[0]}x{shape[1]}{layout}", rec.kernel, args, kwargs,
+               {"FAST": qtype in qm.FAST_TYPES, "PF_LINES": 4, "PF_META_LINES": 2, "PF_META_COLS": 2,
+                "USE_GDC": True, "launch_pdl": True})
 
 
 def _kv_launches():
-    """K/V writes, decode (split + merge) and prefill attention, RoPE, norm, activation, K scales, with
-    the q4_0 cache recipe the engine uses (rotation, smoothing, equalization, sinks) and PDL on."""
+    """K/V writes, decode (split + merge) and prefill attention, RoPE (alone and fused with the K/V writes),
+    norm, activation, K scales, with the q4_0 cache recipe the engine uses (rotation, smoothing, equalization,
+    sinks) and PDL on."""
     import kernels.decode_attention as da
     import kernels.k_scales as ks
     import kernels.k_write as kw
     import kernels.layer_ops as lo
     import kernels.prefill_attention as pa
+    import kernels.rope_kv_write as rkw
     import kernels.v_write as vw
+    import kernels.verify_attention as va
     from engine import hadamard, kv_quant
 
     pdl = {"PDL": True, "launch_pdl": True}
@@ -168,6 +176,15 @@ def _kv_launches():
                             k_sink=sinks[0], v_sink=sinks[1])
     yield "decode split q4_0/q4_0 (sinks)", split.kernel, *split.calls[0], {"FAST": True, **pdl}
     yield "decode merge (sinks)", merge.kernel, *merge.calls[0], pdl
+    rows = 16  # a verify step: 16 rows over one cache, 4 per program (one warp each)
+    shared = lambda s: kv_quant.KVStore(s.kv_type, *(None if x is None else x.expand(rows, *x.shape[1:])
+                                                     for x in (s.qs, s.d, s.m)))
+    with recording(va, "_verify_split_kernel") as rec, recording(da, "_decode_reduce_kernel"):
+        va.verify_attention(torch.zeros(rows, hq, dim), shared(k_store), shared(v_store),
+                            torch.full((rows,), 100, dtype=torch.int32), max_length=cap, split_size=64,
+                            block_n=64, k_sink=sinks[0].expand(rows, -1, -1, -1),
+                            v_sink=sinks[1].expand(rows, -1, -1, -1))
+    yield "verify split q4_0/q4_0 (16 rows, sinks)", rec.kernel, *rec.calls[0], {"FAST": True, **pdl}
     with recording(pa, "_prefill_attention_kernel") as rec:
         pa.prefill_attention(torch.zeros(1, hq, t, dim), k_store, v_store, 0, k_sink=sinks[0],
                              v_sink=sinks[1])
@@ -179,6 +196,15 @@ def _kv_launches():
         lo.rope_heads(torch.zeros(1, hq, dim, dtype=f16), torch.zeros(1, h, dim, dtype=f16),
                       positions, cos, sin, neox=True, rotation=rot, q_scale=torch.ones(h, dim))
     yield "rope_heads (Q scale + rotation)", rec.kernel, *rec.calls[0], pdl
+    with recording(rkw, "_rope_kv_write_kernel") as rec:
+        f16 = torch.float16
+        qkv = torch.zeros(1, (hq + 2 * h) * dim, dtype=f16)  # the fused QKV output, sliced as the engine does
+        q_in, k_in = qkv[:, : hq * dim].view(1, hq, dim), qkv[:, hq * dim : (hq + h) * dim].view(1, h, dim)
+        v_in = qkv[:, (hq + h) * dim :].view(1, h, dim)
+        rkw.rope_kv_write(q_in, k_in, v_in, positions, cos, sin, k_store, v_store, neox=True, rotation=rot,
+                          k_scale=torch.ones(h, dim), mean=torch.zeros(h, dim), k_sink=sinks[0],
+                          v_sink=sinks[1])
+    yield "rope_kv_write q4_0/q4_0 (all K options, sinks)", rec.kernel, *rec.calls[0], pdl
     with recording(lo, "_add_rms_norm_kernel") as rec:
         lo.add_rms_norm(torch.zeros(1, 1536), torch.ones(1536), 1e-6, delta=torch.zeros(1, 1536))
     yield "add_rms_norm", rec.kernel, *rec.calls[0], pdl
