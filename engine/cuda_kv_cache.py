@@ -1,6 +1,6 @@
 """The KV cache on the GPU: `engine.kv_cache.KVCache`'s stores, rotation, smoothing, K equalization and
-attention sinks, written and read by the Triton kernels in kernels/ (k_write, v_write, decode_attention,
-prefill_attention).
+attention sinks, written and read by the Triton kernels in kernels/ (k_write, v_write or both with RoPE in
+rope_kv_write, decode_attention, verify_attention, prefill_attention).
 
 Same numerics contract as the CPU cache: K is smoothed (fixed per-layer mean taken from the first
 prefill chunk), divided by the K-equalization scales (engine/k_equalize.py, taken from the same chunk
@@ -42,8 +42,12 @@ from engine.kv_quant import KVStore
 log = logging.getLogger(__name__)
 
 BLOCK_N = 64  # positions per attention tile; the decode split size is a multiple of it
-# Verify rows through kernels.verify_attention (default); TANDEM_VERIFY_ATTENTION=0: one decode per row (A/B).
-VERIFY_ATTENTION = os.environ.get("TANDEM_VERIFY_ATTENTION", "1") != "0"
+
+
+def verify_attention_enabled() -> bool:
+    """Verify rows through kernels.verify_attention unless TANDEM_VERIFY_ATTENTION is "0" (then one decode
+    per row, the same bits: an A/B; read when a step runs or is captured)."""
+    return os.environ.get("TANDEM_VERIFY_ATTENTION", "1") != "0"
 
 
 def _shared(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
@@ -260,14 +264,16 @@ class CudaKVCache(KVCache):
         out: torch.Tensor,
     ) -> None:
         """Each row of q (R, Hq, D) (float32, in K's basis) attends to cache positions [0, lengths[r])
-        (lengths: (R,) int32 on the device; 0 = a padding row) -> out (R, Hq, D). Several rows without a
-        window: kernels.verify_attention (each tile read once for all rows), else one decode per row;
-        the same bits either way."""
+        (lengths: (R,) int32 on the device; 0 = a padding row) -> out (R, Hq, D). Several rows of a shape
+        `verify_attention.applies` takes (no window, up to 16 query heads per KV head, head_dim up to 128),
+        unless `verify_attention_enabled()` says no: kernels.verify_attention (each tile read once for all
+        rows); otherwise one decode per row. The same bits either way."""
         from kernels import verify_attention as verify
         from kernels.decode_attention import decode_attention
 
         k_stores, v_stores, k_sinks, v_sinks = self._views_for_rows(q.shape[0])
-        batched = VERIFY_ATTENTION and verify.applies(q.shape[0], q.shape[1] // self.n_kv_heads, window)
+        batched = verify_attention_enabled() and verify.applies(
+            q.shape[0], q.shape[1] // self.n_kv_heads, self.head_dim, window)
         attend = verify.verify_attention if batched else functools.partial(decode_attention, window=window)
         attend(
             q,

@@ -71,6 +71,12 @@ class KVStore:
     def to(self, device: torch.device | str) -> KVStore:
         return self._map(lambda t: t.to(device))
 
+    def shared_by(self, rows: int) -> KVStore:
+        """A (1, ...) store seen as `rows` sequences sharing it: (rows, ...) views with batch stride 0."""
+        if self.qs.shape[0] != 1:
+            raise ValueError(f"only a one-sequence store can be shared, not {tuple(self.qs.shape)}")
+        return self._map(lambda t: t.expand(rows, *t.shape[1:]))
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
 

@@ -35,11 +35,6 @@ def _cache(k_type: str, v_type: str, positions: int, copies: int) -> list[tuple[
     return out
 
 
-def _rows(store: kv_quant.KVStore, rows: int) -> kv_quant.KVStore:
-    expand = lambda t: None if t is None else t.expand(rows, *t.shape[1:])
-    return kv_quant.KVStore(store.kv_type, expand(store.qs), expand(store.d), expand(store.m))
-
-
 def _sinks(rows: int, quantized: bool) -> torch.Tensor | None:
     if not quantized:
         return None
@@ -65,13 +60,13 @@ def time_variants(k_type: str, v_type: str, depth: int, n_rows: int) -> dict[str
 
     def decode_rows():
         for ks, vs in caches:
-            decode_attention(q, _rows(ks, n_rows), _rows(vs, n_rows), lengths, k_sink=k_sink, v_sink=v_sink,
-                             **common)
+            decode_attention(q, ks.shared_by(n_rows), vs.shared_by(n_rows), lengths, k_sink=k_sink,
+                             v_sink=v_sink, **common)
 
     def verify(rpp):
         def run():
             for ks, vs in caches:
-                verify_attention(q, _rows(ks, n_rows), _rows(vs, n_rows), lengths, rows_per_program=rpp,
+                verify_attention(q, ks.shared_by(n_rows), vs.shared_by(n_rows), lengths, rows_per_program=rpp,
                                  k_sink=k_sink, v_sink=v_sink, **common)
         return run
 

@@ -28,12 +28,14 @@ of the tile), compiled (Triton 3.9, sm_90, q4_0/q4_0, one warp; ahead of time, n
 registers and 6 KB of stack instead of 255 and 1.3 KB, and 20 KB of shared memory instead of 8, for
 every split.
 
-Speculative verify rows: pass one cache as a batch with stride 0 (`store.qs.expand(R, ...)`), the
-rows' queries as q (R, Hq, D) and per-row lengths. With the same `split_size`, row r then runs exactly
-the arithmetic of a single-query decode at length lengths[r] (the splits, tiles and launch parameters
-depend only on split_size, block_n, the types and the length), so verification reproduces decoding bit
-for bit. With a device lengths tensor and `max_length` given the launcher never reads the device, so it
-can be captured in a CUDA graph; splits past a sequence's length return at once and are not merged.
+Speculative verify rows go through `kernels.verify_attention` (each tile read once for all rows). Where
+that does not apply (a sliding window, see `verify_attention.applies`) they come here as one cache seen
+as a batch with stride 0 (`KVStore.shared_by(R)`), the rows' queries as q (R, Hq, D) and per-row lengths.
+With the same `split_size`, row r then runs exactly the arithmetic of a single-query decode at length
+lengths[r] (the splits, tiles and launch parameters depend only on split_size, block_n, the types and the
+length), so verification reproduces decoding bit for bit. With a device lengths tensor and `max_length`
+given the launcher never reads the device, so it can be captured in a CUDA graph; splits past a
+sequence's length return at once and are not merged.
 """
 
 from __future__ import annotations
@@ -293,7 +295,7 @@ def launch_config(split_size: int, block_n: int, tile_bytes: int) -> tuple[int, 
     the same program as the single-query decode (the same arithmetic, bit for bit).
 
     Short splits (one sequence spread over the GPU): four warps, three stages. Long splits (a batch, or a
-    long context): one warp per program, so no softmax reduction crosses warps, and eight programs an SM;
+    long context): one warp per program, so the softmax max does not cross warps, and eight programs an SM;
     three stages only for tiles of at most STAGED_TILE_BYTES_MAX (q4 K and V at block_n 64), since a third
     copy of a larger tile in shared memory leaves room for fewer programs. Measured on an H200
     (kernels/README.md); a register cap (maxnreg 168, twelve one-warp programs an SM) measured slower.
@@ -312,7 +314,7 @@ def _check_rows_contiguous(store: KVStore, args: tuple) -> None:
     """The kernel steps from position to position of a (sequence, head) slab by the row size."""
     qs = store.qs
     if args[5] != qs.shape[3] or (store.d is not None and args[8] != store.d.shape[3]):
-        raise ValueError(f"decode_attention needs the positions of a {store.kv_type} store contiguous "
+        raise ValueError(f"attention kernels need the positions of a {store.kv_type} store contiguous "
                          f"(strides {qs.stride()})")
 
 

@@ -108,15 +108,16 @@ def field_table(qtype: QT, vector_meta: bool) -> tuple[Field, ...]:
 
 
 def vector_layout_fits(qtype: QT, shape: tuple[int, int]) -> bool:
-    """Whether a (N, K) weight can take the vector-metadata layout (Q6_K's d words pair rows: N even)."""
-    return qtype != QT.Q6_K or shape[0] % 2 == 0
+    """Whether a (N, K) weight takes the vector-metadata layout: Q4_K and Q5_K, and Q6_K with N even (its d
+    words pair rows). The other types' metadata loads are pipelined as they are: they keep the plain one."""
+    return qtype in VECTOR_FIELDS or (qtype == QT.Q6_K and shape[0] % 2 == 0)
 
 
 def split_fields(raw: torch.Tensor, qtype: QT, shape: tuple[int, int], *,
                  vector_meta: bool = False) -> dict[str, torch.Tensor]:
     """GGUF bytes (n_bytes,) uint8 -> {role: (N, per-row elements) tensor}, on raw's device, in the
     plain layout (`FIELDS`) or the vector-metadata one (where `vector_layout_fits`)."""
-    if vector_meta and not vector_layout_fits(qtype, shape):
+    if vector_meta and qtype == QT.Q6_K and not vector_layout_fits(qtype, shape):
         raise ValueError(f"{qtype.name} {shape} does not fit the vector-metadata layout")
     n_rows, n_cols = shape
     block_elems, block_bytes = BLOCK_TABLE[qtype]

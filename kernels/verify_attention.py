@@ -2,10 +2,11 @@
 
 A verify step asks R rows (positions p, p + 1, ..., one per draft token) to attend over the same cache,
 row r over positions [0, lengths[r]). `decode_attention` can do it as R sequences sharing the store
-(stride 0), but then every row's programs read and dequantize every K/V tile again: at depth 4096 the
-16-row verify step spent ~24 us a layer more than the 1-row decode step on an H200 (BENCHMARKS.md,
-GPU run 4). Here a program takes BLOCK_R rows of one (KV head, split): it loads and dequantizes each
-tile once and runs the rows as a batched (3-D) tensor-core dot, one row per warp.
+(stride 0), but then every row's programs read and dequantize every K/V tile again: at depth 4096 that
+attention took 30.5 us a layer for 16 rows against 10.0 for one (f16, H200,
+kernels/bench_verify_attention.py; BENCHMARKS.md, GPU run 5). Here a program takes BLOCK_R rows of one
+(KV head, split): it loads and dequantizes each tile once and runs the rows as a batched (3-D) tensor-core
+dot, one row per warp.
 
 Bit for bit a decode. Row r must come out exactly as `decode_attention` computes the single query at
 lengths[r] (greedy speculative decoding is lossless only then). What keeps it so:
@@ -21,11 +22,12 @@ lengths[r] (greedy speculative decoding is lossless only then). What keeps it so
   (written by this step), times P = 0.
 Tested against `decode_attention` row by row (interpreter in CI, real shapes on the GPU).
 
-No sliding window (rows would start their tiles at different positions): windowed layers keep using
+No sliding window (rows would start their tiles at different positions), and only the shapes checked
+bit-equal on the GPU (`applies`: up to 16 query heads per KV head, head_dim up to 128); the rest keep
 `decode_attention`'s rows-as-sequences form. The merge is `decode_attention`'s second kernel.
 
-q: (R, Hq, D) in K's basis; stores: the rows' view of one cache, (R, Hkv, P, X) with batch stride 0
-(as engine.cuda_kv_cache builds them); sinks likewise (R, Hkv, S, D) with stride 0, or None.
+q: (R, Hq, D) in K's basis; stores: one cache, (1, Hkv, P, X) or the rows' view of it (R, Hkv, P, X) with
+batch stride 0 (as engine.cuda_kv_cache builds them); sinks likewise, or None.
 """
 
 from __future__ import annotations
@@ -45,12 +47,15 @@ from kernels.kv_blocks import LOG2E, _half_cols, _load_halves, interpreting, sto
 from kernels.pdl import pdl_launch, wait_for_previous
 
 ROWS_PER_PROGRAM = 4  # rows of a program (one warp each); GPU sweep in kernels/README.md
-MAX_GQA = 32  # query heads per KV head: a 2-D decode tile of 64 rows may compile to wgmma, a 3-D dot never
+# The shapes checked bit-equal to the decode on the GPU (16-row head groups, head_dim up to 128). Larger ones
+# compile (a 64-row decode tile could become wgmma, which a 3-D dot never is) but spill and are unverified.
+MAX_GQA = 16
+MAX_HEAD_DIM = 128
 
 
-def applies(n_rows: int, gqa: int, window: int | None) -> bool:
+def applies(n_rows: int, gqa: int, head_dim: int, window: int | None) -> bool:
     """Whether `verify_attention` takes these rows (else: decode_attention, one sequence per row)."""
-    return n_rows > 1 and not window and gqa <= MAX_GQA
+    return n_rows > 1 and not window and gqa <= MAX_GQA and head_dim <= MAX_HEAD_DIM
 
 
 @triton.jit
@@ -149,20 +154,28 @@ def verify_attention(
     fast: bool = True, out: torch.Tensor | None = None, k_sink: torch.Tensor | None = None,
     v_sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Row r of q (R, Hq, D) attends to positions [0, lengths[r]) of the one cache the stores view
-    (R, Hkv, P, X, batch stride 0) -> (R, Hq, D), equal bit for bit to `decode_attention` of that row with
-    the same split_size and block_n. lengths: (R,) int32 on q's device (0: a padding row, output 0);
-    max_length bounds them (no host read). Other arguments as decode_attention (no window)."""
+    """Row r of q (R, Hq, D) attends to positions [0, lengths[r]) of one cache -> (R, Hq, D), equal bit for
+    bit to `decode_attention` of that row with the same split_size and block_n. The stores (and sinks) are
+    that cache as (1, Hkv, P, X) or already seen as R rows sharing it (batch stride 0). lengths: (R,) int32
+    on q's device (0: a padding row, output 0); max_length bounds them (no host read). Other arguments as
+    decode_attention (no window); `applies` says which shapes this path is for."""
     n_rows, hq, dim = q.shape
-    hkv, gqa, max_len = check_attention_args(q, k_store, v_store, max_length)
+    k_store, v_store, k_sink, v_sink = (
+        x.shared_by(n_rows) if isinstance(x, KVStore) and x.qs.shape[0] == 1
+        else x.expand(n_rows, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.shape[0] == 1 else x
+        for x in (k_store, v_store, k_sink, v_sink))
     for name, t in (("K store", k_store.qs), ("V store", v_store.qs), ("K sink", k_sink), ("V sink", v_sink)):
-        if t is not None and t.shape[0] > 1 and t.stride(0) != 0:
-            raise ValueError(f"verify_attention needs the rows to share one cache: the {name} has batch "
-                             f"stride {t.stride(0)}")
-    if gqa > MAX_GQA:
-        raise ValueError(f"verify_attention handles up to {MAX_GQA} query heads per KV head, not {gqa}")
+        if t is not None and (t.shape[0] != n_rows or (n_rows > 1 and t.stride(0) != 0)):
+            raise ValueError(f"verify_attention needs the {n_rows} rows to share one cache: the {name} is "
+                             f"{tuple(t.shape)} with batch stride {t.stride(0)}")
+    hkv, gqa, max_len = check_attention_args(q, k_store, v_store, max_length)
+    if not applies(max(n_rows, 2), gqa, dim, None):
+        raise ValueError(f"verify_attention takes up to {MAX_GQA} query heads per KV head and head_dim up to "
+                         f"{MAX_HEAD_DIM}, not {gqa} and {dim}")
     if split_size % block_n or block_n < 32:
         raise ValueError(f"split_size {split_size} must be a multiple of block_n {block_n} (>= 32)")
+    if rows_per_program is not None and (rows_per_program < 1 or rows_per_program & (rows_per_program - 1)):
+        raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program}")
     lens = lengths.to(device=q.device, dtype=torch.int32)
     if q.stride(-1) != 1:
         q = q.contiguous()

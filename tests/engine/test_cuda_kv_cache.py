@@ -162,6 +162,31 @@ def test_scales_and_means_live_in_fixed_buffers_and_gate_graph_replay():
     assert gpu.nbytes == bare.nbytes + 2 * N_KV * DIM * 4, "the known mean and scales count, as on the CPU"
 
 
+def test_verify_rows_take_the_verify_kernel_where_it_applies(monkeypatch):
+    # both paths give the same bits, so only a count tells a silent fallback (a slower verify) apart
+    import kernels.verify_attention as verify
+
+    k, v, q = biased_inputs(4)
+    _, gpu = make_caches("q4_0", "q8_0")
+    run_blocks(gpu, k, v, q, [20], None)
+    calls = []
+    original = verify.verify_attention
+    monkeypatch.setattr(verify, "verify_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    rows = q[20:24].to(DEVICE)  # (4, Hq, D)
+    gpu.write_rows(0, k[20:24].to(DEVICE), v[20:24].to(DEVICE), torch.arange(20, 24, device=DEVICE), None)
+    lengths = torch.arange(21, 25, dtype=torch.int32, device=DEVICE)
+    out = torch.empty(4, N_HEADS, DIM, device=DEVICE)
+    gpu.attend_rows(0, rows, lengths, 0.125, None, out)
+    assert len(calls) == 1, "4 rows without a window: one verify_attention launch"
+    batched = out.clone()
+    gpu.attend_rows(0, rows, lengths, 0.125, 6, out)  # a window: one decode per row
+    gpu.attend_rows(0, rows[:1], lengths[:1], 0.125, None, out[:1])  # one row: the decode kernel
+    monkeypatch.setenv("TANDEM_VERIFY_ATTENTION", "0")
+    gpu.attend_rows(0, rows, lengths, 0.125, None, out)  # switched off: one decode per row
+    assert len(calls) == 1
+    assert torch.equal(out, batched), "the two paths give the same bits"
+
+
 @pytest.mark.parametrize("kv_k,kv_v", [("q4_0", "q8_0"), ("f16", "q4_0")])
 def test_rope_write_rows_equals_rope_heads_then_write_rows(kv_k, kv_v):
     """The fused launch of a row block (engine's decode / verify path) against rope_heads + write_rows, bit

@@ -131,12 +131,6 @@ def test_decode_ptx_dequantization_matches_portable_gpu(k_type, v_type):
         assert torch.equal(fast, portable), f"max difference {(fast - portable).abs().max().item():.3e}"
 
 
-def _one_cache_as_rows(store, rows):
-    """A (1, Hkv, P, X) store seen as a batch of `rows` sequences sharing it (stride 0)."""
-    expand = lambda t: None if t is None else t.expand(rows, *t.shape[1:])
-    return kv_quant.KVStore(store.kv_type, expand(store.qs), expand(store.d), expand(store.m))
-
-
 @pytest.mark.parametrize("split", [32, 128], ids=["short-splits", "long-splits"])  # the two launch configs
 @pytest.mark.parametrize("k_type,v_type,window", [("q4_0", "q8_0", None), ("f16", "q4_1", 20)])
 def test_verify_rows_equal_single_decodes_bit_for_bit(k_type, v_type, window, split):
@@ -146,14 +140,14 @@ def test_verify_rows_equal_single_decodes_bit_for_bit(k_type, v_type, window, sp
     rows_q = torch.randn(4, 6, 64, generator=gen).to(DEVICE)  # (R, Hq, D)
     lengths = torch.tensor([261, 262, 263, 0], dtype=torch.int32, device=DEVICE)  # last row: padding
     out = torch.full((4, 6, 64), float("nan"), device=DEVICE)
-    decode_attention(rows_q, _one_cache_as_rows(ks, 4), _one_cache_as_rows(vs, 4), lengths,
+    decode_attention(rows_q, ks.shared_by(4), vs.shared_by(4), lengths,
                      max_length=300, split_size=split, block_n=32, window=window, out=out)
     for r in range(3):
         single = decode_attention(rows_q[r : r + 1], ks, vs, lengths[r : r + 1], max_length=300,
                                   split_size=split, block_n=32, window=window)
         assert torch.equal(out[r : r + 1], single), f"row {r} differs from its decode"
     assert torch.equal(out[3], torch.zeros_like(out[3]))  # an empty row attends to nothing
-    want = decode_attention_reference(rows_q[:3], _one_cache_as_rows(ks, 3), _one_cache_as_rows(vs, 3),
+    want = decode_attention_reference(rows_q[:3], ks.shared_by(3), vs.shared_by(3),
                                       lengths[:3], window=window)
     assert_close_rms("verify rows", out[:3].float(), want, 5e-3)
 
@@ -194,13 +188,13 @@ def test_verify_rows_with_sinks_equal_single_decodes_bit_for_bit(split):
     lengths = torch.tensor([2, 3, 263, 0], dtype=torch.int32, device=DEVICE)  # rows inside and past the sinks
     expand = lambda t: t.expand(4, *t.shape[1:])
     out = torch.full((4, 6, 64), float("nan"), device=DEVICE)
-    decode_attention(rows_q, _one_cache_as_rows(ks, 4), _one_cache_as_rows(vs, 4), lengths, max_length=300,
+    decode_attention(rows_q, ks.shared_by(4), vs.shared_by(4), lengths, max_length=300,
                      split_size=split, block_n=32, out=out, k_sink=expand(k_sink), v_sink=expand(v_sink))
     for r in range(3):
         single = decode_attention(rows_q[r : r + 1], ks, vs, lengths[r : r + 1], max_length=300,
                                   split_size=split, block_n=32, k_sink=k_sink, v_sink=v_sink)
         assert torch.equal(out[r : r + 1], single), f"row {r} differs from its decode"
-    want = decode_attention_reference(rows_q[:3], _one_cache_as_rows(ks, 3), _one_cache_as_rows(vs, 3),
+    want = decode_attention_reference(rows_q[:3], ks.shared_by(3), vs.shared_by(3),
                                       lengths[:3], k_sink=expand(k_sink)[:3], v_sink=expand(v_sink)[:3])
     assert_close_rms("verify rows with sinks", out[:3].float(), want, 5e-3)
 

@@ -377,7 +377,9 @@ def test_prefetch_lines_cover_every_split(n_k_tiles, stride, elem):
 def test_prefetch_columns_cover_every_split(n_k_tiles, per_row, n_rows, block_n):
     """Column-major fields (Q6_K's d in the vector layout): the kernel's addresses (elements lo + c,
     clamped to hi - 1; rows n0 + i * line, clamped to the tile's last row) touch every 128-byte line
-    of the program's elements of every column tile, for every split (the formula of _prefetch_columns)."""
+    of the program's elements of every column tile, for every split. The addresses are rebuilt here from
+    _prefetch_columns' formula (a prefetch has no visible effect to test in a kernel); the host line count
+    (column_span) is the launcher's own."""
     from kernels.qmatmul_prefetch import LINE_BYTES, column_span
 
     elem = 2  # fp16 d

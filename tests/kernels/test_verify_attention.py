@@ -6,7 +6,6 @@ import itertools
 import pytest
 import torch
 
-from engine import kv_quant
 from kernels.decode_attention import decode_attention, decode_attention_reference
 from kernels.verify_attention import applies, verify_attention
 from tests.kernels._util import (
@@ -18,12 +17,6 @@ from tests.kernels._util import (
     random_sinks,
     random_store,
 )
-
-
-def _shared(store: kv_quant.KVStore, rows: int) -> kv_quant.KVStore:
-    """A (1, Hkv, P, X) store as `rows` sequences sharing it (stride 0), as the CUDA cache passes it."""
-    expand = lambda t: None if t is None else t.expand(rows, *t.shape[1:])
-    return kv_quant.KVStore(store.kv_type, expand(store.qs), expand(store.d), expand(store.m))
 
 
 def _check_rows(k_type, v_type, lengths, *, dim, gqa, positions, split, block_n, rows_per_program, sinks,
@@ -38,7 +31,7 @@ def _check_rows(k_type, v_type, lengths, *, dim, gqa, positions, split, block_n,
     v_sink = random_sinks(1, 2, dim, gen) if sinks and (v_type in QUANT_TYPES or k_sink is not None) else None
     shared_sink = lambda t: None if t is None else t.expand(n_rows, *t.shape[1:])
     out = torch.full(q.shape, float("nan"), device=DEVICE)
-    verify_attention(q, _shared(ks, n_rows), _shared(vs, n_rows), lens, max_length=positions,
+    verify_attention(q, ks.shared_by(n_rows), vs.shared_by(n_rows), lens, max_length=positions,
                      split_size=split, block_n=block_n, rows_per_program=rows_per_program, out=out,
                      k_sink=shared_sink(k_sink), v_sink=shared_sink(v_sink))
     for r, n in enumerate(lengths):
@@ -50,7 +43,7 @@ def _check_rows(k_type, v_type, lengths, *, dim, gqa, positions, split, block_n,
     for r in set(range(n_rows)) - set(live):
         assert torch.equal(out[r], torch.zeros_like(out[r])), "a padding row attends to nothing"
     live_sink = lambda t: None if t is None else t.expand(len(live), *t.shape[1:])
-    want = decode_attention_reference(q[live], _shared(ks, len(live)), _shared(vs, len(live)), lens[live],
+    want = decode_attention_reference(q[live], ks.shared_by(len(live)), vs.shared_by(len(live)), lens[live],
                                       k_sink=live_sink(k_sink), v_sink=live_sink(v_sink))
     assert_close_rms(f"verify rows ({k_type} K, {v_type} V)", out[live], want, 5e-3)
 
@@ -75,14 +68,48 @@ def test_verify_rejects_rows_that_do_not_share_a_cache():
     q = torch.randn(2, 1, 32, generator=gen).to(DEVICE)
     lens = torch.tensor([10, 11], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="share one cache"):
-        verify_attention(q, ks, ks, lens, max_length=64, split_size=32, block_n=32)
+        verify_attention(q, ks, ks, lens, max_length=64, split_size=32, block_n=32)  # two sequences
+    one = ks.narrow(0, 0, 1)
+    with pytest.raises(ValueError, match="share one cache"):  # a sink for 3 rows with 2 queries
+        verify_attention(q, one, one, lens, max_length=64, split_size=32, block_n=32,
+                         k_sink=random_sinks(1, 1, 32, gen).expand(3, -1, -1, -1),
+                         v_sink=random_sinks(1, 1, 32, gen).expand(3, -1, -1, -1))
+
+
+def test_verify_takes_a_one_sequence_cache_as_the_rows_shared_view():
+    gen = torch.Generator().manual_seed(2)
+    ks, vs = random_store("q4_0", (1, 2, 96), 64, gen), random_store("q8_0", (1, 2, 96), 64, gen)
+    k_sink, v_sink = random_sinks(1, 2, 64, gen), random_sinks(1, 2, 64, gen)
+    q = torch.randn(3, 4, 64, generator=gen).to(DEVICE)
+    lens = torch.tensor([40, 41, 42], dtype=torch.int32, device=DEVICE)
+    args = dict(max_length=96, split_size=32, block_n=32)
+    plain = verify_attention(q, ks, vs, lens, k_sink=k_sink, v_sink=v_sink, **args)
+    shared = verify_attention(q, ks.shared_by(3), vs.shared_by(3), lens, k_sink=k_sink.expand(3, -1, -1, -1),
+                              v_sink=v_sink.expand(3, -1, -1, -1), **args)
+    assert torch.equal(plain, shared)
+
+
+@pytest.mark.parametrize(
+    "dim,gqa,kwargs,match",
+    [(64, 17, {}, "query heads"), (256, 2, {}, "head_dim"), (64, 2, {"split_size": 48}, "multiple"),
+     (64, 2, {"rows_per_program": 3}, "power of two")],
+    ids=["gqa-17", "head-dim-256", "split-not-tiles", "rows-per-program-3"],
+)
+def test_verify_refuses_what_it_was_not_checked_on(dim, gqa, kwargs, match):
+    gen = torch.Generator().manual_seed(3)
+    ks = random_store("q4_0", (1, 1, 64), dim, gen)
+    q = torch.randn(2, gqa, dim, generator=gen).to(DEVICE)
+    lens = torch.tensor([10, 11], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        verify_attention(q, ks, ks, lens, **{"max_length": 64, "split_size": 32, "block_n": 32, **kwargs})
 
 
 def test_verify_applies_to_rows_without_a_window():
-    assert applies(16, 6, None) and applies(2, 32, 0)
-    assert not applies(1, 6, None)  # one row: the decode kernel
-    assert not applies(16, 6, 512)  # a window: each row's tiles start elsewhere
-    assert not applies(16, 64, None)  # a 64-row decode tile may compile to wgmma
+    assert applies(16, 6, 128, None) and applies(2, 16, 64, 0)
+    assert not applies(1, 6, 128, None)  # one row: the decode kernel
+    assert not applies(16, 6, 128, 512)  # a window: each row's tiles start elsewhere
+    assert not applies(16, 32, 128, None)  # a 32-row head group: not checked on the GPU
+    assert not applies(16, 2, 256, None)  # head_dim 256 (Gemma 3): spills, not checked on the GPU
 
 
 @gpu

@@ -177,10 +177,8 @@ def _kv_launches():
     yield "decode split q4_0/q4_0 (sinks)", split.kernel, *split.calls[0], {"FAST": True, **pdl}
     yield "decode merge (sinks)", merge.kernel, *merge.calls[0], pdl
     rows = 16  # a verify step: 16 rows over one cache, 4 per program (one warp each)
-    shared = lambda s: kv_quant.KVStore(s.kv_type, *(None if x is None else x.expand(rows, *x.shape[1:])
-                                                     for x in (s.qs, s.d, s.m)))
     with recording(va, "_verify_split_kernel") as rec, recording(da, "_decode_reduce_kernel"):
-        va.verify_attention(torch.zeros(rows, hq, dim), shared(k_store), shared(v_store),
+        va.verify_attention(torch.zeros(rows, hq, dim), k_store.shared_by(rows), v_store.shared_by(rows),
                             torch.full((rows,), 100, dtype=torch.int32), max_length=cap, split_size=64,
                             block_n=64, k_sink=sinks[0].expand(rows, -1, -1, -1),
                             v_sink=sinks[1].expand(rows, -1, -1, -1))
