@@ -254,6 +254,10 @@ GEMV_KERNEL_SHAPES = [(QT.Q4_K, (17920, 1536)), (QT.Q4_K, (1792, 1536)), (QT.Q4_
 GEMV_KERNEL_SWEEP = [  # (block_n, block_k, programs_per_sm, num_warps, num_stages)
     (64, 128, 4, 4, 2), (64, 128, 2, 4, 2), (64, 128, 8, 4, 2), (64, 128, 12, 4, 2), (64, 128, 8, 4, 3),
     (128, 128, 4, 4, 3), (128, 128, 8, 4, 2), (64, 128, 4, 4, 3), (64, 128, 2, 4, 3),
+    # deeper pipelines, untimed so far: with the metadata loads now cp.async (vector layout) every byte of
+    # a K-tile can be in flight stages ahead; compiled for sm_90 with Triton 3.6 without spills (Q4_K / Q6_K:
+    # block_k 256 108-128 registers, 4 CTAs an SM; 4 stages 67-80 registers, 35-37 KB shared, 6 CTAs an SM)
+    (64, 256, 4, 4, 2), (64, 256, 2, 4, 3), (64, 128, 4, 4, 4), (64, 128, 2, 4, 4),
 ]
 
 
