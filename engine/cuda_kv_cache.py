@@ -140,11 +140,15 @@ class CudaKVCache(KVCache):
     def k_scale(self, scales: list[torch.Tensor | None]) -> None:
         self._scales.set(scales)
 
+    def _statistics_known(self, layer: int) -> bool:
+        """Whether the layer has the smoothing vector and K scales its recipe needs."""
+        means = not self.k_smooth or self._means.known[layer]
+        return means and (not self.k_equalize or self._scales.known[layer])
+
     def can_replay(self) -> bool:
         """Whether a step may run as a captured graph: every layer has its smoothing vector and K scales
         (a captured step cannot take them). Sink rows are written by the write kernels at any position."""
-        means = not self.k_smooth or all(self._means.known)
-        return means and (not self.k_equalize or all(self._scales.known))
+        return all(self._statistics_known(layer) for layer in range(len(self.k)))
 
     def q_scale(self, layer: int) -> torch.Tensor | None:
         """The (n_kv, D) K-equalization scales Q is multiplied by (kernels.layer_ops.rope_heads's q_scale),
@@ -225,10 +229,7 @@ class CudaKVCache(KVCache):
     def fuses_rope_write(self, layer: int, first_pos: int | None) -> bool:
         """Whether `rope_write_rows` may stand for rope_heads + `write_rows`: the layer's smoothing vector
         and K scales are known, and this block does not take them (first_pos 0 takes them again)."""
-        if first_pos == 0:
-            return False
-        means = not self.k_smooth or self._means.known[layer]
-        return means and (not self.k_equalize or self._scales.known[layer])
+        return first_pos != 0 and self._statistics_known(layer)
 
     def rope_write_rows(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,

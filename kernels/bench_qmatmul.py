@@ -382,19 +382,18 @@ def main(argv: list[str] | None = None) -> int:
             qmatmul(x, w)
         _sync()
         return 0
+    device = (f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes >> 20} MiB, "
+              f"torch {torch.__version__}, triton {triton.__version__}")
     if args.ab_meta:
-        print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes >> 20} MiB, "
-              f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
+        print(device, flush=True)
         ab_meta(l2_bytes)
         return 0
     if args.ab_prefetch:
-        print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes >> 20} MiB, "
-              f"torch {torch.__version__}", flush=True)
+        print(device, flush=True)
         ab_prefetch(l2_bytes)
         return 0
     if args.sweep_gemv:
-        print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes >> 20} MiB, "
-              f"torch {torch.__version__}; copy bandwidth {copy_bandwidth('cuda'):.0f} GB/s", flush=True)
+        print(f"{device}; copy bandwidth {copy_bandwidth('cuda'):.0f} GB/s", flush=True)
         sweep_gemv_kernels(l2_bytes)
         return 0
     if args.sweep:

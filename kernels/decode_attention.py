@@ -359,12 +359,12 @@ def decode_attention(
     """
     bsz, hq, dim = q.shape
     if isinstance(lengths, int):
-        hkv, gqa, max_len = check_attention_args(q, k_store, v_store, lengths)
+        max_len = lengths
         lens = q  # unused: the kernel takes the length as a scalar
     else:
         lens = lengths.to(device=q.device, dtype=torch.int32)
         max_len = max_length if max_length is not None else int(lens.max().item())
-        hkv, gqa, max_len = check_attention_args(q, k_store, v_store, max_len)
+    hkv, gqa, ka, va = check_attention_args(q, k_store, v_store, max_len)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if split_size is None:
@@ -381,7 +381,6 @@ def decode_attention(
     num_stages = num_stages or auto_stages
     o_part = torch.empty(bsz * hq, n_splits, dim, dtype=torch.float32, device=q.device)  # (B*Hq, S, D)
     ml = torch.empty(bsz * hq, n_splits, 2, dtype=torch.float32, device=q.device)  # (B*Hq, S, [max, sum])
-    ka, va = store_args(k_store), store_args(v_store)
     qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
     n_sink, k_rows, v_rows = sink_sources(k_store, v_store, k_sink, v_sink, q)
     _decode_split_kernel[(n_splits, bsz * hkv)](
@@ -398,9 +397,9 @@ def decode_attention(
 
 
 def check_attention_args(q: torch.Tensor, k_store: KVStore, v_store: KVStore,
-                         max_len: int) -> tuple[int, int, int]:
-    """(Hkv, GQA, max_len) after checking q (B, Hq, D) against the stores and max_len against their room;
-    the stores' positions must be contiguous."""
+                         max_len: int) -> tuple[int, int, tuple, tuple]:
+    """(Hkv, GQA, K store_args, V store_args) after checking q (B, Hq, D) against the stores and max_len
+    against their room; the stores' positions must be contiguous."""
     _, hq, dim = q.shape
     check_kernel_head_dim(dim)
     hkv = k_store.qs.shape[1]
@@ -408,9 +407,10 @@ def check_attention_args(q: torch.Tensor, k_store: KVStore, v_store: KVStore,
         raise ValueError(f"q {tuple(q.shape)} does not match the stores {k_store.shape} / {v_store.shape}")
     if max_len > k_store.qs.shape[2]:
         raise ValueError(f"length {max_len} exceeds the cache's {k_store.qs.shape[2]} positions")
-    _check_rows_contiguous(k_store, store_args(k_store))
-    _check_rows_contiguous(v_store, store_args(v_store))
-    return hkv, hq // hkv, max_len
+    ka, va = store_args(k_store), store_args(v_store)
+    _check_rows_contiguous(k_store, ka)
+    _check_rows_contiguous(v_store, va)
+    return hkv, hq // hkv, ka, va
 
 
 def launch_merge(

@@ -130,6 +130,19 @@ def _store_rows_at(
 
 
 @triton.jit
+def _load_head_rows(src_ptr, stride_b, stride_h, stride_t, T, H, BLOCK_T: tl.constexpr, D: tl.constexpr):
+    """This program's block of rows of one (sequence, head) of a (B, H, T, D) input: (x [BLOCK_T, D] fp32,
+    t [BLOCK_T] row indices, row_mask, b, h) for grid (row blocks, B * H) (k_write and v_write alike)."""
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = t < T
+    row = b.to(tl.int64) * stride_b + h * stride_h + t.to(tl.int64) * stride_t  # [BLOCK_T]
+    x = tl.load(src_ptr + row[:, None] + tl.arange(0, D)[None, :], mask=row_mask[:, None], other=0.0)
+    return x.to(tl.float32), t, row_mask, b, h
+
+
+@triton.jit
 def _k_write_kernel(
     k_ptr, stride_kb, stride_kh, stride_kt,
     mean_ptr, stride_mh, scale_ptr, stride_eh,
@@ -142,16 +155,8 @@ def _k_write_kernel(
     LOG2_G: tl.constexpr, POS_TENSOR: tl.constexpr, SINK: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous(PDL)  # PDL launch: wait for the kernel before (kernels/pdl.py)
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_mask = t < T
-    cols = tl.arange(0, D)
-    row = b.to(tl.int64) * stride_kb + h * stride_kh + t.to(tl.int64) * stride_kt  # [BLOCK_T]
-    x = tl.load(k_ptr + row[:, None] + cols[None, :], mask=row_mask[:, None], other=0.0)
-    x = _k_prepare_rows(x.to(tl.float32), mean_ptr + h * stride_mh, scale_ptr + h * stride_eh, s1_ptr, s2_ptr,
+    x, t, row_mask, b, h = _load_head_rows(k_ptr, stride_kb, stride_kh, stride_kt, T, H, BLOCK_T, D)
+    x = _k_prepare_rows(x, mean_ptr + h * stride_mh, scale_ptr + h * stride_eh, s1_ptr, s2_ptr,
                         rot_scale, BLOCK_T, D, SMOOTH, EQUALIZE, ROTATE, G, LOG2_G)  # [BLOCK_T, D]
     _store_rows_at(x, t, row_mask, start_pos, pos_ptr, qs_ptr, d_ptr, m_ptr,
                    b.to(tl.int64) * stride_qb + h * stride_qh, b.to(tl.int64) * stride_sb + h * stride_sh,

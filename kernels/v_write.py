@@ -17,7 +17,7 @@ import triton.language as tl
 
 from engine import kv_quant
 from engine.kv_quant import KVStore
-from kernels.k_write import _store_rows_at, write_rows_reference, write_sink_rows_reference
+from kernels.k_write import _load_head_rows, _store_rows_at, write_rows_reference, write_sink_rows_reference
 from kernels.kv_blocks import (
     check_kernel_head_dim,
     check_positions,
@@ -48,16 +48,8 @@ def _v_write_kernel(
     SINK: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous(PDL)  # PDL launch: wait for the kernel before (kernels/pdl.py)
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_mask = t < T
-    cols = tl.arange(0, D)
-    row = b.to(tl.int64) * stride_vb + h * stride_vh + t.to(tl.int64) * stride_vt  # [BLOCK_T]
-    x = tl.load(v_ptr + row[:, None] + cols[None, :], mask=row_mask[:, None], other=0.0)
-    _store_rows_at(x.to(tl.float32), t, row_mask, start_pos, pos_ptr, qs_ptr, d_ptr, m_ptr,
+    x, t, row_mask, b, h = _load_head_rows(v_ptr, stride_vb, stride_vh, stride_vt, T, H, BLOCK_T, D)
+    _store_rows_at(x, t, row_mask, start_pos, pos_ptr, qs_ptr, d_ptr, m_ptr,
                    b.to(tl.int64) * stride_qb + h * stride_qh, b.to(tl.int64) * stride_sb + h * stride_sh,
                    stride_qt, stride_st, sink_ptr, b.to(tl.int64) * stride_nb + h * stride_nh, n_sink,
                    BLOCK_T, D, KV_TYPE, POS_TENSOR, SINK)  # f16 sink copies, quantize, store

@@ -43,7 +43,7 @@ from kernels.decode_attention import (
     row_sums,
     sink_sources,
 )
-from kernels.kv_blocks import LOG2E, _half_cols, _load_halves, interpreting, store_args
+from kernels.kv_blocks import LOG2E, _half_cols, _load_halves, interpreting
 from kernels.pdl import pdl_launch, wait_for_previous
 
 ROWS_PER_PROGRAM = 4  # rows of a program (one warp each); GPU sweep in kernels/README.md
@@ -53,9 +53,14 @@ MAX_GQA = 16
 MAX_HEAD_DIM = 128
 
 
+def shape_supported(gqa: int, head_dim: int) -> bool:
+    """Whether this attention shape is one `verify_attention` was checked bit-equal on."""
+    return gqa <= MAX_GQA and head_dim <= MAX_HEAD_DIM
+
+
 def applies(n_rows: int, gqa: int, head_dim: int, window: int | None) -> bool:
     """Whether `verify_attention` takes these rows (else: decode_attention, one sequence per row)."""
-    return n_rows > 1 and not window and gqa <= MAX_GQA and head_dim <= MAX_HEAD_DIM
+    return n_rows > 1 and not window and shape_supported(gqa, head_dim)
 
 
 @triton.jit
@@ -168,8 +173,8 @@ def verify_attention(
         if t is not None and (t.shape[0] != n_rows or (n_rows > 1 and t.stride(0) != 0)):
             raise ValueError(f"verify_attention needs the {n_rows} rows to share one cache: the {name} is "
                              f"{tuple(t.shape)} with batch stride {t.stride(0)}")
-    hkv, gqa, max_len = check_attention_args(q, k_store, v_store, max_length)
-    if not applies(max(n_rows, 2), gqa, dim, None):
+    hkv, gqa, ka, va = check_attention_args(q, k_store, v_store, max_length)
+    if not shape_supported(gqa, dim):
         raise ValueError(f"verify_attention takes up to {MAX_GQA} query heads per KV head and head_dim up to "
                          f"{MAX_HEAD_DIM}, not {gqa} and {dim}")
     if split_size % block_n or block_n < 32:
@@ -179,12 +184,11 @@ def verify_attention(
     lens = lengths.to(device=q.device, dtype=torch.int32)
     if q.stride(-1) != 1:
         q = q.contiguous()
-    n_splits = max(1, triton.cdiv(max_len, split_size))
+    n_splits = max(1, triton.cdiv(max_length, split_size))
     block_r = rows_per_program or ROWS_PER_PROGRAM
     block_r = min(block_r, triton.next_power_of_2(n_rows))
     o_part = torch.empty(n_rows * hq, n_splits, dim, dtype=torch.float32, device=q.device)  # (R*Hq, S, D)
     ml = torch.empty(n_rows * hq, n_splits, 2, dtype=torch.float32, device=q.device)  # (R*Hq, S, [max, sum])
-    ka, va = store_args(k_store), store_args(v_store)
     qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
     n_sink, k_rows, v_rows = sink_sources(k_store, v_store, k_sink, v_sink, q)
     _verify_split_kernel[(n_splits, hkv, triton.cdiv(n_rows, block_r))](
@@ -195,7 +199,7 @@ def verify_attention(
         FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0, num_warps=block_r, num_stages=2,
         **pdl_launch(q.device),
     )
-    return launch_merge(o_part, ml, q, lens, max_len, split_size, n_splits, qk_scale, None, gqa, n_sink,
+    return launch_merge(o_part, ml, q, lens, max_length, split_size, n_splits, qk_scale, None, gqa, n_sink,
                         k_rows, v_rows, out)
 
 
