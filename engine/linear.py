@@ -138,15 +138,18 @@ class GpuLinear(torch.nn.Module):
             self.bias = torch.cat(parts).to(device)  # (N,) float32
         self.compute_dtype = compute_dtype
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (M, K) bfloat16/float16 -> (M, N) same dtype."""
+    def matmul(self, x: torch.Tensor, split_output: bool = False):
+        """x: (M, K) bfloat16/float16 -> (M, N) same dtype; with split_output and M <= 16 a
+        kernels.split_output.SplitOutput of it instead (for a kernel that adds the K splits itself)."""
         from kernels.qmatmul import qmatmul
 
-        return qmatmul(x, self.weight, self.bias)
+        return qmatmul(x, self.weight, self.bias, split_output=split_output)
 
-    def split(self, y: torch.Tensor) -> list[torch.Tensor]:
-        """(M, N) -> one (M, out_features) view per weight."""
-        return list(torch.split(y, self.out_splits, dim=-1))
+    def split(self, y) -> list:
+        """(M, N) tensor or SplitOutput -> one (M, out_features) view per weight."""
+        if isinstance(y, torch.Tensor):
+            return list(torch.split(y, self.out_splits, dim=-1))
+        return y.split(self.out_splits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

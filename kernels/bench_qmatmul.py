@@ -5,6 +5,9 @@
     python -m kernels.bench_qmatmul --sweep             # launch-parameter sweep (tuning)
     python -m kernels.bench_qmatmul --compile-only      # run every launch once (fills Triton's cache)
     python -m kernels.bench_qmatmul --ab-meta           # plain vs vector-metadata layout, engine GEMVs
+    python -m kernels.bench_qmatmul --ab-l2             # engine GEMVs, weight from memory vs from L2
+    python -m kernels.bench_qmatmul --ab-split-output   # engine GEMVs, K-splits added by GEMV vs reader
+    python -m kernels.bench_qmatmul --sweep-gemv --hot  # the sweep with the weight in L2
 
 GEMV times are per call inside a CUDA graph (as the engine decodes), cycling over enough copies of
 the weight that they do not fit in L2 (a decode step reads every weight from memory once). GB/s
@@ -111,11 +114,14 @@ def copy_bandwidth(device: str) -> float:
     return 2 * (1 << 30) / _time_eager(lambda: dst.copy_(src)) / 1e9
 
 
-def gemv_time(weights: list[QuantizedWeight], m: int, config: KernelConfig | None = None) -> float:
-    """Seconds per qmatmul call of m rows (graph, cycling over the weight copies)."""
+def gemv_time(weights: list[QuantizedWeight], m: int, config: KernelConfig | None = None,
+              split_output: bool = False) -> float:
+    """Seconds per qmatmul call of m rows (graph, cycling over the weight copies); split_output: the GEMV
+    alone, leaving its K-split partials (kernels/split_output.py)."""
     k = weights[0].shape[1]
     x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
-    return _time_graph(lambda: [qmatmul(x, w, config=config) for w in weights]) / len(weights)
+    calls = lambda: [qmatmul(x, w, config=config, split_output=split_output) for w in weights]  # noqa: E731
+    return _time_graph(calls) / len(weights)
 
 
 def dense_gemv_time(dense: list[torch.Tensor], m: int) -> float:
@@ -140,10 +146,17 @@ def _gemm_config_tflops(w: QuantizedWeight, x: torch.Tensor, cfg: KernelConfig) 
     return gemm_tflops(lambda: qmatmul(x, w, config=cfg), x.shape[0], n, k)
 
 
-def _weights(qtype: QT, shape, l2_bytes: int, vector_meta: bool | None = None) -> list[QuantizedWeight]:
-    """Enough copies of one random weight to miss L2 when cycled; vector_meta: its layout (None: default)."""
+HOT_CALLS = 8  # calls of the one weight per graph when it stays in L2 (`hot`)
+
+
+def _weights(qtype: QT, shape, l2_bytes: int, vector_meta: bool | None = None, hot: bool = False
+             ) -> list[QuantizedWeight]:
+    """Enough copies of one random weight to miss L2 when cycled; vector_meta: its layout (None: default).
+    hot: the one weight HOT_CALLS times instead (it stays in L2 between the calls)."""
     raw = random_gguf_bytes(qtype, shape, DEVICE)
     first = QuantizedWeight.from_bytes(raw, qtype, shape, DEVICE, vector_meta=vector_meta)
+    if hot:
+        return [first] * HOT_CALLS
     n_copies = _copies_for(first.nbytes, l2_bytes)
     return [first] + [QuantizedWeight.from_bytes(raw, qtype, shape, DEVICE, vector_meta=vector_meta)
                       for _ in range(n_copies - 1)]
@@ -261,10 +274,11 @@ GEMV_KERNEL_SWEEP = [  # (block_n, block_k, programs_per_sm, num_warps, num_stag
 ]
 
 
-def sweep_gemv_kernels(l2_bytes: int, rows=(1, 16)) -> None:
-    """GEMV launch parameters (split of K, tile sizes, stages) per shape of a Qwen2.5-1.5B layer."""
+def sweep_gemv_kernels(l2_bytes: int, rows=(1, 16), hot: bool = False) -> None:
+    """GEMV launch parameters (split of K, tile sizes, stages) per shape of a Qwen2.5-1.5B layer;
+    hot: with the weight in L2 (as engine/l2_runahead.py means to have it)."""
     for qtype, shape in GEMV_KERNEL_SHAPES:
-        weights = _weights(qtype, shape, l2_bytes)
+        weights = _weights(qtype, shape, l2_bytes, hot=hot)
         lines = []
         for bn, bk, pps, nw, ns in GEMV_KERNEL_SWEEP:
             cfg = default_gemv_config(qtype, shape, DEVICE, block_n=bn, block_k=bk, programs_per_sm=pps,
@@ -282,6 +296,62 @@ def sweep_gemv_kernels(l2_bytes: int, rows=(1, 16)) -> None:
               + "\n  ".join(lines), flush=True)
         del weights
         torch.cuda.empty_cache()
+
+
+def ab_l2(l2_bytes: int, rows=(1, 16)) -> None:
+    """The default GEMV launch with its weight read from memory (copies cycled) and from L2 (one weight,
+    called again and again), per shape of a Qwen2.5-1.5B decode step; order cold, hot, hot, cold. What
+    engine/l2_runahead.py can win at most per GEMV."""
+    totals = {False: [0.0] * len(rows), True: [0.0] * len(rows)}
+    for qtype, shape in GEMV_KERNEL_SHAPES:
+        sets = {hot: _weights(qtype, shape, l2_bytes, hot=hot) for hot in (False, True)}
+        times: dict[bool, list[list[float]]] = {False: [], True: []}
+        for hot in (False, True, True, False):
+            times[hot].append([gemv_time(sets[hot], m) * 1e6 for m in rows])
+        lines = []
+        for hot, runs in times.items():
+            means = [statistics.mean(r[i] for r in runs) for i in range(len(rows))]
+            totals[hot] = [a + b for a, b in zip(totals[hot], means, strict=True)]
+            cells = " ".join(f"M{m}={t:6.2f}" for m, t in zip(rows, means, strict=True))
+            gbps = sets[hot][0].nbytes / means[0] / 1e3
+            spread = " ".join(f"{r[0]:.2f}" for r in runs)
+            lines.append(f"{'L2' if hot else 'memory':6}: {cells} us ({spread}) {gbps:5.0f} GB/s")
+        cfg = sets[True][0].gemv_config
+        print(f"gemv {qtype.name} {shape[0]}x{shape[1]} bn{cfg.block_n} s{cfg.num_stages} split{cfg.split_k} "
+              f"({sets[True][0].nbytes / 1e6:.2f} MB):\n  " + "\n  ".join(lines), flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    cells = " ".join(f"M{m}: memory {totals[False][i]:.1f} L2 {totals[True][i]:.1f} us"
+                     for i, m in enumerate(rows))
+    print(f"sum over the shapes above (one of each): {cells}", flush=True)
+
+
+def ab_split_output(l2_bytes: int, rows=(1, 16)) -> None:
+    """The default GEMV launch adding its K-splits itself (last program of a column tile, after an atomic)
+    and leaving them as partials (split_output; the reader's extra loads are not in these times), per
+    shape of a Qwen2.5-1.5B decode step; order epilogue, partials, partials, epilogue."""
+    totals = {False: [0.0] * len(rows), True: [0.0] * len(rows)}
+    for qtype, shape in GEMV_KERNEL_SHAPES:
+        weights = _weights(qtype, shape, l2_bytes)
+        times: dict[bool, list[list[float]]] = {False: [], True: []}
+        for split in (False, True, True, False):
+            times[split].append([gemv_time(weights, m, split_output=split) * 1e6 for m in rows])
+        lines = []
+        for split, runs in times.items():
+            means = [statistics.mean(r[i] for r in runs) for i in range(len(rows))]
+            totals[split] = [a + b for a, b in zip(totals[split], means, strict=True)]
+            cells = " ".join(f"M{m}={t:6.2f}" for m, t in zip(rows, means, strict=True))
+            lines.append(f"{'partials' if split else 'epilogue':8}: {cells} us "
+                         f"({' '.join(f'{r[0]:.2f}' for r in runs)})")
+        cfg = weights[0].gemv_config
+        mb = weights[0].nbytes / 1e6
+        title = f"gemv {qtype.name} {shape[0]}x{shape[1]} split{cfg.split_k} ({mb:.2f} MB)"
+        print(title + ":\n  " + "\n  ".join(lines), flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    cells = " ".join(f"M{m}: epilogue {totals[False][i]:.1f} partials {totals[True][i]:.1f} us"
+                     for i, m in enumerate(rows))
+    print(f"sum over the shapes above (one of each): {cells}", flush=True)
 
 
 PREFETCH_VARIANTS = [(False, False), (True, False), (False, True), (True, True)]  # (prefetch, pdl)
@@ -365,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="GEMV launch parameters on the shapes of a Qwen2.5-1.5B layer")
     parser.add_argument("--ab-prefetch", action="store_true",
                         help="default GEMV with / without the L2 prefetch and programmatic dependent launch")
+    parser.add_argument("--hot", action="store_true",
+                        help="with --sweep-gemv: the weight stays in L2 (one copy, called again and again)")
+    parser.add_argument("--ab-l2", action="store_true",
+                        help="default GEMV on engine shapes, weight read from memory vs from L2")
+    parser.add_argument("--ab-split-output", action="store_true",
+                        help="default GEMV on engine shapes, adding its K-splits vs leaving them to a reader")
     parser.add_argument("--ab-meta", action="store_true",
                         help="default GEMV, plain vs vector-metadata layout (Q4_K / Q6_K engine shapes)")
     args = parser.parse_args(argv)
@@ -388,13 +464,21 @@ def main(argv: list[str] | None = None) -> int:
         print(device, flush=True)
         ab_meta(l2_bytes)
         return 0
+    if args.ab_split_output:
+        print(device, flush=True)
+        ab_split_output(l2_bytes)
+        return 0
+    if args.ab_l2:
+        print(device, flush=True)
+        ab_l2(l2_bytes)
+        return 0
     if args.ab_prefetch:
         print(device, flush=True)
         ab_prefetch(l2_bytes)
         return 0
     if args.sweep_gemv:
         print(f"{device}; copy bandwidth {copy_bandwidth('cuda'):.0f} GB/s", flush=True)
-        sweep_gemv_kernels(l2_bytes)
+        sweep_gemv_kernels(l2_bytes, hot=args.hot)
         return 0
     if args.sweep:
         chosen = [t for t in types if t in SWEEP_TYPES] if args.types else SWEEP_TYPES

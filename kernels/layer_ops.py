@@ -14,6 +14,10 @@ launch here:
   power-of-two scale (exact) the engine keeps the FFN-down matmul's float16 output far from overflow and
   undoes the scale in float32 when adding it to the residual.
 
+`add_rms_norm`'s delta, `gated_activation`'s gate and up (and kernels.rope_kv_write's Q/K/V) may be a
+kernels.split_output.SplitOutput, a GEMV's K-split partial sums, which they add while loading (the
+same bits as the tensor the GEMV would have stored).
+
 Every kernel works row by row (no reduction across rows), so a row's result does not depend on how
 many rows are in the launch: speculative verify blocks reproduce single-token decode bit for bit.
 """
@@ -30,6 +34,7 @@ import triton.language as tl
 from engine.hadamard import Rotation, rotate
 from kernels.kv_blocks import _fwht_rows
 from kernels.pdl import pdl_launch, wait_for_previous
+from kernels.split_output import SplitOutput, dtype_constexpr, input_args, load_input, value_of
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +57,7 @@ def add_rms_norm_reference(
     """x: (T, D) float32, updated in place: x += delta * delta_scale (RMS-normed with delta_weight first
     if given). Returns RMSNorm(x) * weight as (T, D) out_dtype."""
     if delta is not None:
-        d = delta.to(torch.float32) * delta_scale
+        d = value_of(delta).to(torch.float32) * delta_scale
         if delta_weight is not None:
             d = rms_norm_reference(d, delta_weight, eps)
         x += d
@@ -86,6 +91,7 @@ def rope_heads_reference(
 def gated_activation_reference(
     gate: torch.Tensor, up: torch.Tensor, activation: str, scale: float = 1.0
 ) -> torch.Tensor:
+    gate, up = value_of(gate), value_of(up)
     g = gate.to(torch.float32)
     g = F.gelu(g, approximate="tanh") if activation == "gelu_tanh" else F.silu(g)
     return (g * up.to(torch.float32) * scale).to(gate.dtype)
@@ -96,8 +102,10 @@ def gated_activation_reference(
 
 @triton.jit
 def _add_rms_norm_kernel(
-    x_ptr, stride_x, delta_ptr, stride_d, dw_ptr, w_ptr, out_ptr, stride_o, N, eps, delta_scale,
-    BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, DELTA_NORM: tl.constexpr, PDL: tl.constexpr,
+    x_ptr, stride_x, delta_ptr, stride_d, split_stride_d, delta_bias_ptr, dw_ptr, w_ptr, out_ptr, stride_o,
+    N, eps, delta_scale,
+    BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, DELTA_NORM: tl.constexpr, DELTA_SPLITS: tl.constexpr,
+    DELTA_BIAS: tl.constexpr, DELTA_DTYPE: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous(PDL)  # PDL launch: wait for the kernel before; the GEMV after may start its prefetch
     row = tl.program_id(0).to(tl.int64)
@@ -105,7 +113,8 @@ def _add_rms_norm_kernel(
     mask = cols < N
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA:
-        d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32) * delta_scale
+        d = load_input(delta_ptr, row * stride_d + cols, mask, split_stride_d, delta_bias_ptr, cols,
+                       DELTA_SPLITS, DELTA_BIAS, DELTA_DTYPE).to(tl.float32) * delta_scale
         if DELTA_NORM:
             dr = tl.math.rsqrt(tl.sum(d * d, axis=0) / N + eps)
             d = d * dr * tl.load(dw_ptr + cols, mask=mask, other=0.0)
@@ -117,24 +126,29 @@ def _add_rms_norm_kernel(
 
 
 def add_rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None,
+    x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | SplitOutput | None = None,
     delta_weight: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
     delta_scale: float = 1.0, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Kernel of `add_rms_norm_reference`: x (T, D) float32 updated in place, returns (T, D) out_dtype."""
+    """Kernel of `add_rms_norm_reference`: x (T, D) float32 updated in place, returns (T, D) out_dtype.
+    delta: (T, D) with contiguous rows, or a SplitOutput of that shape."""
     rows, n = x.shape
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         raise ValueError("the residual stream must be a float32 (T, D) tensor with contiguous rows")
-    if delta is not None and (delta.shape != x.shape or delta.stride(-1) != 1):
+    if delta is not None and tuple(delta.shape) != tuple(x.shape):
         raise ValueError(f"delta {tuple(delta.shape)} does not match x {tuple(x.shape)}")
+    d_ptr, d_stride, d_split_stride, d_splits, d_bias = input_args(x if delta is None else delta)
     out = torch.empty(rows, n, dtype=out_dtype, device=x.device) if out is None else out
     if rows == 0:
         return out
     block = triton.next_power_of_2(n)
     _add_rms_norm_kernel[(rows,)](
-        x, x.stride(0), x if delta is None else delta, 0 if delta is None else delta.stride(0),
+        x, x.stride(0), d_ptr, 0 if delta is None else d_stride, d_split_stride,
+        weight if d_bias is None else d_bias,
         weight if delta_weight is None else delta_weight, weight, out, out.stride(0), n, eps, delta_scale,
         BLOCK=block, HAS_DELTA=delta is not None, DELTA_NORM=delta_weight is not None,
+        DELTA_SPLITS=d_splits, DELTA_BIAS=d_bias is not None,
+        DELTA_DTYPE=dtype_constexpr(x if delta is None else delta),
         num_warps=max(1, min(16, block // 256)), **pdl_launch(x.device),
     )
     return out
@@ -148,9 +162,11 @@ def _rope_head(
     src_ptr, norm_ptr, cos_ptr, sin_ptr, scale_ptr, s1_ptr, s2_ptr, rot_scale, eps,
     D: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr, HEAD_NORM: tl.constexpr,
     SCALE: tl.constexpr, ROTATE: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr,
+    split_stride, bias_ptr, SPLITS: tl.constexpr, BIAS: tl.constexpr, DTYPE: tl.constexpr,
 ):
     """One head (D,) at src_ptr -> [D] fp32: optional RMSNorm, RoPE (cos_ptr / sin_ptr: the position's
-    table rows), optional scales (SCALE) and WHT rotation (ROTATE)."""
+    table rows), optional scales (SCALE) and WHT rotation (ROTATE). SPLITS > 0: src_ptr is the head in a
+    SplitOutput's partials and bias_ptr its bias (kernels/split_output.py)."""
     cols = tl.arange(0, D)
     rotated = cols < 2 * HALF
     if NEOX:  # pairs (i, i + HALF)
@@ -163,8 +179,11 @@ def _rope_head(
         j = cols // 2
     partner = tl.where(rotated, partner, cols)
     j = tl.where(rotated, j, 0)
-    x = tl.load(src_ptr + cols).to(tl.float32)  # [D]
-    xp = tl.load(src_ptr + partner).to(tl.float32)  # [D] the pair partner of each channel
+    whole = cols < D  # all true
+    x = load_input(src_ptr, cols, whole, split_stride, bias_ptr, cols, SPLITS, BIAS,
+                   DTYPE).to(tl.float32)  # [D]
+    xp = load_input(src_ptr, partner, whole, split_stride, bias_ptr, partner, SPLITS, BIAS,
+                    DTYPE).to(tl.float32)  # [D] the pair partner of each channel
     if HEAD_NORM:
         r = tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
         x = x * r * tl.load(norm_ptr + cols)
@@ -190,9 +209,11 @@ def _rope_one_head(
     src_ptr, dst_ptr, norm_ptr, cos_ptr, sin_ptr, scale_ptr, s1_ptr, s2_ptr, rot_scale, eps,
     D: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr, HEAD_NORM: tl.constexpr,
     SCALE: tl.constexpr, ROTATE: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr,
+    split_stride, bias_ptr, SPLITS: tl.constexpr, BIAS: tl.constexpr, DTYPE: tl.constexpr,
 ):
     y = _rope_head(src_ptr, norm_ptr, cos_ptr, sin_ptr, scale_ptr, s1_ptr, s2_ptr, rot_scale, eps,
-                   D, HALF, NEOX, HEAD_NORM, SCALE, ROTATE, G, LOG2_G)  # [D] fp32
+                   D, HALF, NEOX, HEAD_NORM, SCALE, ROTATE, G, LOG2_G, split_stride, bias_ptr, SPLITS, BIAS,
+                   DTYPE)  # [D] fp32
     tl.store(dst_ptr + tl.arange(0, D), y)
 
 
@@ -213,12 +234,12 @@ def _rope_heads_kernel(
     if h < HQ:
         _rope_one_head(q_ptr + t * stride_qt + h * D, qo_ptr + (t * HQ + h) * D, qn_ptr, cos_row, sin_row,
                        qs_ptr + (h // (HQ // HKV)) * D, s1_ptr, s2_ptr, rot_scale, eps, D, HALF, NEOX,
-                       HEAD_NORM, SCALE_Q, ROTATE_Q, G, LOG2_G)
+                       HEAD_NORM, SCALE_Q, ROTATE_Q, G, LOG2_G, 0, q_ptr, 0, False, tl.float16)
     else:
         hk = h - HQ
         _rope_one_head(k_ptr + t * stride_kt + hk * D, ko_ptr + (t * HKV + hk) * D, kn_ptr, cos_row, sin_row,
                        qs_ptr, s1_ptr, s2_ptr, rot_scale, eps, D, HALF, NEOX, HEAD_NORM, False, False, G,
-                       LOG2_G)
+                       LOG2_G, 0, k_ptr, 0, False, tl.float16)
 
 
 def rope_num_warps(head_dim: int) -> int:
@@ -280,15 +301,18 @@ def rope_heads(
 
 @triton.jit
 def _gated_activation_kernel(
-    g_ptr, stride_g, u_ptr, stride_u, o_ptr, stride_o, N, scale,
-    BLOCK: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
+    g_ptr, stride_g, split_stride_g, g_bias_ptr, u_ptr, stride_u, split_stride_u, u_bias_ptr, o_ptr, stride_o,
+    N, scale, BLOCK: tl.constexpr, ACT: tl.constexpr, G_SPLITS: tl.constexpr, G_BIAS: tl.constexpr,
+    U_SPLITS: tl.constexpr, U_BIAS: tl.constexpr, IN_DTYPE: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous(PDL)  # PDL launch: wait for the kernel before; the FFN-down GEMV may start
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
-    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    g = load_input(g_ptr, row * stride_g + cols, mask, split_stride_g, g_bias_ptr, cols, G_SPLITS, G_BIAS,
+                   IN_DTYPE).to(tl.float32)
+    u = load_input(u_ptr, row * stride_u + cols, mask, split_stride_u, u_bias_ptr, cols, U_SPLITS, U_BIAS,
+                   IN_DTYPE).to(tl.float32)
     if ACT == 0:  # SiLU
         a = g / (1.0 + tl.exp(-g))
     else:  # GELU, tanh approximation; tanh(z) = 1 - 2 / (exp(2z) + 1), 2z capped where tanh is 1 in fp32
@@ -298,18 +322,24 @@ def _gated_activation_kernel(
 
 
 def gated_activation(
-    gate: torch.Tensor, up: torch.Tensor, activation: str, scale: float = 1.0
+    gate: torch.Tensor | SplitOutput, up: torch.Tensor | SplitOutput, activation: str, scale: float = 1.0
 ) -> torch.Tensor:
-    """Kernel of `gated_activation_reference`: gate, up (T, F) (row strides free) -> (T, F) gate.dtype."""
+    """Kernel of `gated_activation_reference`: gate, up (T, F) (row strides free; or SplitOutputs of that
+    shape) -> (T, F) gate.dtype."""
     rows, n = gate.shape
-    if up.shape != gate.shape or gate.stride(1) != 1 or up.stride(1) != 1:
-        raise ValueError(f"gate {tuple(gate.shape)} / up {tuple(up.shape)}: need (T, F) with contiguous rows")
+    if tuple(up.shape) != tuple(gate.shape) or up.dtype != gate.dtype:
+        raise ValueError(f"gate {tuple(gate.shape)} / up {tuple(up.shape)}: need two (T, F) of one dtype")
+    g_ptr, g_stride, g_split_stride, g_splits, g_bias = input_args(gate)
+    u_ptr, u_stride, u_split_stride, u_splits, u_bias = input_args(up)
     out = torch.empty(rows, n, dtype=gate.dtype, device=gate.device)
     if rows == 0:
         return out
     block = min(2048, triton.next_power_of_2(n))
     _gated_activation_kernel[(rows, triton.cdiv(n, block))](
-        gate, gate.stride(0), up, up.stride(0), out, out.stride(0), n, scale,
-        BLOCK=block, ACT=ACTIVATIONS[activation], num_warps=4, **pdl_launch(gate.device),
+        g_ptr, g_stride, g_split_stride, out if g_bias is None else g_bias,
+        u_ptr, u_stride, u_split_stride, out if u_bias is None else u_bias, out, out.stride(0), n, scale,
+        BLOCK=block, ACT=ACTIVATIONS[activation], G_SPLITS=g_splits, G_BIAS=g_bias is not None,
+        U_SPLITS=u_splits, U_BIAS=u_bias is not None, IN_DTYPE=dtype_constexpr(gate), num_warps=4,
+        **pdl_launch(gate.device),
     )
     return out

@@ -53,6 +53,7 @@ from kernels.pdl import pdl_supported, wait_for_previous
 from kernels.qmatmul_layouts import FIELDS, GROUP_ELEMS, split_fields, to_gguf_bytes, vector_layout_fits
 from kernels.qmatmul_prefetch import prefetch_column_span, prefetch_lines, prefetch_weight_slice
 from kernels.qmatmul_tiles import dequant_tile, k_index, tile_q6_k_fast
+from kernels.split_output import SplitOutput
 
 if TYPE_CHECKING:
     from engine.gguf_file import TensorInfo
@@ -268,7 +269,7 @@ def _qmatmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_IN_F32: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     PF_LINES: tl.constexpr, PF_META_LINES: tl.constexpr, PF_META_COLS: tl.constexpr, USE_GDC: tl.constexpr,
-    VEC_META: tl.constexpr,
+    VEC_META: tl.constexpr, DEFER: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -316,7 +317,10 @@ def _qmatmul_kernel(
             acc = _dot_x(acc, w_lo, x_rows, k_lo, m_mask, K, DOT_IN_F32, EVEN_K)
             acc = _dot_x(acc, w_hi, x_rows, k_lo + G, m_mask, K, DOT_IN_F32, EVEN_K)
 
-    if SPLIT_K == 1:
+    if DEFER:  # the reader adds the splits (kernels/split_output.py): park this split's sums, done
+        ws_tile = ws_ptr + m[None, :] * N + n[:, None]  # [BN, BM] of a (SPLIT_K, BLOCK_M, N) workspace
+        tl.store(ws_tile + pid_s * (BLOCK_M * N), acc, mask=n_mask[:, None] & m_mask[None, :])
+    elif SPLIT_K == 1:
         _store_output(acc, y_ptr, stride_ym, bias_ptr, n, n_mask, m, m_mask, HAS_BIAS)
     else:
         # Park this split's partial sums, then the last program of the column tile adds all splits
@@ -377,7 +381,7 @@ def _weight_args(w: QuantizedWeight) -> tuple[list, int, int]:
 
 
 def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
-            cfg: KernelConfig) -> torch.Tensor:
+            cfg: KernelConfig, defer: bool = False) -> torch.Tensor | SplitOutput:
     m, k = x.shape
     n = w.shape[0]
     wargs, qtype_code, half = _weight_args(w)
@@ -387,19 +391,23 @@ def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
     ng = cfg.block_k // group
     n_groups = triton.cdiv(k, group)
     n_k_tiles = triton.cdiv(n_groups, ng)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)  # (M, N)
+    gemv = cfg.block_m == GEMV_ROWS_MAX and m <= GEMV_ROWS_MAX
+    if defer and not gemv:
+        raise ValueError("split_output needs the GEMV launch (M <= 16, block_m 16)")
+    y = None if defer else torch.empty((m, n), dtype=x.dtype, device=x.device)  # (M, N)
     n_tiles = triton.cdiv(n, cfg.block_n)
-    if cfg.block_m == GEMV_ROWS_MAX and m <= GEMV_ROWS_MAX and cfg.split_k > 1:
+    if gemv and cfg.split_k > 1:
         tiles_per_split = triton.cdiv(n_k_tiles, cfg.split_k)
         split = triton.cdiv(n_k_tiles, tiles_per_split)
     else:
         tiles_per_split, split = n_k_tiles, 1
-    if split > 1:
-        if cfg.block_n < _COUNTER_TILE_MIN:
-            raise ValueError(f"split-K needs block_n >= {_COUNTER_TILE_MIN}")
+    if split > 1 and not defer and cfg.block_n < _COUNTER_TILE_MIN:
+        raise ValueError(f"split-K needs block_n >= {_COUNTER_TILE_MIN}")
+    if split > 1 or defer:
         ws = torch.empty((split, cfg.block_m, n), dtype=torch.float32, device=x.device)  # (S, 16, N)
     else:
         ws = y
+    y_arg = ws if defer else y  # the kernel's y pointer (unread when deferred)
     fast = cfg.fast and _use_fast_dequant(w, x)
     even_n = n % cfg.block_n == 0
     even_k = k % cfg.block_k == 0 and n_groups % ng == 0
@@ -411,17 +419,17 @@ def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
     gdc = cfg.pdl and pdl_supported(x.device)
     grid = (triton.cdiv(m, cfg.block_m), n_tiles, split)
     _qmatmul_kernel[grid](
-        x, x.stride(0), y, y.stride(0), bias if bias is not None else y,
+        x, x.stride(0), y_arg, n, bias if bias is not None else y_arg,
         *wargs, ws, w.counters,
         m, n, k, n_groups, n_k_tiles, tiles_per_split,
         SPLIT_K=split, QTYPE=qtype_code, G=half, NG=ng, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_BIAS=bias is not None, DOT_IN_F32=_INTERPRETED and x.dtype == torch.bfloat16,
         FAST=fast, EVEN_N=even_n, EVEN_K=even_k, PF_LINES=pf_lines, PF_META_LINES=pf_meta_lines,
         PF_META_COLS=pf_meta_cols,
-        USE_GDC=gdc, VEC_META=w.vector_meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_GDC=gdc, VEC_META=w.vector_meta, DEFER=defer, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if gdc else {}),
     )
-    return y
+    return SplitOutput(ws, bias, m, x.dtype) if defer else y
 
 
 def _use_fast_dequant(w: QuantizedWeight, x: torch.Tensor) -> bool:
@@ -434,11 +442,13 @@ def _is_pow2(v: int) -> bool:
 
 
 def qmatmul(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, *,
-            config: KernelConfig | None = None) -> torch.Tensor:
+            config: KernelConfig | None = None, split_output: bool = False) -> torch.Tensor | SplitOutput:
     """x (M, K) float16/bfloat16 -> (M, N) same dtype, float32 accumulation.
 
     For M <= 16, row i of the result is bit for bit that of qmatmul(x[i:i+1], w, bias).
     `config` overrides the launch (tests, benchmarks); keep it None in the engine.
+    split_output: for M <= 16 return the K-split partial sums as a SplitOutput (kernels/split_output.py)
+    for a reader that adds them (the same bits); for larger M (or no GEMV) a tensor as usual.
     """
     if x.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x must be (M, {w.shape[1]}), got {tuple(x.shape)}")
@@ -457,10 +467,10 @@ def qmatmul(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = Non
         bias = bias.contiguous()
     if config is None:
         if m <= GEMV_ROWS_MAX:
-            config = w.gemv_config
+            return _launch(x, w, bias, w.gemv_config, defer=split_output)
         elif w.dense is not None:  # cuBLAS for prefill of dense weights
             weight = w.dense if w.dense.dtype == x.dtype else w.dense.to(x.dtype)
             return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
         else:
             config = default_gemm_config(w.qtype, m)
-    return _launch(x, w, bias, config)
+    return _launch(x, w, bias, config, defer=split_output and m <= GEMV_ROWS_MAX)

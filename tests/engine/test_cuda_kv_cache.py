@@ -291,26 +291,21 @@ def test_snapshot_round_trip_keeps_scales_and_sinks(tiny_path, tmp_path):
     assert torch.equal(*got)
 
 
-# ---- the fused RoPE + K/V write launch: the engine's A/B switch changes no bit ---------------------------
+# ---- engine A/B switches of the row path change no bit ------------------------------------------------
 
 
-@pytest.mark.slow  # ~20 s a case under the interpreter
-@pytest.mark.parametrize("kv", ["f16", "q4_0"])
-def test_fused_rope_write_switch_changes_no_bit(tiny_path, monkeypatch, kv):
+def _switch_runs(tiny_path, monkeypatch, kv, switch_name, after=lambda switch: None):
     """A prefill chunk (statistics taken, three launches either way), a 3-row verify block and a decode step
-    (graph replays on CUDA) with TANDEM_FUSED_ROPE_WRITE off and on: the same logits and cache bytes."""
+    (graph replays on CUDA) with the environment switch at "0" and at "1": [(rows logits, decode logits,
+    cache)] per setting; after(switch) is called after each."""
     from engine.gguf_file import GGUFModelFile
     from engine.models.cuda_transformer import CudaTransformer
 
-    fused_launches = []
-    fused = CudaKVCache.rope_write_rows
-    monkeypatch.setattr(CudaKVCache, "rope_write_rows",
-                        lambda self, *a, **kw: fused_launches.append(a[0]) or fused(self, *a, **kw))
     model = CudaTransformer.from_gguf(GGUFModelFile.open(tiny_path), device=DEVICE)
     c = model.config
     runs = []
     for switch in ("0", "1"):
-        monkeypatch.setenv("TANDEM_FUSED_ROPE_WRITE", switch)
+        monkeypatch.setenv(switch_name, switch)
         if model.graphs is not None:
             model.graphs.graphs.clear()  # captured under the other setting
         cache = CudaKVCache(c.n_layers, c.n_kv_heads, c.head_dim, CAPACITY, kv, kv, device=DEVICE,
@@ -321,10 +316,50 @@ def test_fused_rope_write_switch_changes_no_bit(tiny_path, monkeypatch, kv):
             rows = model.step([7, 8, 9], 20, cache).logits.clone()  # (3, vocab)
             one = model.step([10], 23, cache).logits.clone()  # (1, vocab)
         runs.append((rows, one, cache))
-        launched = len(fused_launches)
-        assert (launched > 0) == (switch == "1"), f"{launched} fused launches with the switch at {switch}"
+        after(switch)
+    return runs
+
+
+def _assert_same_runs(runs, n_layers):
     (rows_a, one_a, cache_a), (rows_b, one_b, cache_b) = runs
     assert torch.equal(rows_a, rows_b) and torch.equal(one_a, one_b), "logits"
-    for layer in range(c.n_layers):
+    for layer in range(n_layers):
         for sa, sb in ((cache_a.k[layer], cache_b.k[layer]), (cache_a.v[layer], cache_b.v[layer])):
             assert torch.equal(sa.qs, sb.qs) and (sa.d is None or torch.equal(sa.d, sb.d)), f"layer {layer}"
+
+
+@pytest.mark.slow  # ~20 s a case under the interpreter
+@pytest.mark.parametrize("kv", ["f16", "q4_0"])
+def test_fused_rope_write_switch_changes_no_bit(tiny_path, monkeypatch, kv):
+    """TANDEM_FUSED_ROPE_WRITE off and on: the same logits and cache bytes; it ran only if on."""
+    fused_launches = []
+    fused = CudaKVCache.rope_write_rows
+    monkeypatch.setattr(CudaKVCache, "rope_write_rows",
+                        lambda self, *a, **kw: fused_launches.append(a[0]) or fused(self, *a, **kw))
+    def check(switch):
+        launched = len(fused_launches)
+        assert (launched > 0) == (switch == "1"), f"{launched} fused launches with the switch at {switch}"
+
+    runs = _switch_runs(tiny_path, monkeypatch, kv, "TANDEM_FUSED_ROPE_WRITE", check)
+    _assert_same_runs(runs, len(runs[0][2].k))
+
+
+@pytest.mark.slow  # ~20 s a case under the interpreter
+@pytest.mark.parametrize("kv", ["f16", "q4_0"])
+def test_split_output_switch_changes_no_bit(tiny_path, monkeypatch, kv):
+    """TANDEM_SPLIT_OUTPUT off and on (GEMV K-splits added by the reading kernel): the same logits and cache
+    bytes; with it on the row steps' GEMVs handed SplitOutputs on, with it off none did."""
+    import kernels.qmatmul as qm
+    from kernels.split_output import SplitOutput
+
+    handed = []
+    plain = qm.qmatmul
+    monkeypatch.setattr(qm, "qmatmul", lambda *a, **kw: handed.append(plain(*a, **kw)) or handed[-1])
+    def check(switch):
+        split = [isinstance(y, SplitOutput) for y in handed]
+        assert any(split) == (switch == "1"), f"{sum(split)} SplitOutputs with the switch at {switch}"
+        handed.clear()
+
+    runs = _switch_runs(tiny_path, monkeypatch, kv, "TANDEM_SPLIT_OUTPUT", check)
+    _assert_same_runs(runs, len(runs[0][2].k))
+

@@ -214,6 +214,48 @@ def _kv_launches():
         ks.k_scales(torch.ones(t, h, dim), torch.ones(t, hq, dim), torch.zeros(h, dim))
     yield "k_scales partial", part.kernel, *part.calls[0], {}
     yield "k_scales finalize", fin.kernel, *fin.calls[0], {}
+    yield from _split_output_launches(pdl)
+
+
+def _split_output_launches(pdl: dict):
+    """The decode step's readers of GEMV split partials (kernels/split_output.py) and the GEMV that leaves
+    them, shaped as Qwen2.5-1.5B's (K-splits as the H200 launch has them)."""
+    from gguf import GGMLQuantizationType as QT
+
+    import kernels.layer_ops as lo
+    import kernels.qmatmul as qm
+    import kernels.rope_kv_write as rkw
+    from engine import hadamard, kv_quant
+    from kernels.split_output import SplitOutput
+    from tests.engine.gguf_builders import random_blocks
+
+    def partials(splits, n, bias=False):
+        return SplitOutput(torch.zeros(splits, 16, n), torch.zeros(n) if bias else None, 1, torch.float16)
+
+    rng = __import__("numpy").random.default_rng(0)
+    w = qm.QuantizedWeight.from_bytes(random_blocks(QT.Q4_K, (1792, 1536), rng, max_abs=0.01), QT.Q4_K,
+                                      (1792, 1536), "cpu")
+    with recording(qm, "_qmatmul_kernel") as rec:
+        qm.qmatmul(torch.zeros(1, 1536, dtype=torch.float16), w, torch.zeros(1792), split_output=True)
+    yield ("qmatmul GEMV Q4_K 1792x1536 split_output", rec.kernel, *rec.calls[0],
+           {"FAST": True, "PF_LINES": 4, "PF_META_LINES": 2, "USE_GDC": True, "launch_pdl": True})
+    with recording(lo, "_add_rms_norm_kernel") as rec:
+        lo.add_rms_norm(torch.zeros(1, 1536), torch.ones(1536), 1e-6, delta=partials(22, 1536))
+    yield "add_rms_norm (delta: 22 splits)", rec.kernel, *rec.calls[0], pdl
+    with recording(lo, "_gated_activation_kernel") as rec:
+        gate, up = partials(3, 17920).split([8960, 8960])
+        lo.gated_activation(gate, up, "silu")
+    yield "gated_activation (3 splits)", rec.kernel, *rec.calls[0], pdl
+    h, hq, dim, cap = 2, 12, 128, 256
+    k_store, v_store = (kv_quant.allocate("q4_0", (1, h, cap), dim, "cpu") for _ in range(2))
+    q_in, k_in = partials(12, (hq + h) * dim, bias=True).split([hq * dim, h * dim])
+    half = dim // 2
+    with recording(rkw, "_rope_kv_write_kernel") as rec:
+        rkw.rope_kv_write(q_in, k_in, partials(12, h * dim, bias=True), torch.zeros(1, dtype=torch.int64),
+                          torch.ones(cap, half), torch.zeros(cap, half), k_store, v_store, neox=True,
+                          rotation=hadamard.make_rotation(dim), k_scale=torch.ones(h, dim),
+                          mean=torch.zeros(h, dim))
+    yield "rope_kv_write q4_0/q4_0 (Q/K/V: 12 splits, bias)", rec.kernel, *rec.calls[0], pdl
 
 
 def main() -> int:

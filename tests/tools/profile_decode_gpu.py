@@ -1,6 +1,7 @@
 """Where a GPU decode step's time goes: kernel by kernel, from the CUDA profiler (issue 5).
 
     python3 -m tests.tools.profile_decode_gpu --model M.gguf [--ctk f16 --ctv f16] [--depth 1024] [--rows 1]
+    python3 -m tests.tools.profile_decode_gpu --model M.gguf --pdl --ab TANDEM_L2_RUNAHEAD   # A/B of a switch
 
 Loads the model on CUDA, fills the cache to `depth`, captures the 1-row decode graph (or the graph of
 a `rows`-token speculative verify step), replays it
@@ -18,40 +19,61 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from collections import defaultdict
 
 import torch
 
 
-def profile(model_path: str, ctk: str, ctv: str, depth: int, steps: int, rows: int = 1) -> dict:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
+def _load(model_path: str, ctk: str, ctv: str, depth: int, rows: int):
+    """An engine on CUDA with the cache filled to `depth`, and the `rows` tokens of the step to time."""
     from engine.api import EngineConfig
-    from engine.cuda_graphs import bucket_for
     from engine.session import Engine
 
     context = -(-(depth + 64) // 256) * 256
     session = Engine.load(EngineConfig(model=model_path, kv_k=ctk, kv_v=ctv, device="cuda",
                                        context_length=context))
-    model, cache = session.model, session.cache
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model.config.vocab_size, (depth + rows,), generator=gen)  # (depth + rows,)
+    vocab = session.model.config.vocab_size
+    tokens = torch.randint(0, vocab, (depth + rows,), generator=gen)  # (depth + rows,)
+    session.prefill(tokens[:depth].tolist(), 0)
+    return session, tokens[depth:].tolist()
+
+
+def _captured(session, step_ids: list[int], depth: int):
+    """The step's CUDA graph, captured now (any captured before is dropped), warmed by 5 replays."""
+    from engine.cuda_graphs import bucket_for
+
+    model = session.model
+    model.graphs.graphs.clear()
+    model.step(step_ids, depth, session.cache)  # captures the step's graph
+    graph = model.graphs.graphs[(bucket_for(len(step_ids)), ())]
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
+def _wall_us(graph, steps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / steps
+
+
+def profile(model_path: str, ctk: str, ctv: str, depth: int, steps: int, rows: int = 1) -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
     with torch.inference_mode():
-        session.prefill(tokens[:depth].tolist(), 0)
-        model.step(tokens[depth:].tolist(), depth, cache)  # captures the step's graph
-        graph = model.graphs.graphs[(bucket_for(rows), ())]
-        for _ in range(5):
-            graph.replay()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        wall_us = start.elapsed_time(end) * 1e3 / steps
+        session, step_ids = _load(model_path, ctk, ctv, depth, rows)
+        model = session.model
+        graph = _captured(session, step_ids, depth)
+        wall_us = _wall_us(graph, steps)
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 graph.replay()
@@ -67,6 +89,21 @@ def profile(model_path: str, ctk: str, ctv: str, depth: int, steps: int, rows: i
     return {"wall_us": wall_us, "rows": rows, "n_layers": model.config.n_layers}
 
 
+def ab_switch(model_path: str, ctk: str, ctv: str, depth: int, steps: int, rows: int, name: str,
+              rounds: int = 2) -> dict[str, list[float]]:
+    """Wall us per step with the environment switch `name` "1" and "0", in the order 1, 0, 0, 1 (and again
+    for more rounds), the step's graph captured anew for each (switches are read when a step is captured).
+    Returns {"1": [...], "0": [...]}."""
+    walls: dict[str, list[float]] = {"1": [], "0": []}
+    with torch.inference_mode():
+        session, step_ids = _load(model_path, ctk, ctv, depth, rows)
+        for value in ("1", "0", "0", "1") * rounds:
+            os.environ[name] = value
+            walls[value].append(_wall_us(_captured(session, step_ids, depth), steps))
+        session.close()
+    return walls
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -77,17 +114,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1, help="tokens per step: 1 = decode, more = verify")
     parser.add_argument("--pdl", action="store_true",
                         help="keep programmatic dependent launch on (per-kernel times then include waits)")
+    parser.add_argument("--ab", metavar="SWITCH", default=None,
+                        help="instead of profiling: wall time per step with the environment switch SWITCH "
+                             "=1 and =0 (order 1 0 0 1 1 0 0 1, graph captured anew each time)")
     args = parser.parse_args(argv)
     if not args.pdl:
         os.environ["TANDEM_PDL"] = "0"  # read at the first kernel launch (kernels/pdl.py)
     if not torch.cuda.is_available():
         print("profile_decode_gpu needs a CUDA GPU", file=sys.stderr)
         return 2
+    what = "decode step" if args.rows == 1 else f"{args.rows}-row verify step"
+    pdl = "PDL on" if args.pdl else "PDL off"
+    if args.ab:
+        walls = ab_switch(args.model, args.ctk, args.ctv, args.depth, args.steps, args.rows, args.ab)
+        on, off = (statistics.mean(walls[v]) for v in ("1", "0"))
+        print(f"{what} ({pdl}), {args.ctk}/{args.ctv} cache at depth {args.depth}, wall us: "
+              f"{args.ab}=1 {on:.0f} ({' '.join(f'{w:.0f}' for w in walls['1'])}), "
+              f"=0 {off:.0f} ({' '.join(f'{w:.0f}' for w in walls['0'])}); 1/0 = {on / off:.3f}")
+        return 0
     res = profile(args.model, args.ctk, args.ctv, args.depth, args.steps, args.rows)
     kernel_us = sum(r[2] for r in res["rows"])
     launches = sum(r[1] for r in res["rows"])
-    pdl = "PDL on" if args.pdl else "PDL off"
-    what = "decode step" if args.rows == 1 else f"{args.rows}-row verify step"
     print(f"{what} ({pdl}), {args.ctk}/{args.ctv} cache at depth {args.depth}: "
           f"wall {res['wall_us']:.0f} us, "
           f"kernels {kernel_us:.0f} us in {launches:.0f} launches "
