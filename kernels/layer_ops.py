@@ -125,6 +125,18 @@ def _add_rms_norm_kernel(
     tl.store(out_ptr + row * stride_o + cols, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def norm_warps(block: int, splits: int) -> int:
+    """Warps of an add_rms_norm program (one row of `block` columns; `splits`: the delta's K-splits).
+
+    Rows of 2048 columns take 32 warps: with a split delta (the engine's decode step: 11-12 splits of
+    1536 columns) a program then has twice the loads in flight, and on an H200 (Qwen2.5-1.5B layout,
+    depth 4096, `.bench`-style A/B of launch variants in one process) the decode step went 1524 -> 1478 us
+    (f16) and 1621 -> 1579 (q4_0) against 8 warps, the 16-row verify 1913 -> 1916; 4 warps cost +5 %.
+    Split or not, a row takes the same warps, so its RMS sum runs in the same order either way (the
+    TANDEM_SPLIT_OUTPUT A/B changes no bit)."""
+    return 32 if block >= 2048 else max(1, block // 256)
+
+
 def add_rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | SplitOutput | None = None,
     delta_weight: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
@@ -149,7 +161,7 @@ def add_rms_norm(
         BLOCK=block, HAS_DELTA=delta is not None, DELTA_NORM=delta_weight is not None,
         DELTA_SPLITS=d_splits, DELTA_BIAS=d_bias is not None,
         DELTA_DTYPE=dtype_constexpr(x if delta is None else delta),
-        num_warps=max(1, min(16, block // 256)), **pdl_launch(x.device),
+        num_warps=norm_warps(block, d_splits), **pdl_launch(x.device),
     )
     return out
 
@@ -321,6 +333,18 @@ def _gated_activation_kernel(
     tl.store(o_ptr + row * stride_o + cols, (a * u * scale).to(o_ptr.dtype.element_ty), mask=mask)
 
 
+def activation_block(n: int, splits: int) -> int:
+    """Columns per gated_activation program (`splits`: the inputs' K-splits, 0 for tensors).
+
+    Split inputs (the decode step) take 256-column programs: 35 programs for 8960 columns instead of 5,
+    each with 2 x splits loads of 2 columns a thread. H200, as in `norm_warps`: decode 1524 -> 1479 us
+    (f16), 1621 -> 1577 (q4_0), 16-row verify 1913 -> 1836; 512 columns was as fast for one row but
+    slower for 16 (2099)."""
+    if splits:
+        return min(256, triton.next_power_of_2(n))
+    return min(2048, triton.next_power_of_2(n))
+
+
 def gated_activation(
     gate: torch.Tensor | SplitOutput, up: torch.Tensor | SplitOutput, activation: str, scale: float = 1.0
 ) -> torch.Tensor:
@@ -334,7 +358,7 @@ def gated_activation(
     out = torch.empty(rows, n, dtype=gate.dtype, device=gate.device)
     if rows == 0:
         return out
-    block = min(2048, triton.next_power_of_2(n))
+    block = activation_block(n, max(g_splits, u_splits))
     _gated_activation_kernel[(rows, triton.cdiv(n, block))](
         g_ptr, g_stride, g_split_stride, out if g_bias is None else g_bias,
         u_ptr, u_stride, u_split_stride, out if u_bias is None else u_bias, out, out.stride(0), n, scale,
