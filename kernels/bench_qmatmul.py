@@ -271,12 +271,18 @@ GEMV_KERNEL_SWEEP = [  # (block_n, block_k, programs_per_sm, num_warps, num_stag
     # a K-tile can be in flight stages ahead; compiled for sm_90 with Triton 3.6 without spills (Q4_K / Q6_K:
     # block_k 256 108-128 registers, 4 CTAs an SM; 4 stages 67-80 registers, 35-37 KB shared, 6 CTAs an SM)
     (64, 256, 4, 4, 2), (64, 256, 2, 4, 3), (64, 128, 4, 4, 4), (64, 128, 2, 4, 4),
+    # other warp counts (session 6, Triton 3.6 sm_90 SASS of the gate/up K loop): 8 warps = two warpgroups,
+    # wgmma 64x8 from shared memory, 2 waits instead of 8, 5 CTA barriers instead of 9; 2 warps = mma.sync
+    # (no wgmma waits, 9 barriers)
+    (64, 128, 8, 8, 2), (128, 128, 8, 8, 2), (64, 128, 4, 8, 3), (64, 128, 16, 8, 2),
+    (32, 128, 8, 2, 2), (32, 128, 16, 2, 2), (64, 128, 8, 2, 2),
 ]
 
 
-def sweep_gemv_kernels(l2_bytes: int, rows=(1, 16), hot: bool = False) -> None:
+def sweep_gemv_kernels(l2_bytes: int, rows=(1, 16), hot: bool = False, split_output: bool = False) -> None:
     """GEMV launch parameters (split of K, tile sizes, stages) per shape of a Qwen2.5-1.5B layer;
-    hot: with the weight in L2 (as engine/l2_runahead.py means to have it)."""
+    hot: with the weight in L2; split_output: the GEMV leaving its split partials (as the engine's decode
+    step launches it, kernels/split_output.py; the reader's share is not in these times)."""
     for qtype, shape in GEMV_KERNEL_SHAPES:
         weights = _weights(qtype, shape, l2_bytes, hot=hot)
         lines = []
@@ -284,7 +290,7 @@ def sweep_gemv_kernels(l2_bytes: int, rows=(1, 16), hot: bool = False) -> None:
             cfg = default_gemv_config(qtype, shape, DEVICE, block_n=bn, block_k=bk, programs_per_sm=pps,
                                       num_warps=nw, num_stages=ns)
             try:
-                times = [gemv_time(weights, m, cfg) * 1e6 for m in rows]
+                times = [gemv_time(weights, m, cfg, split_output) * 1e6 for m in rows]
             except Exception as exc:  # out of resources and the like: report and go on
                 lines.append(f"bn{bn} bk{bk} pps{pps} w{nw} s{ns}: failed {type(exc).__name__}")
                 continue
@@ -300,8 +306,8 @@ def sweep_gemv_kernels(l2_bytes: int, rows=(1, 16), hot: bool = False) -> None:
 
 def ab_l2(l2_bytes: int, rows=(1, 16)) -> None:
     """The default GEMV launch with its weight read from memory (copies cycled) and from L2 (one weight,
-    called again and again), per shape of a Qwen2.5-1.5B decode step; order cold, hot, hot, cold. What
-    engine/l2_runahead.py can win at most per GEMV."""
+    called again and again), per shape of a Qwen2.5-1.5B decode step; order cold, hot, hot, cold: what
+    keeping weights in L2 could win at most per GEMV (session 6: nothing; kernels/README.md)."""
     totals = {False: [0.0] * len(rows), True: [0.0] * len(rows)}
     for qtype, shape in GEMV_KERNEL_SHAPES:
         sets = {hot: _weights(qtype, shape, l2_bytes, hot=hot) for hot in (False, True)}
@@ -437,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="default GEMV with / without the L2 prefetch and programmatic dependent launch")
     parser.add_argument("--hot", action="store_true",
                         help="with --sweep-gemv: the weight stays in L2 (one copy, called again and again)")
+    parser.add_argument("--split-output", action="store_true",
+                        help="with --sweep-gemv: GEMVs leave their K-split partials (as in engine steps)")
     parser.add_argument("--ab-l2", action="store_true",
                         help="default GEMV on engine shapes, weight read from memory vs from L2")
     parser.add_argument("--ab-split-output", action="store_true",
@@ -478,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.sweep_gemv:
         print(f"{device}; copy bandwidth {copy_bandwidth('cuda'):.0f} GB/s", flush=True)
-        sweep_gemv_kernels(l2_bytes, hot=args.hot)
+        sweep_gemv_kernels(l2_bytes, hot=args.hot, split_output=args.split_output)
         return 0
     if args.sweep:
         chosen = [t for t in types if t in SWEEP_TYPES] if args.types else SWEEP_TYPES

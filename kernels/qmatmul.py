@@ -188,9 +188,9 @@ def _multiprocessors(device: torch.device) -> int:
     return 8  # the interpreter: small, so tiny test shapes still split
 
 
-def _gemv_tuning(qtype: QT, n: int, k: int, n_sm: int) -> tuple[int, int, int]:
-    """(block_n, programs_per_sm, num_stages) for a GEMV of (N, K), from `bench_qmatmul --sweep` on an
-    H200 (2026-11-27, fp16 x, M = 1 / 16 us, see kernels/README.md):
+def _gemv_tuning(qtype: QT, n: int, k: int, n_sm: int) -> tuple[int, int, int, int]:
+    """(block_n, programs_per_sm, num_stages, num_warps) for a GEMV of (N, K), from `bench_qmatmul --sweep`
+    on an H200 (2026-11-27, fp16 x, M = 1 / 16 us, see kernels/README.md):
     - an LM head (151936 x 1536: thousands of 64-column tiles, no K split): block_n 128 and 3
       stages halve the 16-row x re-reads; Q4_0 93.2/133.8 -> 87.4/97.1, Q4_K 88.6/92.2 -> 82.9/88.0,
       Q8_0 151.6/187.6 -> 148.1/161.5. Q6_K keeps block_n 64 (3 stages: 120.6/126.5 -> 115.1/121.5;
@@ -202,20 +202,27 @@ def _gemv_tuning(qtype: QT, n: int, k: int, n_sm: int) -> tuple[int, int, int]:
       (session 4, PDL on; block_n 128 16.9/18.1, 12 per SM 17.8/19.9).
     - otherwise (8960 x 1536 and smaller): block_n 64, 4 programs per SM, 2 stages was best or
       within 5% (8 per SM: Q4_K 8960 x 1536 11.1 -> 9.9 us but Q4_0 10.7 -> 12.0).
+    - session 6, with the K-splits left to the reader (kernels/split_output.py; `--sweep-gemv --split-output`,
+      then the engine's decode step with the variants swapped in, `.bench/s6_tune.py`): Q4_K in the two long
+      shapes (fused gate/up, FFN-down 1536 x 8960) takes 2 warps (mma.sync instead of one warpgroup's
+      wgmma, whose 8 waits a K-tile the SASS shows) and 8 programs an SM: GEMV alone gate/up 16.25 ->
+      14.20 us, FFN-down 9.94 -> 8.53 (M = 1); decode step -1.3 % and -1.1 % each, both -1.7 % (f16,
+      depth 4096; q4_0 alike), 16-row verify -8 % / -7 % (against a noisy baseline: 2063 and 1858 us in
+      its two passes). Q6_K's FFN-down stayed best as it was (10.21 us; 2 warps 17.4).
     """
     n_tiles = triton.cdiv(n, 64)
     if n_tiles >= 8 * n_sm:
-        return (64 if qtype == QT.Q6_K else 128), 4, 3
+        return (64 if qtype == QT.Q6_K else 128), 4, 3, 4
     if k >= 4096:
-        return 64, 2, 3
+        return (64, 8, 2, 2) if qtype == QT.Q4_K else (64, 2, 3, 4)
     if n_tiles >= 2 * n_sm:
-        return 64, 8, 2
-    return 64, 4, 2
+        return (64, 8, 2, 2) if qtype == QT.Q4_K else (64, 8, 2, 4)
+    return 64, 4, 2, 4
 
 
 def default_gemv_config(qtype: QT, shape: tuple[int, int], device: torch.device | str, *,
                         block_n: int | None = None, block_k: int = 128, programs_per_sm: int | None = None,
-                        num_warps: int = 4, num_stages: int | None = None) -> KernelConfig:
+                        num_warps: int | None = None, num_stages: int | None = None) -> KernelConfig:
     """GEMV launch for (N, K): split K until there are about `programs_per_sm` programs per multiprocessor.
 
     Depends on (qtype, N, K, device) only, never on M. Unset arguments come from `_gemv_tuning`.
@@ -224,7 +231,8 @@ def default_gemv_config(qtype: QT, shape: tuple[int, int], device: torch.device 
     """
     n, k = shape
     n_sm = _multiprocessors(torch.device(device))
-    tuned_n, tuned_pps, tuned_stages = _gemv_tuning(qtype, n, k, n_sm)
+    tuned_n, tuned_pps, tuned_stages, tuned_warps = _gemv_tuning(qtype, n, k, n_sm)
+    num_warps = num_warps or tuned_warps
     block_n = block_n or tuned_n
     programs_per_sm = programs_per_sm or tuned_pps
     num_stages = num_stages or tuned_stages
