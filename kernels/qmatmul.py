@@ -50,7 +50,14 @@ from gguf import GGMLQuantizationType as QT
 from engine import quants
 from engine.errors import ModelFileError
 from kernels.pdl import pdl_supported, wait_for_previous
-from kernels.qmatmul_layouts import FIELDS, GROUP_ELEMS, split_fields, to_gguf_bytes, vector_layout_fits
+from kernels.qmatmul_layouts import (
+    FIELDS,
+    GROUP_ELEMS,
+    q4_k_scales,
+    split_fields,
+    to_gguf_bytes,
+    vector_layout_fits,
+)
 from kernels.qmatmul_prefetch import prefetch_column_span, prefetch_lines, prefetch_weight_slice
 from kernels.qmatmul_tiles import dequant_tile, k_index, tile_q6_k_fast
 from kernels.split_output import SplitOutput
@@ -80,6 +87,10 @@ _PREFETCH_MAX_BYTES = float(os.environ.get("TANDEM_QMATMUL_PREFETCH_MB", "4")) *
 # import; a weight's layout is fixed when it is built (`QuantizedWeight.from_bytes(..., vector_meta=...)`),
 # the kernel follows it.
 _VECTOR_META = os.environ.get("TANDEM_QMATMUL_VECTOR_META", "1") != "0"
+# Q4_K weights in the vector layout also keep their sub-block scales precomputed in fp16 for the fast
+# dequantizer (kernels/qmatmul_layouts.q4_k_scales: same bits, no per-tile conversion through shared memory);
+# =0 leaves them out and the kernel computes them from the scale bytes as before (A/B). Read at import.
+_Q4K_SCALES = os.environ.get("TANDEM_QMATMUL_Q4K_SCALES", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,8 @@ class QuantizedWeight:
         self.shape = (int(shape[0]), int(shape[1]))
         self.fields = fields  # role -> (N, per-row) tensor (kernel types), else None
         self.vector_meta = vector_meta and fields is not None  # the layout of `fields`
+        # Q4_K with its fp16 sub-block scales precomputed (the `d` role of the vector layout)
+        self.prescaled = self.vector_meta and self.qtype == QT.Q4_K and "d" in fields
         self.dense = dense  # (N, K) fp16 / bf16 / fp32 (dense types), else None
         some = dense if dense is not None else fields["q"]
         self.device = some.device
@@ -133,7 +146,8 @@ class QuantizedWeight:
 
     @classmethod
     def from_bytes(cls, data: torch.Tensor | np.ndarray, qtype: int, shape: tuple[int, int],
-                   device: torch.device | str, *, vector_meta: bool | None = None) -> QuantizedWeight:
+                   device: torch.device | str, *, vector_meta: bool | None = None,
+                   q4k_scales: bool | None = None) -> QuantizedWeight:
         """GGUF bytes of a (N, K) tensor (uint8, on any device) -> a weight on `device`.
 
         vector_meta: which layout of kernels.qmatmul_layouts (None: `_VECTOR_META`, the environment's);
@@ -158,6 +172,8 @@ class QuantizedWeight:
             vector_meta = _VECTOR_META if vector_meta is None else vector_meta
             vector_meta = vector_meta and vector_layout_fits(qtype, shape)
             fields = split_fields(raw, qtype, shape, vector_meta=vector_meta)
+            if vector_meta and qtype == QT.Q4_K and (_Q4K_SCALES if q4k_scales is None else q4k_scales):
+                fields["d"] = q4_k_scales(raw, shape)  # the fast dequantizer's scales, precomputed
             return cls(qtype, shape, fields, None, vector_meta)
         if qtype == QT.F16:
             dense = raw.view(torch.float16).reshape(shape).clone()
@@ -277,7 +293,7 @@ def _qmatmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_IN_F32: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     PF_LINES: tl.constexpr, PF_META_LINES: tl.constexpr, PF_META_COLS: tl.constexpr, USE_GDC: tl.constexpr,
-    VEC_META: tl.constexpr, DEFER: tl.constexpr,
+    VEC_META: tl.constexpr, DEFER: tl.constexpr, PRESCALED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -294,7 +310,7 @@ def _qmatmul_kernel(
     if PF_LINES > 0:  # the whole weight slice of this program in flight at once (see prefetch_weight_slice)
         prefetch_weight_slice(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, n_mask,
                               t_start, t_stop, n_k_tiles, QTYPE, PF_LINES, PF_META_LINES, VEC_META,
-                              pid_n * BLOCK_N, N, PF_META_COLS, BLOCK_N)
+                              pid_n * BLOCK_N, N, PF_META_COLS, BLOCK_N, FAST and PRESCALED)
     wait_for_previous(USE_GDC)  # launched as a programmatic dependent: nothing above reads x or writes
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     m_mask = m < M
@@ -320,7 +336,7 @@ def _qmatmul_kernel(
         else:
             w_lo, w_hi = dequant_tile(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, n_mask,
                                       gi, g_mask, K, pid_n * BLOCK_N, N, QTYPE, BLOCK_N, BKH, FAST, VEC_META,
-                                      NG)  # [BN, BKH] each
+                                      NG, PRESCALED)  # [BN, BKH] each
             k_lo = k_index(t, NG, G)  # [BKH]
             acc = _dot_x(acc, w_lo, x_rows, k_lo, m_mask, K, DOT_IN_F32, EVEN_K)
             acc = _dot_x(acc, w_hi, x_rows, k_lo + G, m_mask, K, DOT_IN_F32, EVEN_K)
@@ -434,7 +450,8 @@ def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
         HAS_BIAS=bias is not None, DOT_IN_F32=_INTERPRETED and x.dtype == torch.bfloat16,
         FAST=fast, EVEN_N=even_n, EVEN_K=even_k, PF_LINES=pf_lines, PF_META_LINES=pf_meta_lines,
         PF_META_COLS=pf_meta_cols,
-        USE_GDC=gdc, VEC_META=w.vector_meta, DEFER=defer, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_GDC=gdc, VEC_META=w.vector_meta, DEFER=defer, PRESCALED=w.prescaled, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
         **({"launch_pdl": True} if gdc else {}),
     )
     return SplitOutput(ws, bias, m, x.dtype) if defer else y

@@ -132,6 +132,32 @@ def split_fields(raw: torch.Tensor, qtype: QT, shape: tuple[int, int], *,
     return out
 
 
+def q4_k_scales(raw: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Q4_K's sub-block scales and offsets as the fp16 the fast GEMV dequantizer multiplies by (vector
+    layout, the `d` role; the GGUF bytes stay in `s` and `q`): (N, 16 per super-block) fp16, for group c
+    (sub-blocks 2c, 2c + 1) the four values fp16(d * sc[2c]), -fp16(dmin * m[2c]), fp16(d * sc[2c + 1]),
+    -fp16(dmin * m[2c + 1]). d * sc and dmin * m are exact in float32 (11 x 6 bits); the one rounding to
+    fp16 is the kernel's own (kernels/qmatmul_tiles.py, `_tile_q4_k_q5_k`), so the values are the same
+    bits as when the kernel computed them from the 12 scale bytes in every K-tile.
+
+    Why: those per-tile products reached the tensor-core operand layout through shared memory (four
+    conversions, eight CTA barriers a K-tile in the sm_90 SASS); loaded as one 8-byte word per row and
+    group they arrive in that layout. Costs 32 bytes of memory a super-block (+22 % over its 144); the fast
+    GEMV reads 160 bytes a super-block instead of 144 (+11 %), `s` then left unread."""
+    n_rows, n_cols = shape
+    blocks = raw.reshape(n_rows, n_cols // 256, 144)  # (N, nb, 144) uint8
+    d = blocks[:, :, 0:2].contiguous().view(torch.float16).to(torch.float32)  # (N, nb, 1)
+    dmin = blocks[:, :, 2:4].contiguous().view(torch.float16).to(torch.float32)
+    sc_bytes = blocks[:, :, 4:16].to(torch.int32)  # (N, nb, 12)
+    lo_d, lo_m, md = sc_bytes[:, :, 0:4], sc_bytes[:, :, 4:8], sc_bytes[:, :, 8:12]
+    sc = torch.cat([lo_d & 63, (md & 15) | ((lo_d >> 6) << 4)], dim=2)  # (N, nb, 8) sub-blocks 0..7
+    mn = torch.cat([lo_m & 63, (md >> 4) | ((lo_m >> 6) << 4)], dim=2)
+    dl = (d * sc.to(torch.float32)).to(torch.float16)  # (N, nb, 8)
+    ml = (-(dmin * mn.to(torch.float32))).to(torch.float16)
+    per_group = torch.stack([dl[:, :, 0::2], ml[:, :, 0::2], dl[:, :, 1::2], ml[:, :, 1::2]], dim=3)
+    return per_group.reshape(n_rows, -1).contiguous()  # (N, nb * 4 groups * 4)
+
+
 def to_gguf_bytes(fields: dict[str, torch.Tensor], qtype: QT, shape: tuple[int, int]) -> torch.Tensor:
     """The inverse of `split_fields` (either layout, told apart by its roles): (n_bytes,) uint8 GGUF
     bytes, on the fields' device."""

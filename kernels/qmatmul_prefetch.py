@@ -112,10 +112,12 @@ def _prefetch_columns(ptr, per_row, n0, N, t_start, t_stop, n_k_tiles, COLS: tl.
 def prefetch_weight_slice(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask,
                           t_start, t_stop, n_k_tiles, QTYPE: tl.constexpr, PF_LINES: tl.constexpr,
                           PF_META_LINES: tl.constexpr, VEC_META: tl.constexpr, n0, N,
-                          PF_META_COLS: tl.constexpr, BLOCK_N: tl.constexpr):
+                          PF_META_COLS: tl.constexpr, BLOCK_N: tl.constexpr, PRESCALED: tl.constexpr = False):
     """L2 prefetch of every field's bytes that this program's K-tiles [t_start, t_stop) of rows
     [n0, n0 + BLOCK_N) will read. VEC_META: the vector-metadata layout (kernels/qmatmul_layouts.py),
-    where Q4_K / Q5_K keep d and dmin in `s` (no d / m fields) and Q6_K's d is column-major."""
+    where Q4_K / Q5_K keep d and dmin in `s` (no d / m fields) and Q6_K's d is column-major. PRESCALED:
+    Q4_K's fast path, which reads its precomputed scales (the `d` role, qmatmul_layouts.q4_k_scales)
+    instead of `s`."""
     _prefetch_field(q_ptr, sq, rows, row_mask, t_start, t_stop, n_k_tiles, PF_LINES)
     K_HEAD: tl.constexpr = VEC_META and (QTYPE == 12 or QTYPE == 13)
     if VEC_META and QTYPE == 14:
@@ -125,7 +127,9 @@ def prefetch_weight_slice(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm,
         _prefetch_field(d_ptr, sd, rows, row_mask, t_start, t_stop, n_k_tiles, PF_META_LINES)
     if QTYPE == 6 or QTYPE == 7 or QTYPE == 13 or QTYPE == 14:
         _prefetch_field(h_ptr, sh, rows, row_mask, t_start, t_stop, n_k_tiles, PF_META_LINES)
-    if QTYPE == 12 or QTYPE == 13 or QTYPE == 14:
+    if PRESCALED:
+        _prefetch_field(d_ptr, sd, rows, row_mask, t_start, t_stop, n_k_tiles, PF_META_LINES)
+    elif QTYPE == 12 or QTYPE == 13 or QTYPE == 14:
         _prefetch_field(s_ptr, ss, rows, row_mask, t_start, t_stop, n_k_tiles, PF_META_LINES)
     if QTYPE == 3 or QTYPE == 7 or ((QTYPE == 12 or QTYPE == 13) and not K_HEAD):
         _prefetch_field(m_ptr, sm, rows, row_mask, t_start, t_stop, n_k_tiles, PF_META_LINES)

@@ -296,7 +296,7 @@ def _k_head(s_ptr, ss, rows, sb, c, mask2, BLOCK_N: tl.constexpr, NG: tl.constex
 @triton.jit
 def _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi, g_mask,
                     HAS_HIGH: tl.constexpr, FAST: tl.constexpr, VEC: tl.constexpr, BLOCK_N: tl.constexpr,
-                    NG: tl.constexpr):
+                    NG: tl.constexpr, PRESCALED: tl.constexpr):
     """Q4_K/Q5_K: group c (0..3) of a super-block = 32 bytes; low nibbles are sub-block 2c, high 2c + 1."""
     j = tl.arange(0, 32)
     mask2 = row_mask[:, None] & g_mask[None, :]  # [BN, NG]
@@ -304,6 +304,8 @@ def _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows,
     c = gi % 4
     b8 = tl.load(q_ptr + rows[:, None, None] * sq + gi[None, :, None] * 32 + j[None, None, :],
                  mask=mask2[:, :, None], other=0)  # [BN, NG, 32] uint8
+    if FAST and PRESCALED:  # Q4_K, fp16 activations: scales precomputed at load (qmatmul_layouts.q4_k_scales)
+        return _tile_q4_k_prescaled(b8, d_ptr, sd, rows, gi, mask2, BLOCK_N, NG)
     b = b8.to(tl.int32)
     lo = b & 15
     hi = b >> 4
@@ -333,6 +335,20 @@ def _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows,
         w_lo = dl_lo * _exact_float(lo, 0) - ml_lo
         w_hi = dl_hi * _exact_float(hi, 0) - ml_hi
     return w_lo, w_hi
+
+
+@triton.jit
+def _tile_q4_k_prescaled(b8, p_ptr, sp, rows, gi, mask2, BLOCK_N: tl.constexpr, NG: tl.constexpr):
+    """Q4_K fast path from the precomputed fp16 scales (the `d` role of the vector layout): one 8-byte word
+    per row and group (scale lo, -offset lo, scale hi, -offset hi), taken apart with constant views so the
+    values arrive in the tensor-core operand layout (no conversion through shared memory)."""
+    k = tl.arange(0, 4)
+    p = tl.load(p_ptr + (rows[:, None] * sp + gi[None, :] * 4)[:, :, None] + k[None, None, :],
+                mask=mask2[:, :, None], other=0.0)  # [BN, NG, 4] fp16
+    scales, offsets = tl.split(p.reshape(BLOCK_N, NG, 2, 2))  # [BN, NG, 2] each: (lo, hi)
+    dl_lo, dl_hi = tl.split(scales)  # [BN, NG]
+    ml_lo, ml_hi = tl.split(offsets)
+    return _asm_q4_affine(b8, dl_lo[:, :, None], ml_lo[:, :, None], dl_hi[:, :, None], ml_hi[:, :, None])
 
 
 @triton.jit
@@ -422,7 +438,7 @@ def _tile_dense(q_ptr, sq, rows, row_mask, gi, K):
 @triton.jit
 def dequant_tile(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi, g_mask, K, n0, N,
                  QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BKH: tl.constexpr, FAST: tl.constexpr,
-                 VEC: tl.constexpr, NG: tl.constexpr):
+                 VEC: tl.constexpr, NG: tl.constexpr, PRESCALED: tl.constexpr = False):
     """One K-tile -> (w_lo, w_hi), each [BLOCK_N, BKH] float32 (see `_k_index` for their K positions)."""
     if QTYPE == 2:  # Q4_0
         lo, hi = _tile_q4_q5(q_ptr, h_ptr, d_ptr, m_ptr, sq, sh, sd, sm, rows, row_mask, gi, g_mask,
@@ -440,10 +456,10 @@ def dequant_tile(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, ro
         lo, hi = _tile_q8_0(q_ptr, d_ptr, sq, sd, rows, row_mask, gi, g_mask, FAST)
     elif QTYPE == 12:  # Q4_K
         lo, hi = _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi,
-                                 g_mask, False, FAST, VEC, BLOCK_N, NG)
+                                 g_mask, False, FAST, VEC, BLOCK_N, NG, PRESCALED)
     elif QTYPE == 13:  # Q5_K
         lo, hi = _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi,
-                                 g_mask, True, False, VEC, BLOCK_N, NG)
+                                 g_mask, True, False, VEC, BLOCK_N, NG, False)
     elif QTYPE == 14:  # Q6_K
         lo, hi = _tile_q6_k(q_ptr, h_ptr, s_ptr, d_ptr, sq, sh, ss, sd, rows, row_mask, gi, g_mask, n0, N,
                             VEC, BLOCK_N, NG)

@@ -37,7 +37,7 @@ from kernels.qmatmul import (
     qmatmul,
     qmatmul_reference,
 )
-from kernels.qmatmul_layouts import VECTOR_FIELDS, split_fields, to_gguf_bytes
+from kernels.qmatmul_layouts import VECTOR_FIELDS, q4_k_scales, split_fields, to_gguf_bytes
 from kernels.qmatmul_tiles import _q6_scales
 from tests.engine.gguf_builders import random_blocks, write_gguf
 from tests.kernels._util import DEVICE, assert_close_rms, gpu
@@ -98,6 +98,32 @@ def test_vector_layout_round_trip_is_byte_exact(qtype):
     if qtype == QT.Q6_K:  # d column-major: element sb of row n at sb * N + n
         assert fields["d"].shape == (6, 2) and fields["d"].stride() == (1, 6)
         assert torch.equal(fields["d"].contiguous().view(torch.uint8).reshape(6, 2, 2), blocks[:, :, 208:210])
+
+
+def test_q4_k_scales_are_the_rounded_products_of_gguf_scales():
+    """The precomputed Q4_K scales (the fast GEMV's `d` role in the vector layout) are fp16(d * sc) and
+    -fp16(dmin * m) of gguf-py's 6-bit scales and mins, in the kernel's group order; the weight still
+    round-trips to its GGUF bytes."""
+    from gguf.quants import Q4_K
+
+    shape = (3, 512)
+    raw = random_blocks(QT.Q4_K, shape, np.random.default_rng(8), max_abs=0.05)
+    blocks = raw.reshape(-1, 144)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (nb, 1)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, mn = Q4_K.get_scale_min(blocks[:, 4:16])  # (nb, 8) each
+    dl = (d * sc.astype(np.float32)).astype(np.float16)
+    ml = (-(dmin * mn.astype(np.float32))).astype(np.float16)
+    want = np.stack([dl[:, 0::2], ml[:, 0::2], dl[:, 1::2], ml[:, 1::2]], axis=2).reshape(3, -1)
+    got = q4_k_scales(torch.from_numpy(raw).reshape(-1), shape)
+    assert got.dtype == torch.float16 and got.shape == (3, 32)
+    assert np.array_equal(got.numpy().view(np.uint16), want.view(np.uint16))
+    w = QuantizedWeight.from_bytes(raw, QT.Q4_K, shape, DEVICE, vector_meta=True)
+    assert w.prescaled and torch.equal(w.fields["d"].cpu(), got)
+    unscaled = QuantizedWeight.from_bytes(raw, QT.Q4_K, shape, DEVICE, vector_meta=True, q4k_scales=False)
+    assert unscaled.vector_meta and not unscaled.prescaled and "d" not in unscaled.fields
+    want_w = quants.dequantize(torch.from_numpy(raw).reshape(-1), QT.Q4_K, shape)
+    assert torch.equal(w.dequantize().cpu(), want_w)
 
 
 def test_vector_layout_needs_even_rows_for_q6_k():
@@ -457,16 +483,23 @@ _ENGINE_GEMVS = [(QT.Q4_K, (1792, 1536)), (QT.Q4_K, (17920, 1536)), (QT.Q4_K, (1
 @gpu
 def test_vector_metadata_changes_no_bit_gpu(qtype, shape):
     """The engine's GEMV launches (prefetch and PDL as configured) and GEMM give the same bits from the
-    vector-metadata layout as from the plain one: fp16 (inline PTX) and bf16 (float32 path)."""
+    vector-metadata layout (Q4_K: with and without its precomputed scales) as from the plain one: fp16
+    (inline PTX) and bf16 (float32 path)."""
     raw = random_blocks(qtype, shape, np.random.default_rng(12), max_abs=0.01)
     plain = QuantizedWeight.from_bytes(raw, qtype, shape, DEVICE, vector_meta=False)
     vector = QuantizedWeight.from_bytes(raw, qtype, shape, DEVICE, vector_meta=True)
-    assert vector.vector_meta
+    assert vector.vector_meta and vector.prescaled == (qtype == QT.Q4_K)
+    layouts = [vector]
+    if qtype == QT.Q4_K:  # and the vector layout without the precomputed scales
+        layouts.append(QuantizedWeight.from_bytes(raw, qtype, shape, DEVICE, vector_meta=True,
+                                                  q4k_scales=False))
     for dtype in (torch.float16, torch.bfloat16):
         x = _x(300, shape[1], dtype, seed=13)
         for rows in (1, 16, 300):
             if rows == 300 and shape[0] > 20000:
                 continue  # the GEMM of an LM head: slow and the same code as the other GEMMs
-            got, want = qmatmul(x[:rows], vector), qmatmul(x[:rows], plain)
+            want = qmatmul(x[:rows], plain)
             assert torch.isfinite(want).all()
-            assert torch.equal(got, want), f"{qtype.name} {shape} {dtype} M={rows}"
+            for w in layouts:
+                got = qmatmul(x[:rows], w)
+                assert torch.equal(got, want), f"{qtype.name} {shape} {dtype} M={rows} {w.prescaled=}"
