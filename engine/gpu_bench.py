@@ -70,7 +70,7 @@ def _weight_bytes(model) -> int:
     for layer in model.layers:
         linears += layer.qkv.groups + layer.gate_up.groups + [layer.wo, layer.down]
     assert all(isinstance(lin, GpuLinear) for lin in linears)
-    return sum(lin.weight.nbytes for lin in linears)
+    return sum(lin.weight.gemv_bytes for lin in linears)
 
 
 def _kv_bytes_read(cache, n_positions: int) -> int:

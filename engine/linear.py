@@ -29,6 +29,7 @@ verification stays exactly equal to decoding.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from engine.errors import ModelFileError
 from engine.gguf_file import TensorInfo
 from engine.int4_repack import INT4_TYPES, PackedInt4, int4_matmul, repack_int4
 from engine.quants import dequantize
+
+if TYPE_CHECKING:
+    from kernels.split_output import SplitOutput
 
 logger = logging.getLogger(__name__)
 
@@ -138,14 +142,14 @@ class GpuLinear(torch.nn.Module):
             self.bias = torch.cat(parts).to(device)  # (N,) float32
         self.compute_dtype = compute_dtype
 
-    def matmul(self, x: torch.Tensor, split_output: bool = False):
+    def matmul(self, x: torch.Tensor, split_output: bool = False) -> torch.Tensor | SplitOutput:
         """x: (M, K) bfloat16/float16 -> (M, N) same dtype; with split_output and M <= 16 a
         kernels.split_output.SplitOutput of it instead (for a kernel that adds the K splits itself)."""
         from kernels.qmatmul import qmatmul
 
         return qmatmul(x, self.weight, self.bias, split_output=split_output)
 
-    def split(self, y) -> list:
+    def split(self, y: torch.Tensor | SplitOutput) -> list[torch.Tensor | SplitOutput]:
         """(M, N) tensor or SplitOutput -> one (M, out_features) view per weight."""
         if isinstance(y, torch.Tensor):
             return list(torch.split(y, self.out_splits, dim=-1))

@@ -304,60 +304,49 @@ def sweep_gemv_kernels(l2_bytes: int, rows=(1, 16), hot: bool = False, split_out
         torch.cuda.empty_cache()
 
 
-def ab_l2(l2_bytes: int, rows=(1, 16)) -> None:
-    """The default GEMV launch with its weight read from memory (copies cycled) and from L2 (one weight,
-    called again and again), per shape of a Qwen2.5-1.5B decode step; order cold, hot, hot, cold: what
-    keeping weights in L2 could win at most per GEMV (session 6: nothing; kernels/README.md)."""
+def _ab_two(names: tuple[str, str], weights_for, time_for, rows=(1, 16)) -> None:
+    """An A/B per shape of GEMV_KERNEL_SHAPES in the order A, B, B, A: weights_for(qtype, shape, b) -> the
+    weight list of side b (False = A), time_for(weights, m, b) -> seconds per call. Prints us per call
+    (mean of the two runs, then each run's M = rows[0] figure) and the sums over the shapes."""
     totals = {False: [0.0] * len(rows), True: [0.0] * len(rows)}
     for qtype, shape in GEMV_KERNEL_SHAPES:
-        sets = {hot: _weights(qtype, shape, l2_bytes, hot=hot) for hot in (False, True)}
+        sets = {side: weights_for(qtype, shape, side) for side in (False, True)}
         times: dict[bool, list[list[float]]] = {False: [], True: []}
-        for hot in (False, True, True, False):
-            times[hot].append([gemv_time(sets[hot], m) * 1e6 for m in rows])
+        for side in (False, True, True, False):
+            times[side].append([time_for(sets[side], m, side) * 1e6 for m in rows])
         lines = []
-        for hot, runs in times.items():
+        for side, runs in times.items():
             means = [statistics.mean(r[i] for r in runs) for i in range(len(rows))]
-            totals[hot] = [a + b for a, b in zip(totals[hot], means, strict=True)]
+            totals[side] = [a + b for a, b in zip(totals[side], means, strict=True)]
             cells = " ".join(f"M{m}={t:6.2f}" for m, t in zip(rows, means, strict=True))
-            gbps = sets[hot][0].nbytes / means[0] / 1e3
             spread = " ".join(f"{r[0]:.2f}" for r in runs)
-            lines.append(f"{'L2' if hot else 'memory':6}: {cells} us ({spread}) {gbps:5.0f} GB/s")
+            lines.append(f"{names[side]:8}: {cells} us ({spread})")
         cfg = sets[True][0].gemv_config
-        print(f"gemv {qtype.name} {shape[0]}x{shape[1]} bn{cfg.block_n} s{cfg.num_stages} split{cfg.split_k} "
-              f"({sets[True][0].nbytes / 1e6:.2f} MB):\n  " + "\n  ".join(lines), flush=True)
+        mb = sets[True][0].nbytes / 1e6
+        title = (f"gemv {qtype.name} {shape[0]}x{shape[1]} bn{cfg.block_n} w{cfg.num_warps} "
+                 f"split{cfg.split_k} ({mb:.2f} MB)")
+        print(title + ":\n  " + "\n  ".join(lines), flush=True)
         del sets
         torch.cuda.empty_cache()
-    cells = " ".join(f"M{m}: memory {totals[False][i]:.1f} L2 {totals[True][i]:.1f} us"
+    cells = " ".join(f"M{m}: {names[False]} {totals[False][i]:.1f} {names[True]} {totals[True][i]:.1f} us"
                      for i, m in enumerate(rows))
     print(f"sum over the shapes above (one of each): {cells}", flush=True)
 
 
-def ab_split_output(l2_bytes: int, rows=(1, 16)) -> None:
+def ab_l2(l2_bytes: int) -> None:
+    """The default GEMV launch with its weight read from memory (copies cycled) and from L2 (one weight,
+    called again and again), per shape of a Qwen2.5-1.5B decode step: what keeping weights in L2 could win
+    at most per GEMV (session 6: nothing; kernels/README.md)."""
+    _ab_two(("memory", "L2"), lambda qtype, shape, hot: _weights(qtype, shape, l2_bytes, hot=hot),
+            lambda weights, m, hot: gemv_time(weights, m))
+
+
+def ab_split_output(l2_bytes: int) -> None:
     """The default GEMV launch adding its K-splits itself (last program of a column tile, after an atomic)
     and leaving them as partials (split_output; the reader's extra loads are not in these times), per
-    shape of a Qwen2.5-1.5B decode step; order epilogue, partials, partials, epilogue."""
-    totals = {False: [0.0] * len(rows), True: [0.0] * len(rows)}
-    for qtype, shape in GEMV_KERNEL_SHAPES:
-        weights = _weights(qtype, shape, l2_bytes)
-        times: dict[bool, list[list[float]]] = {False: [], True: []}
-        for split in (False, True, True, False):
-            times[split].append([gemv_time(weights, m, split_output=split) * 1e6 for m in rows])
-        lines = []
-        for split, runs in times.items():
-            means = [statistics.mean(r[i] for r in runs) for i in range(len(rows))]
-            totals[split] = [a + b for a, b in zip(totals[split], means, strict=True)]
-            cells = " ".join(f"M{m}={t:6.2f}" for m, t in zip(rows, means, strict=True))
-            lines.append(f"{'partials' if split else 'epilogue':8}: {cells} us "
-                         f"({' '.join(f'{r[0]:.2f}' for r in runs)})")
-        cfg = weights[0].gemv_config
-        mb = weights[0].nbytes / 1e6
-        title = f"gemv {qtype.name} {shape[0]}x{shape[1]} split{cfg.split_k} ({mb:.2f} MB)"
-        print(title + ":\n  " + "\n  ".join(lines), flush=True)
-        del weights
-        torch.cuda.empty_cache()
-    cells = " ".join(f"M{m}: epilogue {totals[False][i]:.1f} partials {totals[True][i]:.1f} us"
-                     for i, m in enumerate(rows))
-    print(f"sum over the shapes above (one of each): {cells}", flush=True)
+    shape of a Qwen2.5-1.5B decode step."""
+    _ab_two(("epilogue", "partials"), lambda qtype, shape, split: _weights(qtype, shape, l2_bytes),
+            lambda weights, m, split: gemv_time(weights, m, split_output=split))
 
 
 PREFETCH_VARIANTS = [(False, False), (True, False), (False, True), (True, True)]  # (prefetch, pdl)

@@ -125,16 +125,17 @@ def _add_rms_norm_kernel(
     tl.store(out_ptr + row * stride_o + cols, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def norm_warps(block: int, splits: int) -> int:
-    """Warps of an add_rms_norm program (one row of `block` columns; `splits`: the delta's K-splits).
+def norm_warps(block: int) -> int:
+    """Warps of an add_rms_norm program (one row, `block` = the row's columns rounded up to a power of two).
 
-    Rows of 2048 columns take 32 warps: with a split delta (the engine's decode step: 11-12 splits of
-    1536 columns) a program then has twice the loads in flight, and on an H200 (Qwen2.5-1.5B layout,
-    depth 4096, an A/B of launch variants in one process) the decode step went 1524 -> 1478 us (f16) and
-    1621 -> 1579 (q4_0) against 8 warps, the 16-row verify 1913 -> 1916; 4 warps cost +5 %. Prefill
-    pp2048 (plain input) lost under 1 %: 72408 -> 71765 tok/s (f16), 59991 -> 59452 (q4_0), medians of 4.
-    Split or not, a row takes the same warps, so its RMS sum runs in the same order either way (the
-    TANDEM_SPLIT_OUTPUT A/B changes no bit)."""
+    Blocks of 2048 or more take 32 warps: with a split delta (the engine's decode step: 10-35 splits of
+    1536 columns) a program then has four times the loads in flight. On an H200 (Qwen2.5-1.5B layout,
+    depth 4096, `python3 -m tests.tools.tune_decode_gpu --set readers`) the decode step went 1524 -> 1478
+    us (f16) and 1621 -> 1579 (q4_0) against 8 warps, the 16-row verify 1913 -> 1916; 4 warps cost +5 %.
+    Prefill pp2048 (plain input) lost under 1 %: 72408 -> 71765 tok/s (f16), 59991 -> 59452 (q4_0),
+    medians of 4. Split or not, a row takes the same warps, so its RMS sum runs in the same order either
+    way (the TANDEM_SPLIT_OUTPUT A/B changes no bit). Blocks of 4096 and more (d_model > 2048) take 32
+    too, not measured."""
     return 32 if block >= 2048 else max(1, block // 256)
 
 
@@ -162,7 +163,7 @@ def add_rms_norm(
         BLOCK=block, HAS_DELTA=delta is not None, DELTA_NORM=delta_weight is not None,
         DELTA_SPLITS=d_splits, DELTA_BIAS=d_bias is not None,
         DELTA_DTYPE=dtype_constexpr(x if delta is None else delta),
-        num_warps=norm_warps(block, d_splits), **pdl_launch(x.device),
+        num_warps=norm_warps(block), **pdl_launch(x.device),
     )
     return out
 
@@ -338,9 +339,9 @@ def activation_block(n: int, splits: int) -> int:
     """Columns per gated_activation program (`splits`: the inputs' K-splits, 0 for tensors).
 
     Split inputs (the decode step) take 256-column programs: 35 programs for 8960 columns instead of 5,
-    each with 2 x splits loads of 2 columns a thread. H200, as in `norm_warps`: decode 1524 -> 1479 us
-    (f16), 1621 -> 1577 (q4_0), 16-row verify 1913 -> 1836; 512 columns was as fast for one row but
-    slower for 16 (2099)."""
+    each with 2 x splits loads of 2 columns a thread. H200, as in `norm_warps` (`--set readers`): decode
+    1524 -> 1479 us (f16), 1621 -> 1577 (q4_0), 16-row verify 1913 -> 1836; 512 columns was as fast for
+    one row but slower for 16 (2099)."""
     if splits:
         return min(256, triton.next_power_of_2(n))
     return min(2048, triton.next_power_of_2(n))

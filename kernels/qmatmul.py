@@ -6,7 +6,8 @@
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K are read directly by one Triton kernel, from
 the struct-of-arrays layout of `kernels.qmatmul_layouts` (the GGUF bytes, moved, no requantizing;
-its vector-metadata variant unless TANDEM_QMATMUL_VECTOR_META=0, see `_VECTOR_META`).
+its vector-metadata variant unless TANDEM_QMATMUL_VECTOR_META=0, see `_VECTOR_META`, where Q4_K also keeps
+its sub-block scales precomputed in fp16 for the fast path, `_Q4K_SCALES`).
 Q2_K and Q3_K are dequantized once at load to fp16, F16/BF16/F32 are kept as they are; those
 "dense" weights use the same kernel for 1..16 rows and cuBLAS (F.linear) above.
 
@@ -133,10 +134,19 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes of the weight itself (the GGUF size for the directly-read types)."""
+        """Device bytes of the weight itself (the GGUF size for the directly-read types, + 32 bytes a
+        super-block for a Q4_K weight with precomputed scales)."""
         if self.dense is not None:
             return self.dense.numel() * self.dense.element_size()
         return sum(t.numel() * t.element_size() for t in self.fields.values())
+
+    @property
+    def gemv_bytes(self) -> int:
+        """Bytes a fp16 GEMV of this weight reads on CUDA: `nbytes`, but for a Q4_K weight with precomputed
+        scales the quants and those scales only (its 16-byte block heads are left unread)."""
+        if self.prescaled:
+            return sum(self.fields[r].numel() * self.fields[r].element_size() for r in ("q", "d"))
+        return self.nbytes
 
     @classmethod
     def from_gguf(cls, info: TensorInfo, device: torch.device | str) -> QuantizedWeight:
@@ -152,6 +162,8 @@ class QuantizedWeight:
 
         vector_meta: which layout of kernels.qmatmul_layouts (None: `_VECTOR_META`, the environment's);
         a weight the vector layout does not fit (Q6_K with odd N) keeps the plain one.
+        q4k_scales: whether a vector-layout Q4_K weight also keeps its precomputed fp16 sub-block scales
+        (None: `_Q4K_SCALES`, the environment's).
         """
         try:
             qtype = QT(qtype)
@@ -218,13 +230,15 @@ def _gemv_tuning(qtype: QT, n: int, k: int, n_sm: int) -> tuple[int, int, int, i
       (session 4, PDL on; block_n 128 16.9/18.1, 12 per SM 17.8/19.9).
     - otherwise (8960 x 1536 and smaller): block_n 64, 4 programs per SM, 2 stages was best or
       within 5% (8 per SM: Q4_K 8960 x 1536 11.1 -> 9.9 us but Q4_0 10.7 -> 12.0).
-    - session 6, with the K-splits left to the reader (kernels/split_output.py; `--sweep-gemv --split-output`,
-      then the engine's decode step with the variants swapped in, `.bench/s6_tune.py`): Q4_K in the two long
-      shapes (fused gate/up, FFN-down 1536 x 8960) takes 2 warps (mma.sync instead of one warpgroup's
-      wgmma, whose 8 waits a K-tile the SASS shows) and 8 programs an SM: GEMV alone gate/up 16.25 ->
-      14.20 us, FFN-down 9.94 -> 8.53 (M = 1); decode step -1.3 % and -1.1 % each, both -1.7 % (f16,
-      depth 4096; q4_0 alike), 16-row verify -8 % / -7 % (against a noisy baseline: 2063 and 1858 us in
-      its two passes). Q6_K's FFN-down stayed best as it was (10.21 us; 2 warps 17.4).
+    - session 6, with the K-splits left to the reader (kernels/split_output.py; `--sweep-gemv
+      --split-output`, then the engine's decode step with the variants swapped in, `python3 -m
+      tests.tools.tune_decode_gpu --set gemv-warps`): Q4_K in the two long shapes (fused gate/up,
+      FFN-down 1536 x 8960) takes 2 warps (mma.sync instead of one warpgroup's wgmma, whose 8 waits a
+      K-tile the SASS shows) and 8 programs an SM: GEMV alone gate/up 16.25 -> 14.20 us, FFN-down
+      9.94 -> 8.53 (M = 1); decode step -1.3 % and -1.1 % each, both -1.7 % (f16, depth 4096; q4_0
+      alike), 16-row verify -8 % / -7 % (against a noisy baseline: 2063 and 1858 us in its two passes).
+      Q6_K's FFN-down stayed best as it was (10.21 us; 2 warps 17.4). With Q4_K's scales precomputed
+      (`_Q4K_SCALES`) the same variants were run again: these defaults stayed the best for one row.
     """
     n_tiles = triton.cdiv(n, 64)
     if n_tiles >= 8 * n_sm:

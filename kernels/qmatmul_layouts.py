@@ -11,7 +11,8 @@ Roles (the kernel arguments they feed):
     q  the low 4 bits (Q4_*/Q5_*/Q4_K/Q5_K nibbles, Q6_K `ql`) or the int8 values (Q8_0)
     h  the high bits (Q5_0/Q5_1 one u32 per block, Q5_K / Q6_K `qh` bytes)
     s  the K-quant sub-block scales (12 packed 6-bit bytes for Q4_K/Q5_K, 16 int8 for Q6_K)
-    d  the fp16 block / super-block scale
+    d  the fp16 block / super-block scale (Q4_K in the vector layout: its precomputed fp16 sub-block
+       scales, `q4_k_scales`, not part of the GGUF bytes)
     m  the fp16 block minimum (Q4_1/Q5_1) or super-block min scale (Q4_K/Q5_K)
 
 Vector metadata (`vector_meta=True`, the default of `kernels.qmatmul`): the kernel reads the K-quant
@@ -24,6 +25,9 @@ GGUF bytes, moved (the other types keep the plain layout: Triton already pipelin
 - Q6_K (even N only, `vector_layout_fits`): its fp16 `d` field is stored column-major (still an (N,
   super-blocks) tensor, strides (1, N)), so the d of rows 2i and 2i + 1 of a super-block share one
   aligned 32-bit word; its int8 scales are already 16 contiguous bytes per super-block.
+One addition beyond the GGUF bytes: a vector-layout Q4_K weight built by `kernels.qmatmul` also keeps its
+sub-block scales precomputed in fp16 (`q4_k_scales`, 32 bytes a super-block) for the fast dequantizer;
+`split_fields` and `to_gguf_bytes` neither make nor need it.
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ def prefetch_weight_slice(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm,
                           PF_META_COLS: tl.constexpr, BLOCK_N: tl.constexpr, PRESCALED: tl.constexpr = False):
     """L2 prefetch of every field's bytes that this program's K-tiles [t_start, t_stop) of rows
     [n0, n0 + BLOCK_N) will read. VEC_META: the vector-metadata layout (kernels/qmatmul_layouts.py),
-    where Q4_K / Q5_K keep d and dmin in `s` (no d / m fields) and Q6_K's d is column-major. PRESCALED:
+    where Q4_K / Q5_K keep d and dmin in `s` (no m field; Q4_K's d field, if any, holds precomputed
+    scales) and Q6_K's d is column-major. PRESCALED:
     Q4_K's fast path, which reads its precomputed scales (the `d` role, qmatmul_layouts.q4_k_scales)
     instead of `s`."""
     _prefetch_field(q_ptr, sq, rows, row_mask, t_start, t_stop, n_k_tiles, PF_LINES)

@@ -66,7 +66,10 @@ class SplitOutput:
         return out
 
     def value(self) -> torch.Tensor:
-        """Torch reference: (rows, N) in `dtype`, the splits added in order 0, 1, ... in float32."""
+        """Torch reference: (rows, N) in `dtype`, the splits added in order 0, 1, ... in float32, rounded
+        to nearest even. On CUDA the kernels give these bits; Triton's interpreter rounds float32 to bf16
+        by truncation, so there a bf16 SplitOutput's readers agree with the GEMV's own bf16 output, not
+        with this."""
         total = self.ws[0, : self.rows].clone()  # (rows, N) float32
         for s in range(1, self.splits):
             total += self.ws[s, : self.rows]
@@ -112,8 +115,10 @@ def load_input(ptr, offsets, mask, split_stride, bias_ptr, cols, SPLITS: tl.cons
     return value
 
 
+_TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
 def dtype_constexpr(x: torch.Tensor | SplitOutput):
-    """The Triton dtype a SplitOutput rounds to (its consumer's DTYPE constexpr); fp16 for plain tensors
-    (unused there)."""
-    dtype = x.dtype if isinstance(x, SplitOutput) else torch.float16
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+    """The Triton dtype of an input (its consumer's DTYPE constexpr: what a SplitOutput rounds to; unused
+    for a plain tensor). Readers whose inputs must share one dtype check that and pass either."""
+    return _TRITON_DTYPES.get(x.dtype, tl.float16)

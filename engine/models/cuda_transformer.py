@@ -25,9 +25,11 @@ Same architectures, same switches (ModelConfig); what changes is how a step is c
   Q scaled by them (and rotated). Blocks of up to VERIFY_ROWS_MAX rows whose cache statistics are known
   run RoPE and the K and V writes as one launch (kernels.rope_kv_write, the same bits as rope_heads +
   k_write + v_write; TANDEM_FUSED_ROPE_WRITE=0 keeps the three launches, for an A/B).
-- In blocks of up to VERIFY_ROWS_MAX rows every layer GEMV hands its reader its K-split partial sums
+- In blocks of up to VERIFY_ROWS_MAX rows the layer GEMVs hand their readers their K-split partial sums
   (kernels/split_output.py: the RoPE + K/V write, the add + norm and the activation kernels add them while
-  loading, the same bits) instead of adding them itself after an atomic; TANDEM_SPLIT_OUTPUT=0 turns it off.
+  loading, the same bits) instead of adding them themselves after an atomic; the Q/K/V projections only
+  where the fused RoPE + K/V write reads them (not with TANDEM_FUSED_ROPE_WRITE=0 or before the cache's
+  statistics are known). TANDEM_SPLIT_OUTPUT=0 turns it off.
   H200, Qwen2.5-1.5B layout at depth 4096: decode step 1591 -> 1527 us (f16 cache), 1691 -> 1623 (q4_0),
   16-row verify 2100 -> 1916.
 - Steps of 1..16 rows at a known position run as CUDA graphs (engine.cuda_graphs), captured lazily per
@@ -43,6 +45,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -53,6 +56,9 @@ from engine.gguf_file import TensorInfo
 from engine.linear import GpuLinear, group_by_type
 from engine.models.transformer import rope_tables
 from engine.quants import BLOCK_TABLE, byte_tensor, dequantize
+
+if TYPE_CHECKING:
+    from kernels.split_output import SplitOutput
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +92,10 @@ class Projections:
         bias_of = {info.name: b for info, b in zip(infos, biases, strict=True)}
         self.groups = [GpuLinear(g, [bias_of[i.name] for i in g], device) for g in group_by_type(infos)]
 
-    def __call__(self, h: torch.Tensor, split_output: bool = False) -> list:
+    def __call__(self, h: torch.Tensor, split_output: bool = False) -> list[torch.Tensor | SplitOutput]:
         """h: (T, K) ACT_DTYPE -> one (T, N_i) view per weight, in the order given (SplitOutputs with
         split_output, see GpuLinear.matmul)."""
-        outs: list = []
+        outs: list[torch.Tensor | SplitOutput] = []
         for linear in self.groups:
             outs.extend(linear.split(linear.matmul(h, split_output)))
         return outs
@@ -237,7 +243,8 @@ class CudaTransformer(torch.nn.Module):
         if not as_rows and first_pos is None:
             raise ValueError("a block of more than VERIFY_ROWS_MAX rows needs its start position")
         x = self.embed(inputs.tokens)  # (T, d_model) float32, the residual stream
-        pending: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # (FFN output, post-norm)
+        # (FFN output, post-norm), added by the next norm kernel
+        pending: tuple[torch.Tensor | SplitOutput | None, torch.Tensor | None] = (None, None)
         down_scale = 1.0 / FFN_DOWN_SCALE
         captured: dict[int, torch.Tensor] = {}
         fuse = as_rows and fused_rope_write_enabled()
@@ -283,7 +290,7 @@ class CudaTransformer(torch.nn.Module):
         rows = final[-1:] if logits_rows == "last" else final
         return self.lm_head.matmul(rows).to(torch.float32), hidden  # (rows, vocab)
 
-    def _heads(self, t):
+    def _heads(self, t: torch.Tensor | SplitOutput) -> torch.Tensor | SplitOutput:
         """A (T, H * Dh) projection output -> (T, H, Dh) view; a SplitOutput stays as it is (its reader,
         kernels.rope_kv_write, takes it as (T, H * Dh))."""
         return t.view(t.shape[0], -1, self.config.head_dim) if isinstance(t, torch.Tensor) else t

@@ -336,6 +336,7 @@ def test_fused_rope_write_switch_changes_no_bit(tiny_path, monkeypatch, kv):
     fused = CudaKVCache.rope_write_rows
     monkeypatch.setattr(CudaKVCache, "rope_write_rows",
                         lambda self, *a, **kw: fused_launches.append(a[0]) or fused(self, *a, **kw))
+
     def check(switch):
         launched = len(fused_launches)
         assert (launched > 0) == (switch == "1"), f"{launched} fused launches with the switch at {switch}"
@@ -355,6 +356,7 @@ def test_split_output_switch_changes_no_bit(tiny_path, monkeypatch, kv):
     handed = []
     plain = qm.qmatmul
     monkeypatch.setattr(qm, "qmatmul", lambda *a, **kw: handed.append(plain(*a, **kw)) or handed[-1])
+
     def check(switch):
         split = [isinstance(y, SplitOutput) for y in handed]
         assert any(split) == (switch == "1"), f"{sum(split)} SplitOutputs with the switch at {switch}"
@@ -362,4 +364,3 @@ def test_split_output_switch_changes_no_bit(tiny_path, monkeypatch, kv):
 
     runs = _switch_runs(tiny_path, monkeypatch, kv, "TANDEM_SPLIT_OUTPUT", check)
     _assert_same_runs(runs, len(runs[0][2].k))
-

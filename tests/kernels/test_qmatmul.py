@@ -118,7 +118,7 @@ def test_q4_k_scales_are_the_rounded_products_of_gguf_scales():
     got = q4_k_scales(torch.from_numpy(raw).reshape(-1), shape)
     assert got.dtype == torch.float16 and got.shape == (3, 32)
     assert np.array_equal(got.numpy().view(np.uint16), want.view(np.uint16))
-    w = QuantizedWeight.from_bytes(raw, QT.Q4_K, shape, DEVICE, vector_meta=True)
+    w = QuantizedWeight.from_bytes(raw, QT.Q4_K, shape, DEVICE, vector_meta=True, q4k_scales=True)
     assert w.prescaled and torch.equal(w.fields["d"].cpu(), got)
     unscaled = QuantizedWeight.from_bytes(raw, QT.Q4_K, shape, DEVICE, vector_meta=True, q4k_scales=False)
     assert unscaled.vector_meta and not unscaled.prescaled and "d" not in unscaled.fields
@@ -487,7 +487,7 @@ def test_vector_metadata_changes_no_bit_gpu(qtype, shape):
     (inline PTX) and bf16 (float32 path)."""
     raw = random_blocks(qtype, shape, np.random.default_rng(12), max_abs=0.01)
     plain = QuantizedWeight.from_bytes(raw, qtype, shape, DEVICE, vector_meta=False)
-    vector = QuantizedWeight.from_bytes(raw, qtype, shape, DEVICE, vector_meta=True)
+    vector = QuantizedWeight.from_bytes(raw, qtype, shape, DEVICE, vector_meta=True, q4k_scales=True)
     assert vector.vector_meta and vector.prescaled == (qtype == QT.Q4_K)
     layouts = [vector]
     if qtype == QT.Q4_K:  # and the vector layout without the precomputed scales

@@ -56,9 +56,11 @@ def test_split_output_value_is_the_gemv_output(qtype, m):
 def test_one_split_and_the_gemm_path():
     w = weight(QT.Q4_0, (64, 256))
     x = x_rows(2, 256)
+    bias = torch.randn(64).to(DEVICE)
     cfg = KernelConfig(block_n=64, block_m=16, block_k=128, split_k=1)
-    one = qmatmul(x, w, config=cfg, split_output=True)
-    assert one.splits == 1 and torch.equal(one.value(), qmatmul(x, w, config=cfg))
+    for b in (None, bias):
+        one = qmatmul(x, w, b, config=cfg, split_output=True)
+        assert one.splits == 1 and torch.equal(one.value(), qmatmul(x, w, b, config=cfg))
     tall = x_rows(20, 256)
     assert isinstance(qmatmul(tall, w, split_output=True), torch.Tensor)  # prefill rows: a plain tensor
     with pytest.raises(ValueError, match="GEMV"):
@@ -95,10 +97,31 @@ def test_gated_activation_reads_split_gate_and_up():
     split = qmatmul(x_rows(2, 256), w, split_output=True)
     gate, up = split.split([64, 64])
     plain = split.value()
-    assert torch.equal(gated_activation(gate, up, "silu", 2.0**-5),
-                       gated_activation(plain[:, :64], plain[:, 64:], "silu", 2.0**-5))
+    want = gated_activation(plain[:, :64], plain[:, 64:], "silu", 2.0**-5)
+    assert torch.equal(gated_activation(gate, up, "silu", 2.0**-5), want)
+    # one input split, the other a tensor: each rounds to its own (common) dtype
+    assert torch.equal(gated_activation(plain[:, :64], up, "silu", 2.0**-5), want)
+    assert torch.equal(gated_activation(gate, plain[:, 64:], "silu", 2.0**-5), want)
+    other = SplitOutput(gate.ws, gate.bias, gate.rows, torch.bfloat16)
     with pytest.raises(ValueError, match="one dtype"):
-        gated_activation(gate, split.columns(0, 32), "silu")
+        gated_activation(gate, other, "silu")
+
+
+def test_bf16_readers_agree_with_the_gemv_output():
+    """bf16 activations: the readers round the split sums as the GEMV's epilogue does. (Against
+    `SplitOutput.value` only on CUDA: the interpreter rounds float32 to bf16 by truncation.)"""
+    w = weight(QT.Q4_K, (128, 256))
+    x = x_rows(3, 256).to(torch.bfloat16)
+    bias = torch.randn(128).to(DEVICE)
+    split = qmatmul(x, w, bias, split_output=True)
+    y = qmatmul(x, w, bias)
+    assert split.dtype == torch.bfloat16
+    gate, up = split.split([64, 64])
+    want = gated_activation(y[:, :64], y[:, 64:], "silu")
+    assert torch.equal(gated_activation(gate, up, "silu"), want)
+    assert torch.equal(gated_activation(y[:, :64], up, "silu"), want)
+    if HAS_CUDA:
+        assert torch.equal(split.value(), y)
 
 
 @pytest.mark.parametrize("kv", ["f16", "q4_0"])
@@ -136,7 +159,7 @@ def test_rope_kv_write_reads_split_projections(kv):
 @pytest.mark.parametrize("qtype,shape", [(QT.Q4_K, (17920, 1536)), (QT.Q4_K, (1792, 1536)),
                                          (QT.Q6_K, (256, 1536)), (QT.Q4_K, (1536, 1536)),
                                          (QT.Q4_K, (1536, 8960)), (QT.Q6_K, (1536, 8960))])
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 5, 16])
 def test_engine_shapes_split_output_is_the_gemv_output(qtype, shape, m):
     w = weight(qtype, shape)
     x = x_rows(m, shape[1])

@@ -220,6 +220,7 @@ def _kv_launches():
 def _split_output_launches(pdl: dict):
     """The decode step's readers of GEMV split partials (kernels/split_output.py) and the GEMV that leaves
     them, shaped as Qwen2.5-1.5B's (K-splits as the H200 launch has them)."""
+    import numpy as np
     from gguf import GGMLQuantizationType as QT
 
     import kernels.layer_ops as lo
@@ -232,7 +233,7 @@ def _split_output_launches(pdl: dict):
     def partials(splits, n, bias=False):
         return SplitOutput(torch.zeros(splits, 16, n), torch.zeros(n) if bias else None, 1, torch.float16)
 
-    rng = __import__("numpy").random.default_rng(0)
+    rng = np.random.default_rng(0)
     w = qm.QuantizedWeight.from_bytes(random_blocks(QT.Q4_K, (1792, 1536), rng, max_abs=0.01), QT.Q4_K,
                                       (1792, 1536), "cpu")
     with recording(qm, "_qmatmul_kernel") as rec:
@@ -240,8 +241,8 @@ def _split_output_launches(pdl: dict):
     yield ("qmatmul GEMV Q4_K 1792x1536 split_output", rec.kernel, *rec.calls[0],
            {"FAST": True, "PF_LINES": 4, "PF_META_LINES": 2, "USE_GDC": True, "launch_pdl": True})
     with recording(lo, "_add_rms_norm_kernel") as rec:
-        lo.add_rms_norm(torch.zeros(1, 1536), torch.ones(1536), 1e-6, delta=partials(22, 1536))
-    yield "add_rms_norm (delta: 22 splits)", rec.kernel, *rec.calls[0], pdl
+        lo.add_rms_norm(torch.zeros(1, 1536), torch.ones(1536), 1e-6, delta=partials(35, 1536))
+    yield "add_rms_norm (delta: 35 splits)", rec.kernel, *rec.calls[0], pdl
     with recording(lo, "_gated_activation_kernel") as rec:
         gate, up = partials(3, 17920).split([8960, 8960])
         lo.gated_activation(gate, up, "silu")

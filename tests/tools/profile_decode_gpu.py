@@ -1,7 +1,7 @@
 """Where a GPU decode step's time goes: kernel by kernel, from the CUDA profiler (issue 5).
 
     python3 -m tests.tools.profile_decode_gpu --model M.gguf [--ctk f16 --ctv f16] [--depth 1024] [--rows 1]
-    python3 -m tests.tools.profile_decode_gpu --model M.gguf --pdl --ab TANDEM_L2_RUNAHEAD   # A/B of a switch
+    python3 -m tests.tools.profile_decode_gpu --model M.gguf --pdl --ab TANDEM_SPLIT_OUTPUT  # a switch's A/B
 
 Loads the model on CUDA, fills the cache to `depth`, captures the 1-row decode graph (or the graph of
 a `rows`-token speculative verify step), replays it
