@@ -151,9 +151,7 @@ class GpuLinear(torch.nn.Module):
 
     def split(self, y: torch.Tensor | SplitOutput) -> list[torch.Tensor | SplitOutput]:
         """(M, N) tensor or SplitOutput -> one (M, out_features) view per weight."""
-        if isinstance(y, torch.Tensor):
-            return list(torch.split(y, self.out_splits, dim=-1))
-        return y.split(self.out_splits)
+        return list(y.split(self.out_splits, dim=-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

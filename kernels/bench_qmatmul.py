@@ -304,28 +304,33 @@ def sweep_gemv_kernels(l2_bytes: int, rows=(1, 16), hot: bool = False, split_out
         torch.cuda.empty_cache()
 
 
-def _ab_two(names: tuple[str, str], weights_for, time_for, rows=(1, 16)) -> None:
-    """An A/B per shape of GEMV_KERNEL_SHAPES in the order A, B, B, A: weights_for(qtype, shape, b) -> the
-    weight list of side b (False = A), time_for(weights, m, b) -> seconds per call. Prints us per call
-    (mean of the two runs, then each run's M = rows[0] figure) and the sums over the shapes."""
+def _ab_two(names: tuple[str, str], weights_for, time_for, rows=(1, 16), shapes=None, note=None) -> None:
+    """An A/B per shape (GEMV_KERNEL_SHAPES unless given) in the order A, B, B, A. weights_for(qtype,
+    shape, b): the weight list of side b (False = A); time_for(weights, m, b): seconds per call;
+    note(sets): an extra word on the shape's line (run before the timing). Prints us per call (mean of the
+    two runs, then each run's M = rows[0] figure), B / A, and the sums over the shapes."""
     totals = {False: [0.0] * len(rows), True: [0.0] * len(rows)}
-    for qtype, shape in GEMV_KERNEL_SHAPES:
+    for qtype, shape in shapes or GEMV_KERNEL_SHAPES:
         sets = {side: weights_for(qtype, shape, side) for side in (False, True)}
+        extra = f"; {note(sets)}" if note else ""
         times: dict[bool, list[list[float]]] = {False: [], True: []}
         for side in (False, True, True, False):
             times[side].append([time_for(sets[side], m, side) * 1e6 for m in rows])
-        lines = []
+        lines, means = [], {}
         for side, runs in times.items():
-            means = [statistics.mean(r[i] for r in runs) for i in range(len(rows))]
-            totals[side] = [a + b for a, b in zip(totals[side], means, strict=True)]
-            cells = " ".join(f"M{m}={t:6.2f}" for m, t in zip(rows, means, strict=True))
+            means[side] = [statistics.mean(r[i] for r in runs) for i in range(len(rows))]
+            totals[side] = [a + b for a, b in zip(totals[side], means[side], strict=True)]
+            cells = " ".join(f"M{m}={t:6.2f}" for m, t in zip(rows, means[side], strict=True))
             spread = " ".join(f"{r[0]:.2f}" for r in runs)
-            lines.append(f"{names[side]:8}: {cells} us ({spread})")
+            gbps = sets[side][0].nbytes / means[side][0] / 1e3
+            lines.append(f"{names[side]:8}: {cells} us ({spread}) {gbps:5.0f} GB/s")
+        ratio = " ".join(f"M{m} {means[True][i] / means[False][i]:.3f}" for i, m in enumerate(rows))
         cfg = sets[True][0].gemv_config
         mb = sets[True][0].nbytes / 1e6
         title = (f"gemv {qtype.name} {shape[0]}x{shape[1]} bn{cfg.block_n} w{cfg.num_warps} "
-                 f"split{cfg.split_k} ({mb:.2f} MB)")
-        print(title + ":\n  " + "\n  ".join(lines), flush=True)
+                 f"s{cfg.num_stages} split{cfg.split_k} prefetch {cfg.prefetch} ({mb:.2f} MB)")
+        print(title + ":\n  " + "\n  ".join(lines) + f"\n  {names[True]} / {names[False]}: {ratio}{extra}",
+              flush=True)
         del sets
         torch.cuda.empty_cache()
     cells = " ".join(f"M{m}: {names[False]} {totals[False][i]:.1f} {names[True]} {totals[True][i]:.1f} us"
@@ -383,40 +388,19 @@ META_AB_SHAPES = [(QT.Q4_K, (1792, 1536)), (QT.Q4_K, (17920, 1536)), (QT.Q4_K, (
                   (QT.Q6_K, (256, 1536)), (QT.Q6_K, (151936, 1536))]
 
 
-def ab_meta(l2_bytes: int, rows=(1, 16)) -> None:
+def ab_meta(l2_bytes: int) -> None:
     """The default GEMV launch on the same weight in the plain layout and in the vector-metadata one
-    (kernels/qmatmul_layouts.py: metadata loads pipelined as cp.async), per shape of a Qwen2.5-1.5B
-    decode step; order plain, vector, vector, plain. Both layouts give the same bits (GPU test)."""
-    totals = {False: [0.0] * len(rows), True: [0.0] * len(rows)}
-    for qtype, shape in META_AB_SHAPES:
-        sets = {vec: _weights(qtype, shape, l2_bytes, vector_meta=vec) for vec in (False, True)}
-        assert sets[True][0].vector_meta and not sets[False][0].vector_meta
-        x16 = torch.randn(16, shape[1], device=DEVICE, dtype=torch.float16)
-        same = torch.equal(qmatmul(x16, sets[True][0]), qmatmul(x16, sets[False][0]))  # also compiles both
-        times: dict[bool, list[list[float]]] = {False: [], True: []}
-        for vec in (False, True, True, False):
-            times[vec].append([gemv_time(sets[vec], m) * 1e6 for m in rows])
-        lines, means = [], {}
-        for vec, runs in times.items():
-            means[vec] = [statistics.mean(r[i] for r in runs) for i in range(len(rows))]
-            for i, t in enumerate(means[vec]):
-                totals[vec][i] += t
-            cells = " ".join(f"M{m}={t:6.2f}" for m, t in zip(rows, means[vec], strict=True))
-            spread = " ".join(f"{r[0]:.2f}" for r in runs)
-            gbps = sets[vec][0].nbytes / means[vec][0] / 1e3
-            name = "vector" if vec else "plain"
-            lines.append(f"{name:6}: {cells} us (M{rows[0]} runs {spread}) {gbps:5.0f} GB/s")
-        ratio = " ".join(f"M{m} {means[True][i] / means[False][i]:.3f}" for i, m in enumerate(rows))
-        cfg = sets[True][0].gemv_config
-        title = (f"gemv {qtype.name} {shape[0]}x{shape[1]} bn{cfg.block_n} s{cfg.num_stages} "
-                 f"split{cfg.split_k} prefetch {cfg.prefetch} ({sets[True][0].nbytes / 1e6:.2f} MB)")
-        print(title + ":\n  " + "\n  ".join(lines) + f"\n  vector / plain: {ratio}; same bits (M=16): {same}",
-              flush=True)
-        del sets
-        torch.cuda.empty_cache()
-    cells = " ".join(f"M{m}: plain {totals[False][i]:.1f} vector {totals[True][i]:.1f} us"
-                     for i, m in enumerate(rows))
-    print(f"sum over the shapes above (one of each): {cells}", flush=True)
+    (kernels/qmatmul_layouts.py: metadata loads pipelined as cp.async; Q4_K with its precomputed scales),
+    per shape of a Qwen2.5-1.5B decode step. Both layouts give the same bits (GPU test; checked here too)."""
+
+    def same_bits(sets) -> str:
+        vector, plain = sets[True][0], sets[False][0]
+        assert vector.vector_meta and not plain.vector_meta
+        x16 = torch.randn(16, plain.shape[1], device=DEVICE, dtype=torch.float16)
+        return f"same bits (M=16): {torch.equal(qmatmul(x16, vector), qmatmul(x16, plain))}"
+
+    _ab_two(("plain", "vector"), lambda qtype, shape, vec: _weights(qtype, shape, l2_bytes, vector_meta=vec),
+            lambda weights, m, vec: gemv_time(weights, m), shapes=META_AB_SHAPES, note=same_bits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,22 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = (f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes >> 20} MiB, "
               f"torch {torch.__version__}, triton {triton.__version__}")
-    if args.ab_meta:
-        print(device, flush=True)
-        ab_meta(l2_bytes)
-        return 0
-    if args.ab_split_output:
-        print(device, flush=True)
-        ab_split_output(l2_bytes)
-        return 0
-    if args.ab_l2:
-        print(device, flush=True)
-        ab_l2(l2_bytes)
-        return 0
-    if args.ab_prefetch:
-        print(device, flush=True)
-        ab_prefetch(l2_bytes)
-        return 0
+    for flag, ab in (("ab_meta", ab_meta), ("ab_split_output", ab_split_output), ("ab_l2", ab_l2),
+                     ("ab_prefetch", ab_prefetch)):
+        if getattr(args, flag):
+            print(device, flush=True)
+            ab(l2_bytes)
+            return 0
     if args.sweep_gemv:
         print(f"{device}; copy bandwidth {copy_bandwidth('cuda'):.0f} GB/s", flush=True)
         sweep_gemv_kernels(l2_bytes, hot=args.hot, split_output=args.split_output)

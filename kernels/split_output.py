@@ -57,8 +57,10 @@ class SplitOutput:
         bias = None if self.bias is None else self.bias[start:stop]
         return SplitOutput(self.ws[:, :, start:stop], bias, self.rows, self.dtype)
 
-    def split(self, sizes: list[int]) -> list[SplitOutput]:
-        """Consecutive column blocks of the given widths, like torch.split(y, sizes, dim=-1)."""
+    def split(self, sizes: list[int], dim: int = -1) -> list[SplitOutput]:
+        """Consecutive column blocks of the given widths, as y.split(sizes, dim=-1) (columns only)."""
+        if dim not in (-1, 1):
+            raise ValueError("a SplitOutput splits along its columns only")
         out, start = [], 0
         for size in sizes:
             out.append(self.columns(start, start + size))
