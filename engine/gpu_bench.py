@@ -7,10 +7,12 @@ or `python -m engine.gpu_bench --model M --ctk f16 --ctv f16 --depth 4096 [--jso
 timed with CUDA events after a warm-up (which also captures the step graphs) and is the median of
 `repeats` runs:
 - prefill: `Session.prefill` of n_prompt random tokens at position 0 (chunks of prefill_chunk).
-- decode: n_gen greedy steps starting at position `depth` (the cache first prefilled to that depth),
-  each a graph replay plus the one read of its argmax, as `Session.decode_greedy` runs them: the host's
-  per-token work is included. `decode_gpu_ms` is the same graph replayed back to back without reads:
-  the device time of a step alone.
+- decode: n_gen greedy steps starting at position `depth` (the cache first prefilled to that depth)
+  through `Session.decode_greedy`, as `Session.generate` runs them: each step queued before the host
+  reads the pick of the one before (the host's per-token work included, overlapped with the GPU's).
+  `decode_sync_*` is the same with the host waiting for each pick before queuing the next step (no
+  step ahead), and `decode_gpu_ms` the step's graph replayed back to back without reads: the device
+  time of a step alone.
 - verify: a step of R rows at `depth` (R = 1 is the decode step), read back as speculative
   verification reads it; `verify_ratio` is each over the 1-row step.
 `weight_bytes` is what one step reads of the weights; with the KV bytes at that depth it gives the
@@ -139,15 +141,17 @@ def measure(
         session.prefill(tokens[:start], 0)  # the cache holds `start` tokens (smoothing means set too)
         first = tokens[start]
 
-        def decode_run() -> None:
+        def decode_run(ahead: bool) -> None:
+            session.cached_ids = session.cached_ids[:start]
             token = first
             for i in range(n_gen):
-                token = int(model.step([token], start + i, cache).argmax[0])
+                token = session.decode_greedy(token, ahead and i + 1 < n_gen)
 
-        times = _cuda_ms(decode_run, repeats)
-        result["decode_ms"] = statistics.median(times)
-        result["decode_tok_per_s"] = n_gen / (result["decode_ms"] / 1e3)
-        result["decode_runs_tok_per_s"] = [n_gen / (t / 1e3) for t in times]
+        for name, ahead in (("decode", True), ("decode_sync", False)):
+            times = _cuda_ms(lambda ahead=ahead: decode_run(ahead), repeats)
+            result[f"{name}_ms"] = statistics.median(times)
+            result[f"{name}_tok_per_s"] = n_gen / (result[f"{name}_ms"] / 1e3)
+            result[f"{name}_runs_tok_per_s"] = [n_gen / (t / 1e3) for t in times]
         # -- the decode graph replayed back to back: device time per step -------------------------------
         model.step([first], start, cache)
         graph = model.graphs.graphs[(1, ())] if model.graphs is not None else None

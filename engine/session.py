@@ -264,13 +264,15 @@ class Session:
         self.cached_ids.append(token)
         return logits
 
-    def decode_greedy(self, token: int) -> int:
+    def decode_greedy(self, token: int, ahead: bool = False) -> int:
         """decode_one followed by the argmax of its logits, reading a single integer from the device:
-        on the GPU the step graph computes the argmax itself."""
+        on the GPU the step graph computes the argmax itself. ahead: the next call will probably be
+        decode_greedy(the pick) (plain greedy decoding); the GPU then queues that step before the host
+        waits for this pick (CudaTransformer.greedy_pick)."""
         pos = len(self.cached_ids)
         with torch.inference_mode():
-            if hasattr(self.model, "step"):  # the GPU model
-                pick = int(self.model.step([token], pos, self.cache).argmax[0])
+            if hasattr(self.model, "greedy_pick"):  # the GPU model
+                pick = self.model.greedy_pick(token, pos, self.cache, ahead)
             else:
                 logits, _ = self.model(torch.tensor([token], dtype=torch.long), pos, self.cache)
                 pick = int(torch.argmax(logits[0]))
@@ -377,7 +379,10 @@ class Session:
                 reason = "context_full"
                 break
             if fast_greedy:
-                next_token = self.decode_greedy(token)
+                # ahead: the step after this pick is queued before the host reads it, unless the
+                # answer ends with that pick anyway (max_tokens, a full context)
+                ahead = stats.new_tokens + 1 < params.max_tokens and len(context) + 1 < self.max_len
+                next_token = self.decode_greedy(token, ahead)
             else:
                 logits = self.decode_one(token)
             now = time.perf_counter()

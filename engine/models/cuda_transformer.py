@@ -34,7 +34,8 @@ Same architectures, same switches (ModelConfig); what changes is how a step is c
   16-row verify 2100 -> 1916.
 - Steps of 1..16 rows at a known position run as CUDA graphs (engine.cuda_graphs), captured lazily per
   row bucket (1, 2, 4, 8, 16; padded) and per cache, once the cache's statistics are known
-  (`CudaKVCache.can_replay`); greedy argmax is computed inside the graph.
+  (`CudaKVCache.can_replay`); greedy argmax is computed inside the graph, and plain greedy decoding
+  (`greedy_pick`) queues each step before the host reads the pick of the one before.
 
 `CudaTransformer` has the CPU model's interface (config, embed, lm_head, forward) plus `step`.
 """
@@ -307,10 +308,29 @@ class CudaTransformer(torch.nn.Module):
         self.check_tokens(ids)
         cache._check_room(pos, n)
         self.rope_for(cache.max_len)
-        if self.graphs is not None and pos > 0 and cache.can_replay():
+        if self._graphs_apply(pos, cache):
             return self.graphs.run(ids, pos, cache, tuple(capture))
+        self._forget_queued()
         logits, hidden = self.run_rows(self.inputs_for(ids, pos), cache, pos, "all", tuple(capture))
         return StepOutput(logits, logits.argmax(-1), hidden)
+
+    def greedy_pick(self, token: int, pos: int, cache, ahead: bool = False) -> int:
+        """The argmax after token at pos, read to the host. ahead: the caller will probably ask for the pick
+        after this one next (plain greedy decoding); that step is then queued on the device before the
+        host waits for this one (engine.cuda_graphs, StepGraphs.greedy), when there is room for it."""
+        self.check_tokens([token])
+        cache._check_room(pos, 1)
+        self.rope_for(cache.max_len)
+        if self._graphs_apply(pos, cache):
+            return self.graphs.greedy(token, pos, cache, ahead and pos + 2 <= cache.max_len)
+        return int(self.step([token], pos, cache).argmax[0])
+
+    def _graphs_apply(self, pos: int, cache) -> bool:
+        return self.graphs is not None and pos > 0 and cache.can_replay()
+
+    def _forget_queued(self) -> None:
+        if self.graphs is not None:
+            self.graphs.forget_queued()  # a greedy step queued ahead would read what this run rewrites
 
     def forward(
         self,
@@ -325,6 +345,7 @@ class CudaTransformer(torch.nn.Module):
             raise SettingsError("the GPU model needs the GPU KV cache (engine.kv_cache.make_kv_cache)")
         ids = [int(t) for t in tokens.tolist()]
         capture = tuple(capture_layers)
+        self._forget_queued()
         if logits_for != "none" and len(ids) <= VERIFY_ROWS_MAX:
             out = self.step(ids, pos, cache, capture)
             logits = out.logits[-1:] if logits_for == "last" else out.logits

@@ -219,6 +219,132 @@ def test_verify_rows_equal_decode_steps_interpreted(models, fast_qmatmul):
     assert rows_equal_decodes(model, cache_a, cache_b, PROMPT[:4], [1, 2, 3]) == [[1], [4]]
 
 
+# ---- greedy decoding one step ahead of the host (StepGraphs.greedy) ------------------------------------
+
+
+class PrefixModel:
+    """A stand-in for CudaTransformer under StepGraphs (graphs run eagerly on the CPU): a row writes its
+    token into the cache (a list) at its position, and its pick depends on everything the cache holds up
+    to there, so a step that read rows later rewritten would pick otherwise. Logs the rows it runs."""
+
+    device = torch.device("cpu")
+    vocab = 97
+
+    def __init__(self) -> None:
+        self.ran: list[tuple[int, int]] = []
+
+    def run_rows(self, inputs, cache, first_pos, logits_rows, capture):
+        picks = []
+        for token, pos in zip(inputs.tokens.tolist(), inputs.positions.tolist(), strict=True):
+            if pos < 0:  # padding row
+                picks.append(0)
+                continue
+            cache[pos] = token
+            self.ran.append((token, pos))
+            picks.append((sum(t * (i + 1) for i, t in enumerate(cache[: pos + 1])) * 31 + pos) % self.vocab)
+        return torch.nn.functional.one_hot(torch.tensor(picks), self.vocab).float(), []
+
+
+def greedy_chain(graphs, cache, token, pos, n, ahead=True):
+    picks = []
+    for i in range(n):
+        token = graphs.greedy(token, pos + i, cache, ahead and i + 1 < n)
+        picks.append(token)
+    return picks
+
+
+def test_greedy_ahead_picks_what_waiting_picks():
+    from engine.cuda_graphs import StepGraphs
+
+    runs = {}
+    for ahead in (False, True):
+        model = PrefixModel()
+        graphs, cache = StepGraphs(model), [0] * 40
+        graphs.run([3, 1, 4], 0, cache)  # a prompt through the 4-row step
+        runs[ahead] = greedy_chain(graphs, cache, 5, 3, 12, ahead), model.ran
+    (waiting, waiting_rows), (picks, rows) = runs[False], runs[True]
+    assert picks == waiting and len(set(picks)) > 3
+    assert rows == waiting_rows  # each row ran once: every step queued ahead was the one asked for next
+
+
+def test_greedy_ahead_drops_a_step_that_became_stale():
+    from engine.cuda_graphs import StepGraphs
+
+    model = PrefixModel()
+    graphs, cache = StepGraphs(model), [0] * 40
+    graphs.run([3, 1, 4], 0, cache)
+    first = graphs.greedy(5, 3, cache, ahead=True)  # the step at 4 (on `first`) is queued
+    assert model.ran[-1] == (first, 4)
+    # the host asks for another token at 4 (the answer was cut and edited): the queued step is not used
+    other = (first + 1) % PrefixModel.vocab
+    assert graphs.greedy(other, 4, cache, ahead=True) == PrefixModel().run_rows(
+        inputs_at([other], 4), cache[:], None, "all", ()
+    )[0].argmax().item()
+    assert model.ran[-2:] == [(other, 4), (model.ran[-1][0], 5)]
+    # any other step in between (a verify block rewriting rows 4..6) makes the queued step at 6 stale
+    pick = graphs.greedy(model.ran[-1][0], 5, cache, ahead=True)
+    graphs.run([7, 8, 9], 4, cache)
+    n = len(model.ran)
+    again = graphs.greedy(pick, 6, cache, ahead=False)
+    assert model.ran[n:] == [(pick, 6)]  # run afresh on the rewritten prefix
+    assert again == PrefixModel().run_rows(inputs_at([pick], 6), cache[:], None, "all", ())[0].argmax().item()
+    # another cache: nothing queued for the old one is used
+    graphs.greedy(again, 7, cache, ahead=True)
+    fresh = [0] * 40
+    n = len(model.ran)
+    graphs.greedy(model.ran[-1][0], 8, fresh, ahead=False)
+    assert model.ran[n:] == [(model.ran[-1][0], 8)] and fresh[8] == model.ran[-1][0]
+
+
+def inputs_at(ids, pos):
+    from engine.models.cuda_transformer import StepInputs
+
+    positions = torch.arange(pos, pos + len(ids))
+    return StepInputs(torch.tensor(ids), positions, (positions + 1).to(torch.int32))
+
+
+@interpreter_only
+@pytest.mark.slow
+def test_greedy_pick_ahead_equals_steps_up_to_a_full_cache_interpreted(models, fast_qmatmul):
+    """The kernel path (graphs run eagerly): greedy picks with the next step queued ahead equal plain
+    steps, up to the cache's last position (no step is queued past it)."""
+    from engine.cuda_graphs import StepGraphs
+    from engine.cuda_kv_cache import CudaKVCache
+
+    model = tiny_kernel_model(models["qwen2"])
+    model.graphs = StepGraphs(model)
+    c, n = model.config, len(PROMPT) + 4
+    recipe = {
+        "k_smooth": resolve_k_smooth("auto", "q4_0"),
+        "k_equalize": resolve_k_equalize("auto", "q4_0", "cpu"),
+    }
+    caches = [
+        CudaKVCache(c.n_layers, c.n_kv_heads, c.head_dim, n, "q4_0", "q4_0", device="cpu", **recipe)
+        for _ in range(2)
+    ]
+    picks = {}
+    with torch.inference_mode():
+        for ahead, cache in zip((False, True), caches, strict=True):
+            model(torch.tensor(PROMPT), 0, cache, logits_for="none")
+            token, chain = PROMPT[-1], []
+            for pos in range(len(PROMPT), n):
+                if ahead:
+                    token = model.greedy_pick(token, pos, cache, ahead=True)  # at n - 1: no room ahead
+                else:
+                    token = int(model.step([token], pos, cache).argmax[0])
+                chain.append(token)
+            picks[ahead] = chain
+    assert picks[True] == picks[False]
+    assert not model.graphs.queued
+
+
+def tiny_kernel_model(path):
+    """The GPU path's model on CPU tensors (kernels interpreted)."""
+    from engine.models.cuda_transformer import CudaTransformer
+
+    return CudaTransformer.from_gguf(GGUFModelFile.open(path), device="cpu")
+
+
 def cuda_session(path, kv=("f16", "f16"), mode="none", draft=None, graphs=True):
     from engine.session import Engine
 
@@ -314,6 +440,35 @@ def test_cuda_session_generates_and_reports_the_device(models):
     assert final.stats.device == "cuda" and torch.cuda.get_device_name(0) in final.stats.device_reason
     sampled = collect_ids(s.generate(PROMPT, SamplingParams(temperature=0.8, seed=1, max_tokens=12)))[0]
     assert sampled and all(0 <= t < s.model.config.vocab_size for t in sampled)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kv", ["f16", "q4_0"])
+def test_cuda_greedy_ahead_equals_waiting_and_fills_the_context(models, kv):
+    """Session.generate queues each greedy step before reading the pick of the one before: the same ids as
+    waiting for every pick, also when the answer runs into the end of the context (no step queued past
+    it) and when a second answer follows the first in the same cache."""
+    s = cuda_session(models["qwen2"], (kv, kv))
+    with torch.inference_mode():
+        chains = []
+        for ahead in (False, True):
+            s.prefill(PROMPT, 0)
+            token, chain = PROMPT[-1], []
+            for i in range(40):
+                token = s.decode_greedy(token, ahead=ahead and i + 1 < 40)
+                chain.append(token)
+            chains.append(chain)
+        assert chains[0] == chains[1]
+    full = SamplingParams(temperature=0.0, max_tokens=1000)
+    prompt = PROMPT * 5  # 100 of the 128 positions
+    ids, _, final = collect_ids(s.generate(prompt, full))
+    assert final.stop_reason in ("context_full", "eos") and len(prompt) + len(ids) <= s.max_len
+    again = cuda_session(models["qwen2"], (kv, kv))
+    again.model.graphs = None  # the waiting path, eager
+    assert collect_ids(again.generate(prompt, full))[0] == ids
+    second = prompt[:60] + [11, 12, 13]  # a new turn over part of the cache
+    assert collect_ids(s.generate(second, full))[0] == collect_ids(again.generate(second, full))[0]
 
 
 # ---- device selection (runs everywhere) ----------------------------------------------------------------

@@ -44,6 +44,7 @@ def tiny_path(tmp_path_factory):
 
 def load(path, **kw):
     kw.setdefault("cpu_weights", "exact")  # float32 weights: logits comparable across chunk sizes to 1e-5
+    kw.setdefault("device", "cpu")  # the CPU engine's behaviour, also on a machine with a GPU
     return Engine.load(EngineConfig(model=str(path), context_length=kw.pop("ctx", 128), **kw))
 
 

@@ -412,7 +412,9 @@ def run_our_engine(model: Path, args: argparse.Namespace, verify_rows: tuple[int
 
     Returns {"caches": {"f16/f16": {...}, ...}} with, per cache pair:
         prefill_tok_s       n_prompt tokens from an empty cache (depth-0 run)
-        decode_tok_s        n_gen greedy steps at position 1, host argmax read per token
+        decode_tok_s        n_gen greedy steps at position 1 as Session.generate runs them (each step
+                            queued before the host reads the pick of the one before)
+        decode_sync_tok_s   the same with the host waiting for each pick before the next step
         decode_depth_tok_s  the same after `depth` tokens
         verify_ms           {rows: ms} one verify step of `rows` rows at depth 0 (rows=1: a decode step)
         verify_depth_ms     the same at `depth`
@@ -435,6 +437,7 @@ def run_our_engine(model: Path, args: argparse.Namespace, verify_rows: tuple[int
         caches[f"{c}/{c}"] = {
             "prefill_tok_s": at_zero.get("prefill_tok_per_s"),
             "decode_tok_s": at_zero["decode_tok_per_s"],
+            "decode_sync_tok_s": at_zero.get("decode_sync_tok_per_s"),
             "decode_depth_tok_s": at_depth["decode_tok_per_s"],
             "verify_ms": at_zero["verify_ms"],
             "verify_depth_ms": at_depth["verify_ms"],
@@ -542,6 +545,13 @@ def build_table(res: dict, args: argparse.Namespace) -> list[dict]:
             llama_tok_s(llama, c, 0, g, 0),
             hf.get("compiled_decode_tok_s") or hf.get("eager_decode_tok_s") if c == "f16" else None,
             ">= 1.5x llama",
+        )
+        add(
+            f"  host waits each step {c}/{c}",
+            ours(engine, c, "decode_sync_tok_s"),
+            llama_tok_s(llama, c, 0, g, 0),
+            None,
+            None,
         )
         add(
             f"decode tg{g} @{d} {c}/{c}",
