@@ -285,18 +285,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "kv_k": args.ctk,
         "kv_v": args.ctv,
         "threads": torch.get_num_threads(),
+        "temperature": args.temp,
     }
+    from engine.sampling import Sampler
+
+    params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            seed=0 if args.seed is None else args.seed)
     prefill_runs, decode_runs = [], []
     for _ in range(args.repeats):
         session.cached_ids = []
+        sampler = Sampler(params)
         t0 = time.perf_counter()
         logits = session.prefill(prompt, 0)
         token = int(logits[0].argmax())  # reading the result waits for the GPU
         prefill_runs.append(args.n_prompt / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         for i in range(args.n_gen):
-            # on the GPU: a graph replay, the argmax read back while the next step runs
-            token = session.decode_greedy(token, ahead=i + 1 < args.n_gen)
+            if sampler.greedy:
+                # on the GPU: a graph replay, the argmax read back while the next step runs
+                token = session.decode_greedy(token, ahead=i + 1 < args.n_gen)
+            else:  # as Session.generate samples: the step's logits, then the sampler's filters and draw
+                token = sampler.pick(session.decode_one(token)[0], session.cached_ids)
         decode_runs.append(args.n_gen / (time.perf_counter() - t0))
     results["prefill_tok_per_s"] = sorted(prefill_runs)[len(prefill_runs) // 2]
     results["decode_tok_per_s"] = sorted(decode_runs)[len(decode_runs) // 2]
@@ -304,9 +313,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results))
     else:
+        sampled = f", sampled at temperature {args.temp}" if args.temp > 0 else ""
         print(
             f"prefill {results['prefill_tok_per_s']:.1f} tok/s (pp{args.n_prompt}), "
-            f"decode {results['decode_tok_per_s']:.2f} tok/s (tg{args.n_gen}), {results['threads']} threads, "
+            f"decode {results['decode_tok_per_s']:.2f} tok/s (tg{args.n_gen}{sampled}), "
+            f"{results['threads']} threads, "
             f"{session.device} ({session.device_reason})"
         )
     return 0
@@ -405,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--kinds", default="code,chat,edit", help="with --spec: prompt kinds to run")
     p.add_argument("--per-kind", type=int, help="with --spec: only the first N prompts of each kind")
+    p.add_argument("--temp", type=float, default=0.0, help="> 0: decode by sampling (default greedy)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("needle", help="passphrase recall at several depths of a long text")

@@ -62,8 +62,18 @@ class Sampler:
         return probabilities(logits, self.params, recent)
 
     def draw(self, probs: torch.Tensor) -> int:
-        """One token from probs (vocab,), using this sampler's seeded generator."""
-        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+        """One token from probs (vocab,) (any device; need not sum to 1), by inverse CDF: one uniform number
+        from this sampler's seeded CPU generator, the cumulative sum in float64 where probs live.
+
+        The first token whose cumulative sum passes u * total is drawn, so a token of probability 0 never
+        is. torch.multinomial did the same on the host but took 3.8 ms for a 151936-token vocabulary
+        (2-core VM; it made GPU sampling 5.6x slower than greedy decoding on the H200) and needed the
+        whole distribution copied there; this reads back one integer."""
+        u = torch.rand((), generator=self.generator, dtype=torch.float64)  # [0, 1)
+        cdf = probs.to(torch.float64).cumsum(0)  # (vocab,)
+        target = (u.to(cdf.device) * cdf[-1]).reshape(1)
+        index = int(torch.searchsorted(cdf, target, right=True))  # first i with cdf[i] > target
+        return min(index, probs.shape[0] - 1)  # u * total rounded up to total: p = 2^-53
 
     def pick(self, logits: torch.Tensor, recent: list[int]) -> int:
         """logits: (vocab,) -> the next token id."""

@@ -82,6 +82,21 @@ def test_bench_json_reports_throughput(capsys, tiny_path):
     assert out["prefill_tok_per_s"] > 0 and out["decode_tok_per_s"] > 0
 
 
+def test_bench_samples_with_temp(capsys, tiny_path, monkeypatch):
+    """--temp > 0 decodes through the sampler (each step's logits, then a draw), as Session.generate does."""
+    from engine.sampling import Sampler
+
+    draws = []
+    real_draw = Sampler.draw
+    monkeypatch.setattr(Sampler, "draw", lambda self, probs: draws.append(1) or real_draw(self, probs))
+    argv = ["bench", "--model", tiny_path, "--n-prompt", "16", "--n-gen", "4", "--repeats", "1"]
+    argv += ["--ctx", "64"]
+    out = run_json(capsys, [*argv, "--temp", "0.8", "--top-p", "0.9", "--seed", "3", "--json"])
+    assert out["decode_tok_per_s"] > 0 and out["temperature"] == 0.8 and len(draws) == 4
+    run_json(capsys, [*argv, "--json"])
+    assert len(draws) == 4  # greedy: no draw
+
+
 def test_bad_model_path_is_a_message_not_a_traceback(capsys, tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 5)

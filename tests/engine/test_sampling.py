@@ -53,3 +53,23 @@ def test_seeded_sampling_is_reproducible_and_follows_distribution():
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 18.5, f"chi-square {chi2:.1f} (4 dof, p=0.001 critical value 18.5)"
     assert not math.isnan(chi2)
+
+
+def test_draw_takes_weights_and_never_draws_a_zero_probability_token():
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=11))
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.0])  # not normalised
+    counts = torch.bincount(torch.tensor([sampler.draw(weights) for _ in range(4000)]), minlength=5)
+    assert counts[[0, 2, 4]].sum() == 0
+    chi2 = float((counts[1] - 3000) ** 2 / 3000 + (counts[3] - 1000) ** 2 / 1000)
+    assert chi2 < 10.8, f"chi-square {chi2:.1f} (1 dof, p=0.001 critical value 10.8)"
+
+
+def test_draw_at_the_ends_of_the_uniform_range(monkeypatch):
+    """u = 0 draws the first token with weight, the largest u below 1 the last one (not a zero-weight token
+    after it)."""
+    import engine.sampling as sampling
+
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.0])
+    for u, want in ((0.0, 1), (1.0 - 2.0**-53, 3)):
+        monkeypatch.setattr(sampling.torch, "rand", lambda *a, u=u, **k: torch.tensor(u, dtype=torch.float64))
+        assert Sampler(SamplingParams(temperature=1.0, seed=1)).draw(weights) == want
