@@ -304,7 +304,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if sampler.greedy:
                 # on the GPU: a graph replay, the argmax read back while the next step runs
                 token = session.decode_greedy(token, ahead=i + 1 < args.n_gen)
-            else:  # as Session.generate samples: the step's logits, then the sampler's filters and draw
+            elif sampler.graph_params is not None:  # as Session.generate samples (on the GPU: in the step)
+                token = session.decode_sampled(token, sampler, ahead=i + 1 < args.n_gen)
+            else:
                 token = sampler.pick(session.decode_one(token)[0], session.cached_ids)
         decode_runs.append(args.n_gen / (time.perf_counter() - t0))
     results["prefill_tok_per_s"] = sorted(prefill_runs)[len(prefill_runs) // 2]

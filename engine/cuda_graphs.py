@@ -17,12 +17,16 @@ to its bucket) is captured once per model and cache, on first use, and then repl
   of the step that follows it in greedy decoding, [its pick; its position + 1] (`following`).
 Nothing inside a step reads the device from the host; the caller reads the picks once per step.
 
-Greedy decoding runs one step ahead of the host (`StepGraphs.greedy`): the step after token n is queued
+Plain decoding runs one step ahead of the host (`StepGraphs.pick`): the step after token n is queued
 (its inputs copied on the device from the previous step's `following`) before the host waits for
 token n, so the host's turn-around (reading the pick, the next upload, the graph launch: ~80 us a
-token on the H200) overlaps the GPU's work instead of leaving it idle (tg128 742 -> 766 tok/s with an
-f16 cache, 679 -> 726 with q4_0: BENCHMARKS.md, GPU run 9). A step queued ahead that turns
+token on the H200) overlaps the GPU's work instead of leaving it idle (tg128 730 -> 762 tok/s with an
+f16 cache, 671 -> 718 with q4_0: BENCHMARKS.md, GPU run 10). A step queued ahead that turns
 out not to be wanted (the answer ended) only wrote K/V at a position past the tokens the session keeps.
+Sampled decoding does the same with a 1-row step captured for the sampler's parameters: it runs the
+sampler's filters and its inverse-CDF draw (engine.sampling) on the device, with the uniform number the
+host's seeded generator gives that step, so it picks what the host would have picked from its logits
+(T 0.8: 587 tok/s with the host sampling -> 732; with top-k 40, top-p 0.95, min-p 0.05: 625 -> 706).
 
 Capture runs the step once eagerly first (compiling the Triton kernels; it writes the same cache rows
 the replay then writes again), then records it.
@@ -34,10 +38,14 @@ import gc
 import logging
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine.api import VERIFY_ROWS_MAX
+from engine.api import VERIFY_ROWS_MAX, SamplingParams
+
+if TYPE_CHECKING:
+    from engine.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +98,11 @@ def record_graph(body, device: torch.device):
 class StepGraph:
     """One captured step of `rows` rows for one cache and one set of captured layers."""
 
-    def __init__(self, model, cache, rows: int, capture_layers: tuple[int, ...]) -> None:
+    def __init__(
+        self, model, cache, rows: int, capture_layers: tuple[int, ...], sampling: SamplingParams | None = None
+    ) -> None:
         self.model, self.cache, self.rows, self.capture_layers = model, cache, rows, capture_layers
+        self.sampling = sampling  # 1-row steps: pick by these parameters instead of the argmax
         device = model.device
         self.host = torch.zeros(2, rows, dtype=torch.long, pin_memory=device.type == "cuda")
         self.inputs = torch.zeros(2, rows, dtype=torch.long, device=device)  # [tokens; positions]
@@ -99,8 +110,10 @@ class StepGraph:
         self.graph = None
         self.logits = self.argmax = None
         self.hidden: list[torch.Tensor] = []
-        # 1-row steps: [pick; position + 1], the inputs of the next greedy step (filled by the step)
+        # 1-row steps: [pick; position + 1], the inputs of the next step (filled by the step)
         self.following = torch.zeros(2, 1, dtype=torch.long, device=device) if rows == 1 else None
+        # a sampled step's uniform number in [0, 1), set before each replay
+        self.uniform = None if sampling is None else torch.zeros(1, dtype=torch.float64, device=device)
 
     def set_inputs(self, ids: list[int], pos: int) -> None:
         if self.uploaded is not None:
@@ -120,8 +133,14 @@ class StepGraph:
         )
         if self.following is None:
             self.argmax = logits.argmax(-1)  # (R,)
-        else:
+        elif self.sampling is None:
             self.argmax = torch.argmax(logits, -1, out=self.following[0])  # (1,)
+        else:  # the pick the host's sampler would draw from these logits with this uniform number
+            from engine.sampling import draw_with, probabilities
+
+            self.argmax = self.following[0]  # (1,)
+            self.argmax.copy_(draw_with(probabilities(logits[0], self.sampling, []), self.uniform))
+        if self.following is not None:
             torch.add(positions, 1, out=self.following[1])
         self.logits, self.hidden = logits, hidden
 
@@ -139,9 +158,15 @@ class StepGraph:
         else:
             self.graph.replay()
 
-    def replay_following(self) -> None:
-        """Replay the 1-row step on the inputs the previous replay left (its pick, one position on)."""
+    def replay_following(self, uniform: float | None = None) -> None:
+        """Replay the 1-row step on the inputs the previous replay left (its pick, one position on); a
+        sampled step draws with `uniform`."""
         self.inputs.copy_(self.following)
+        self.replay_with(uniform)
+
+    def replay_with(self, uniform: float | None) -> None:
+        if self.sampling is not None:
+            self.uniform.fill_(uniform)
         self.replay()
 
 
@@ -151,12 +176,14 @@ class QueuedPick:
 
     pos: int  # the step's position
     token: int | None  # the token it ran on, once the host knows it
+    key: tuple  # its graph's key in StepGraphs.graphs (greedy or sampled, which parameters)
+    sampler: Sampler | None  # whose stream gave its uniform number
     slot: int  # its index in the pinned pick slots
     done: torch.cuda.Event | None  # recorded after the pick's copy (None without CUDA)
 
 
 class PickReader:
-    """Greedy picks copied to the host without waiting for them: two pinned slots, each a copy of a step's
+    """Picks copied to the host without waiting for them: two pinned slots, each a copy of a step's
     pick and an event the host waits on when it needs that pick. At most two picks are in flight (the
     step the host waits for and the one queued after it), so a slot is free again when it is reused."""
 
@@ -166,14 +193,16 @@ class PickReader:
         self.events = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self.count = 0
 
-    def queue(self, graph: StepGraph, pos: int, token: int | None) -> QueuedPick:
+    def queue(
+        self, graph: StepGraph, key: tuple, sampler: Sampler | None, pos: int, token: int | None
+    ) -> QueuedPick:
         slot = self.count % 2
         self.count += 1
         self.slots[slot : slot + 1].copy_(graph.argmax, non_blocking=True)
         done = self.events[slot]
         if done is not None:
             done.record()
-        return QueuedPick(pos, token, slot, done)
+        return QueuedPick(pos, token, key, sampler, slot, done)
 
     def read(self, queued: QueuedPick) -> int:
         if queued.done is not None:
@@ -181,30 +210,44 @@ class PickReader:
         return int(self.slots[queued.slot])
 
 
+def graph_key(rows: int, capture: tuple[int, ...], sampling: SamplingParams | None = None) -> tuple:
+    """(row bucket, captured layers), and for a sampled 1-row step the parameters it samples with."""
+    if sampling is None:
+        return bucket_for(rows), capture
+    return 1, capture, (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+
+
 class StepGraphs:
-    """The model's step graphs, keyed by row bucket and captured layers, for the cache last used."""
+    """The model's step graphs, keyed by `graph_key`, for the cache last used (and of sampled steps only
+    the parameters last used)."""
 
     def __init__(self, model) -> None:
         self.model = model
         self.cache = None
-        self.graphs: dict[tuple[int, tuple[int, ...]], StepGraph] = {}
+        self.graphs: dict[tuple, StepGraph] = {}
         self.picks = PickReader(model.device)
-        self.queued: deque[QueuedPick] = deque()  # greedy steps replayed, picks not read yet (oldest first)
+        self.queued: deque[QueuedPick] = deque()  # 1-row steps replayed, picks not read yet (oldest first)
 
     def forget_queued(self) -> None:
         """Any other work on the model or cache makes a step queued ahead stale (it may have read cache rows
         that work rewrites); its pick is then never read, its K/V row is rewritten when needed."""
         self.queued.clear()
 
-    def _graph(self, ids: list[int], pos: int, cache, capture: tuple[int, ...]) -> StepGraph:
+    def _graph(
+        self, ids: list[int], pos: int, cache, capture: tuple[int, ...],
+        sampling: SamplingParams | None = None,
+    ) -> StepGraph:
         """The graph of the bucket of len(ids) rows, captured now if new, its inputs set to ids at pos."""
         if cache is not self.cache:
             self.graphs.clear()  # the graphs hold the old cache's addresses
             self.cache = cache
-        key = (bucket_for(len(ids)), capture)
+        key = graph_key(len(ids), capture, sampling)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = StepGraph(self.model, cache, key[0], capture)
+            if sampling is not None:  # one sampled step kept: parameters change rarely, a graph is large
+                for other in [k for k in self.graphs if len(k) == 3]:
+                    del self.graphs[other]
+            graph = StepGraph(self.model, cache, key[0], capture, sampling)
             graph.set_inputs(ids, pos)
             graph.capture()
             self.graphs[key] = graph
@@ -222,21 +265,35 @@ class StepGraphs:
         n = len(ids)
         return StepOutput(graph.logits[:n], graph.argmax[:n], [h[:n] for h in graph.hidden])
 
-    def greedy(self, token: int, pos: int, cache, ahead: bool) -> int:
-        """The greedy pick after token at pos (a 1-row step). With ahead, the step after it (on that pick,
-        at pos + 1) is queued on the device before the host waits: the next call with that pick at pos + 1
-        only queues the one after and reads. The caller checks that pos + 1 has room in the cache."""
+    def pick(self, token: int, pos: int, cache, ahead: bool, sampler: Sampler | None = None) -> int:
+        """The pick after token at pos (a 1-row step): the argmax, or with a sampler (whose `graph_params`
+        are set) its draw. With ahead, the step after it (on that pick, at pos + 1) is queued on the device
+        before the host waits: the next call with that pick at pos + 1 only queues the one after and reads.
+        The caller checks that pos + 1 has room in the cache."""
+        sampling = None if sampler is None else sampler.graph_params
+        key = graph_key(1, (), sampling)
         head = self.queued[0] if self.queued else None
-        if cache is not self.cache or head is None or (head.pos, head.token) != (pos, token):
+        if (
+            cache is not self.cache
+            or head is None
+            or (head.pos, head.token, head.key) != (pos, token, key)
+            or head.sampler is not sampler
+        ):
             self.forget_queued()
-            graph = self._graph([token], pos, cache, ())
-            graph.replay()
-            self.queued.append(self.picks.queue(graph, pos, token))
-        graph = self.graphs[(1, ())]
+            graph = self._graph([token], pos, cache, (), sampling)
+            graph.replay_with(self._uniform(sampler))
+            self.queued.append(self.picks.queue(graph, key, sampler, pos, token))
+        graph = self.graphs[key]
         if ahead:
-            graph.replay_following()
-            self.queued.append(self.picks.queue(graph, pos + 1, None))
+            graph.replay_following(self._uniform(sampler))
+            self.queued.append(self.picks.queue(graph, key, sampler, pos + 1, None))
         pick = self.picks.read(self.queued.popleft())
         if self.queued:
             self.queued[0].token = pick  # the step queued ahead runs on this pick
         return pick
+
+    @staticmethod
+    def _uniform(sampler: Sampler | None) -> float | None:
+        """A sampled step's number from the sampler's stream, taken when the step is queued: in the order of
+        the steps, as the host would draw them."""
+        return None if sampler is None else float(sampler.uniform())

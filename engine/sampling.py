@@ -23,26 +23,50 @@ def apply_repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams, recent: list[int]) -> torch.Tensor:
-    """logits: (vocab,) float -> probabilities (vocab,) float32 after every filter (temperature > 0)."""
+    """logits: (vocab,) float -> probabilities (vocab,) float32 after every filter (temperature > 0).
+    No host reads and no host-to-device copies: a captured step runs it (engine.cuda_graphs).
+
+    top-k keeps exactly k tokens, as llama.cpp's does (of tokens tied at the k-th logit, torch.topk's
+    choice), and the filters after it run on those k in their sorted order: no sort of the whole
+    vocabulary (on the H200 that sort was most of a sampled token's filter time)."""
     logits = apply_repeat_penalty(
         logits.float(), recent[-params.repeat_last_n :] if params.repeat_last_n else [], params.repeat_penalty
     )
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < params.top_k < logits.shape[-1]:
+        kept, ids = torch.topk(logits, params.top_k)  # (k,) in descending order, (k,)
+        return torch.zeros_like(logits).scatter_(0, ids, _filtered_softmax(kept, params, in_order=True))
+    return _filtered_softmax(logits, params, in_order=False)
+
+
+def _filtered_softmax(logits: torch.Tensor, params: SamplingParams, in_order: bool) -> torch.Tensor:
+    """top-p, min-p and temperature over logits (n,) (in_order: already in descending order)."""
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        sorted_logits, order = (logits, None) if in_order else torch.sort(logits, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, -1)
         # keep the smallest prefix whose mass reaches top_p (the token crossing it is kept)
-        drop_sorted = (cumulative - torch.softmax(sorted_logits, -1)) >= params.top_p
-        drop_sorted[0] = False
-        logits = logits.masked_fill(
-            torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf")
-        )
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        drop[:1].fill_(False)  # the top token stays (a fill, not a host copy: a captured step runs it)
+        if order is not None:
+            drop = torch.zeros_like(drop).scatter(0, order, drop)
+        logits = logits.masked_fill(drop, float("-inf"))
     if params.min_p > 0.0:
         probs = torch.softmax(logits, -1)
         logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     return torch.softmax(logits / params.temperature, -1)
+
+
+def draw_with(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token that uniform number u in [0, 1) draws from probs (vocab,), by inverse CDF: the first whose
+    cumulative sum (float64, where probs live) passes u * total, so a token of probability 0 never is.
+    u: () or (1,) float64, any device. Returns (1,) int64 on probs' device; no host sync, so a captured
+    step runs it too (engine.cuda_graphs).
+
+    torch.multinomial did this on the host but took 3.8 ms for a 151936-token vocabulary (2-core VM; it
+    made sampling on the H200 4x slower than greedy decoding) and needed the distribution copied there."""
+    cdf = probs.to(torch.float64).cumsum(0)  # (vocab,)
+    target = (u.to(cdf.device) * cdf[-1]).reshape(1)
+    index = torch.searchsorted(cdf, target, right=True)  # (1,) first i with cdf[i] > target
+    return index.clamp_(max=probs.shape[0] - 1)  # u * total rounded up to total: p = 2^-53
 
 
 class Sampler:
@@ -61,19 +85,21 @@ class Sampler:
     def probabilities(self, logits: torch.Tensor, recent: list[int]) -> torch.Tensor:
         return probabilities(logits, self.params, recent)
 
-    def draw(self, probs: torch.Tensor) -> int:
-        """One token from probs (vocab,) (any device; need not sum to 1), by inverse CDF: one uniform number
-        from this sampler's seeded CPU generator, the cumulative sum in float64 where probs live.
+    def uniform(self) -> torch.Tensor:
+        """The next number in [0, 1) of this sampler's seeded stream: () float64 on the CPU."""
+        return torch.rand((), generator=self.generator, dtype=torch.float64)
 
-        The first token whose cumulative sum passes u * total is drawn, so a token of probability 0 never
-        is. torch.multinomial did the same on the host but took 3.8 ms for a 151936-token vocabulary
-        (2-core VM; it made GPU sampling 5.6x slower than greedy decoding on the H200) and needed the
-        whole distribution copied there; this reads back one integer."""
-        u = torch.rand((), generator=self.generator, dtype=torch.float64)  # [0, 1)
-        cdf = probs.to(torch.float64).cumsum(0)  # (vocab,)
-        target = (u.to(cdf.device) * cdf[-1]).reshape(1)
-        index = int(torch.searchsorted(cdf, target, right=True))  # first i with cdf[i] > target
-        return min(index, probs.shape[0] - 1)  # u * total rounded up to total: p = 2^-53
+    def draw(self, probs: torch.Tensor) -> int:
+        """One token from probs (vocab,) (any device; need not sum to 1) with the next uniform number."""
+        return int(draw_with(probs, self.uniform()))
+
+    @property
+    def graph_params(self) -> SamplingParams | None:
+        """The parameters a captured step can sample with by itself (engine.cuda_graphs), or None: greedy
+        picks are the step's argmax, and a repeat penalty needs the recent tokens, which change each step."""
+        if self.greedy or self.params.repeat_penalty != 1.0:
+            return None
+        return self.params
 
     def pick(self, logits: torch.Tensor, recent: list[int]) -> int:
         """logits: (vocab,) -> the next token id."""

@@ -268,14 +268,28 @@ class Session:
         """decode_one followed by the argmax of its logits, reading a single integer from the device:
         on the GPU the step graph computes the argmax itself. ahead: the next call will probably be
         decode_greedy(the pick) (plain greedy decoding); the GPU then queues that step before the host
-        waits for this pick (CudaTransformer.greedy_pick)."""
+        waits for this pick (CudaTransformer.pick_next)."""
         pos = len(self.cached_ids)
         with torch.inference_mode():
-            if hasattr(self.model, "greedy_pick"):  # the GPU model
-                pick = self.model.greedy_pick(token, pos, self.cache, ahead)
+            if hasattr(self.model, "pick_next"):  # the GPU model
+                pick = self.model.pick_next(token, pos, self.cache, ahead)
             else:
                 logits, _ = self.model(torch.tensor([token], dtype=torch.long), pos, self.cache)
                 pick = int(torch.argmax(logits[0]))
+        self.cached_ids.append(token)
+        return pick
+
+    def decode_sampled(self, token: int, sampler: Sampler, ahead: bool = False) -> int:
+        """decode_one followed by sampler.pick of its logits, for a sampler without a repeat penalty: on the
+        GPU the step samples on the device (the same pick) and, with ahead, the next step is queued before
+        the host waits (CudaTransformer.pick_next)."""
+        pos = len(self.cached_ids)
+        with torch.inference_mode():
+            if hasattr(self.model, "pick_next"):  # the GPU model
+                pick = self.model.pick_next(token, pos, self.cache, ahead, sampler)
+            else:
+                logits, _ = self.model(torch.tensor([token], dtype=torch.long), pos, self.cache)
+                pick = sampler.pick(logits[0], [])
         self.cached_ids.append(token)
         return pick
 
@@ -334,8 +348,10 @@ class Session:
             device_reason=self.device_reason,
         )
         sampler = Sampler(params)
-        # plain argmax: the next token comes straight from the step (one integer read per token)
+        # plain argmax, or sampling without a repeat penalty: the next token comes straight from the step
+        # (one integer read per token, the next step queued before it on the GPU)
         fast_greedy = sampler.greedy and params.repeat_penalty == 1.0
+        fast_sampled = sampler.graph_params is not None
         stream = TextStream(params.stop)
         reuse = self.reusable_prefix(prompt_ids)
         stats.cached_tokens = reuse
@@ -349,7 +365,7 @@ class Session:
         reason = "max_tokens"
         last_stats = time.perf_counter()
         first_token_at = None
-        next_token = None  # set by decode_greedy on the fast greedy path
+        next_token = None  # set by decode_greedy / decode_sampled on the fast paths
         while True:
             if cancel.is_set():
                 reason = "cancelled"
@@ -378,11 +394,13 @@ class Session:
             if len(context) >= self.max_len:
                 reason = "context_full"
                 break
+            # ahead: the step after this pick is queued before the host reads it, unless the answer ends
+            # with that pick anyway (max_tokens, a full context)
+            ahead = stats.new_tokens + 1 < params.max_tokens and len(context) + 1 < self.max_len
             if fast_greedy:
-                # ahead: the step after this pick is queued before the host reads it, unless the
-                # answer ends with that pick anyway (max_tokens, a full context)
-                ahead = stats.new_tokens + 1 < params.max_tokens and len(context) + 1 < self.max_len
                 next_token = self.decode_greedy(token, ahead)
+            elif fast_sampled:
+                next_token = self.decode_sampled(token, sampler, ahead)
             else:
                 logits = self.decode_one(token)
             now = time.perf_counter()

@@ -34,8 +34,8 @@ Same architectures, same switches (ModelConfig); what changes is how a step is c
   16-row verify 2100 -> 1916.
 - Steps of 1..16 rows at a known position run as CUDA graphs (engine.cuda_graphs), captured lazily per
   row bucket (1, 2, 4, 8, 16; padded) and per cache, once the cache's statistics are known
-  (`CudaKVCache.can_replay`); greedy argmax is computed inside the graph, and plain greedy decoding
-  (`greedy_pick`) queues each step before the host reads the pick of the one before.
+  (`CudaKVCache.can_replay`); greedy argmax is computed inside the graph, and plain decoding (`pick_next`,
+  greedy or sampled) queues each step before the host reads the pick of the one before.
 
 `CudaTransformer` has the CPU model's interface (config, embed, lm_head, forward) plus `step`.
 """
@@ -59,6 +59,7 @@ from engine.models.transformer import rope_tables
 from engine.quants import BLOCK_TABLE, byte_tensor, dequantize
 
 if TYPE_CHECKING:
+    from engine.sampling import Sampler
     from kernels.split_output import SplitOutput
 
 log = logging.getLogger(__name__)
@@ -314,16 +315,23 @@ class CudaTransformer(torch.nn.Module):
         logits, hidden = self.run_rows(self.inputs_for(ids, pos), cache, pos, "all", tuple(capture))
         return StepOutput(logits, logits.argmax(-1), hidden)
 
-    def greedy_pick(self, token: int, pos: int, cache, ahead: bool = False) -> int:
-        """The argmax after token at pos, read to the host. ahead: the caller will probably ask for the pick
-        after this one next (plain greedy decoding); that step is then queued on the device before the
-        host waits for this one (engine.cuda_graphs, StepGraphs.greedy), when there is room for it."""
+    def pick_next(
+        self, token: int, pos: int, cache, ahead: bool = False, sampler: Sampler | None = None
+    ) -> int:
+        """The pick after token at pos, read to the host: the argmax, or the draw of a sampler that needs no
+        recent tokens (`Sampler.graph_params`; the step then samples on the device). ahead: the caller will
+        probably ask for the pick after this one next (plain decoding); that step is then queued on the
+        device before the host waits for this one (engine.cuda_graphs, StepGraphs.pick), when there is room
+        for it."""
+        if sampler is not None and sampler.graph_params is None:
+            raise ValueError("pick_next samples only without a repeat penalty (it needs the recent tokens)")
         self.check_tokens([token])
         cache._check_room(pos, 1)
         self.rope_for(cache.max_len)
         if self._graphs_apply(pos, cache):
-            return self.graphs.greedy(token, pos, cache, ahead and pos + 2 <= cache.max_len)
-        return int(self.step([token], pos, cache).argmax[0])
+            return self.graphs.pick(token, pos, cache, ahead and pos + 2 <= cache.max_len, sampler)
+        out = self.step([token], pos, cache)
+        return int(out.argmax[0]) if sampler is None else sampler.pick(out.logits[0], [])
 
     def _graphs_apply(self, pos: int, cache) -> bool:
         return self.graphs is not None and pos > 0 and cache.can_replay()

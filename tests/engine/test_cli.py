@@ -83,12 +83,13 @@ def test_bench_json_reports_throughput(capsys, tiny_path):
 
 
 def test_bench_samples_with_temp(capsys, tiny_path, monkeypatch):
-    """--temp > 0 decodes through the sampler (each step's logits, then a draw), as Session.generate does."""
+    """--temp > 0 decodes by sampling, as Session.generate does: one number of the sampler's stream per
+    token (drawn on the host, or on a GPU inside the step)."""
     from engine.sampling import Sampler
 
     draws = []
-    real_draw = Sampler.draw
-    monkeypatch.setattr(Sampler, "draw", lambda self, probs: draws.append(1) or real_draw(self, probs))
+    real_uniform = Sampler.uniform
+    monkeypatch.setattr(Sampler, "uniform", lambda self: draws.append(1) or real_uniform(self))
     argv = ["bench", "--model", tiny_path, "--n-prompt", "16", "--n-gen", "4", "--repeats", "1"]
     argv += ["--ctx", "64"]
     out = run_json(capsys, [*argv, "--temp", "0.8", "--top-p", "0.9", "--seed", "3", "--json"])

@@ -224,8 +224,9 @@ def test_verify_rows_equal_decode_steps_interpreted(models, fast_qmatmul):
 
 class PrefixModel:
     """A stand-in for CudaTransformer under StepGraphs (graphs run eagerly on the CPU): a row writes its
-    token into the cache (a list) at its position, and its pick depends on everything the cache holds up
-    to there, so a step that read rows later rewritten would pick otherwise. Logs the rows it runs."""
+    token into the cache (a list) at its position, and its argmax depends on everything the cache holds up
+    to there, so a step that read rows later rewritten would pick otherwise; its other logits spread
+    some probability over the rest of the vocabulary. Logs the rows it runs."""
 
     device = torch.device("cpu")
     vocab = 97
@@ -242,13 +243,15 @@ class PrefixModel:
             cache[pos] = token
             self.ran.append((token, pos))
             picks.append((sum(t * (i + 1) for i, t in enumerate(cache[: pos + 1])) * 31 + pos) % self.vocab)
-        return torch.nn.functional.one_hot(torch.tensor(picks), self.vocab).float(), []
+        picks = torch.tensor(picks)  # (R,)
+        spread = torch.cos(torch.arange(self.vocab)[None, :] * (picks[:, None] + 1.0))  # (R, vocab)
+        return 4.0 * torch.nn.functional.one_hot(picks, self.vocab).float() + spread, []
 
 
 def greedy_chain(graphs, cache, token, pos, n, ahead=True):
     picks = []
     for i in range(n):
-        token = graphs.greedy(token, pos + i, cache, ahead and i + 1 < n)
+        token = graphs.pick(token, pos + i, cache, ahead and i + 1 < n)
         picks.append(token)
     return picks
 
@@ -267,32 +270,75 @@ def test_greedy_ahead_picks_what_waiting_picks():
     assert rows == waiting_rows  # each row ran once: every step queued ahead was the one asked for next
 
 
+@pytest.mark.parametrize("extra", [{}, {"top_k": 20, "top_p": 0.9, "min_p": 0.02}])
+def test_sampled_steps_ahead_draw_what_the_host_draws(extra):
+    """A captured step samples on the device with the uniform number the sampler gives it when queued:
+    the picks are the host's draws from the same logits, one step ahead or not."""
+    from engine.cuda_graphs import StepGraphs
+    from engine.sampling import Sampler
+
+    params = SamplingParams(temperature=0.9, seed=5, **extra)
+    runs, argmaxes = [], []
+    for mode in ("host", "waiting", "ahead"):
+        model, sampler = PrefixModel(), Sampler(params)
+        graphs, cache = StepGraphs(model), [0] * 40
+        graphs.run([3, 1, 4], 0, cache)
+        token, picks = 5, []
+        for pos in range(3, 23):
+            if mode == "host":
+                logits = graphs.run([token], pos, cache).logits[0]
+                argmaxes.append(int(logits.argmax()))
+                token = sampler.pick(logits, [])
+            else:
+                token = graphs.pick(token, pos, cache, mode == "ahead" and pos < 22, sampler)
+            picks.append(token)
+        runs.append(picks)
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0] != argmaxes  # the draws are not all the argmax: sampling did run
+
+
+def test_a_step_queued_for_one_sampler_is_not_used_by_another():
+    """A queued sampled step drew with its sampler's number: another sampler (same parameters, another
+    seed) at that position gets a step of its own; a greedy request too."""
+    from engine.cuda_graphs import StepGraphs
+    from engine.sampling import Sampler
+
+    model = PrefixModel()
+    graphs, cache = StepGraphs(model), [0] * 40
+    for other in (Sampler(SamplingParams(temperature=0.9, seed=2)), None):
+        graphs.run([3, 1, 4], 0, cache)
+        first = graphs.pick(5, 3, cache, True, Sampler(SamplingParams(temperature=0.9, seed=1)))
+        n = len(model.ran)  # the step at 4 on `first` is queued, with seed 1's number
+        graphs.pick(first, 4, cache, True, other)
+        assert model.ran[n:] == [(first, 4), (model.ran[-1][0], 5)]  # its own step at 4, then one ahead
+
+
 def test_greedy_ahead_drops_a_step_that_became_stale():
     from engine.cuda_graphs import StepGraphs
 
     model = PrefixModel()
     graphs, cache = StepGraphs(model), [0] * 40
     graphs.run([3, 1, 4], 0, cache)
-    first = graphs.greedy(5, 3, cache, ahead=True)  # the step at 4 (on `first`) is queued
+    first = graphs.pick(5, 3, cache, ahead=True)  # the step at 4 (on `first`) is queued
     assert model.ran[-1] == (first, 4)
     # the host asks for another token at 4 (the answer was cut and edited): the queued step is not used
     other = (first + 1) % PrefixModel.vocab
-    assert graphs.greedy(other, 4, cache, ahead=True) == PrefixModel().run_rows(
+    assert graphs.pick(other, 4, cache, ahead=True) == PrefixModel().run_rows(
         inputs_at([other], 4), cache[:], None, "all", ()
     )[0].argmax().item()
     assert model.ran[-2:] == [(other, 4), (model.ran[-1][0], 5)]
     # any other step in between (a verify block rewriting rows 4..6) makes the queued step at 6 stale
-    pick = graphs.greedy(model.ran[-1][0], 5, cache, ahead=True)
+    pick = graphs.pick(model.ran[-1][0], 5, cache, ahead=True)
     graphs.run([7, 8, 9], 4, cache)
     n = len(model.ran)
-    again = graphs.greedy(pick, 6, cache, ahead=False)
+    again = graphs.pick(pick, 6, cache, ahead=False)
     assert model.ran[n:] == [(pick, 6)]  # run afresh on the rewritten prefix
     assert again == PrefixModel().run_rows(inputs_at([pick], 6), cache[:], None, "all", ())[0].argmax().item()
     # another cache: nothing queued for the old one is used
-    graphs.greedy(again, 7, cache, ahead=True)
+    graphs.pick(again, 7, cache, ahead=True)
     fresh = [0] * 40
     n = len(model.ran)
-    graphs.greedy(model.ran[-1][0], 8, fresh, ahead=False)
+    graphs.pick(model.ran[-1][0], 8, fresh, ahead=False)
     assert model.ran[n:] == [(model.ran[-1][0], 8)] and fresh[8] == model.ran[-1][0]
 
 
@@ -305,7 +351,7 @@ def inputs_at(ids, pos):
 
 @interpreter_only
 @pytest.mark.slow
-def test_greedy_pick_ahead_equals_steps_up_to_a_full_cache_interpreted(models, fast_qmatmul):
+def test_pick_next_ahead_equals_steps_up_to_a_full_cache_interpreted(models, fast_qmatmul):
     """The kernel path (graphs run eagerly): greedy picks with the next step queued ahead equal plain
     steps, up to the cache's last position (no step is queued past it)."""
     from engine.cuda_graphs import StepGraphs
@@ -329,7 +375,7 @@ def test_greedy_pick_ahead_equals_steps_up_to_a_full_cache_interpreted(models, f
             token, chain = PROMPT[-1], []
             for pos in range(len(PROMPT), n):
                 if ahead:
-                    token = model.greedy_pick(token, pos, cache, ahead=True)  # at n - 1: no room ahead
+                    token = model.pick_next(token, pos, cache, ahead=True)  # at n - 1: no room ahead
                 else:
                     token = int(model.step([token], pos, cache).argmax[0])
                 chain.append(token)
@@ -469,6 +515,24 @@ def test_cuda_greedy_ahead_equals_waiting_and_fills_the_context(models, kv):
     assert collect_ids(again.generate(prompt, full))[0] == ids
     second = prompt[:60] + [11, 12, 13]  # a new turn over part of the cache
     assert collect_ids(s.generate(second, full))[0] == collect_ids(again.generate(second, full))[0]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("extra", [{}, {"top_k": 40, "top_p": 0.95, "min_p": 0.05}])
+def test_cuda_sampled_steps_equal_host_sampling(models, extra):
+    """Sampling inside the captured step (one step ahead) gives the ids the host's sampler gives from the
+    eager step's logits, for the same seed; a repeat penalty keeps the host path."""
+    params = SamplingParams(temperature=0.8, seed=17, max_tokens=40, **extra)
+    graphed, eager = cuda_session(models["qwen2"]), cuda_session(models["qwen2"], graphs=False)
+    ids, _, final = collect_ids(graphed.generate(PROMPT, params))
+    assert ids == collect_ids(eager.generate(PROMPT, params))[0]
+    assert any(len(k) == 3 for k in graphed.model.graphs.graphs)  # a sampled step was captured
+    greedy = SamplingParams(temperature=0.0, max_tokens=40)
+    assert ids != collect_ids(graphed.generate(PROMPT, greedy))[0]
+    penalty = SamplingParams(temperature=0.8, seed=17, max_tokens=20, repeat_penalty=1.3)
+    with_penalty = collect_ids(graphed.generate(PROMPT, penalty))[0]
+    assert with_penalty == collect_ids(eager.generate(PROMPT, penalty))[0]
 
 
 # ---- device selection (runs everywhere) ----------------------------------------------------------------

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from engine.api import SamplingParams
@@ -73,3 +74,37 @@ def test_draw_at_the_ends_of_the_uniform_range(monkeypatch):
     for u, want in ((0.0, 1), (1.0 - 2.0**-53, 3)):
         monkeypatch.setattr(sampling.torch, "rand", lambda *a, u=u, **k: torch.tensor(u, dtype=torch.float64))
         assert Sampler(SamplingParams(temperature=1.0, seed=1)).draw(weights) == want
+
+
+def filters_over_whole_vocabulary(logits, params):
+    """The chain on the whole vocabulary, top-k as a threshold (this module before top-k kept k exactly)."""
+    logits = logits.float()
+    if params.top_k > 0:
+        logits = logits.masked_fill(logits < torch.topk(logits, params.top_k).values[-1], float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        p = torch.softmax(sorted_logits, -1)
+        drop = (p.cumsum(-1) - p) >= params.top_p
+        drop[0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if params.min_p > 0.0:
+        p = torch.softmax(logits, -1)
+        logits = logits.masked_fill(p < params.min_p * p.max(), float("-inf"))
+    return torch.softmax(logits / params.temperature, -1)
+
+
+def test_filters_after_top_k_run_on_the_k_kept_tokens_same_distribution():
+    gen = torch.Generator().manual_seed(0)
+    for top_k, top_p, min_p in ((40, 0.95, 0.05), (40, 0.5, 0.0), (7, 1.0, 0.2), (1000, 0.9, 0.0)):
+        params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, min_p=min_p)
+        logits = torch.randn(5000, generator=gen) * 3  # no ties
+        got, want = probabilities(logits, params, []), filters_over_whole_vocabulary(logits, params)
+        assert torch.equal(got > 0, want > 0), (top_k, top_p, min_p)
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+        assert float(got.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_top_k_keeps_k_tokens_when_the_kth_logit_is_tied():
+    logits = torch.tensor([3.0, 1.0, 1.0, 1.0, 0.0])
+    p = probabilities(logits, SamplingParams(temperature=1.0, top_k=2), [])
+    assert int((p > 0).sum()) == 2 and p[0] > p.max() * 0.99 and p[[1, 2, 3]].sum() > 0
