@@ -12,9 +12,10 @@ to its bucket) is captured once per model and cache, on first use, and then repl
   graphs and captures anew.
 - kernels chained by programmatic dependent launch (kernels/pdl.py) keep it inside the graph: each
   kernel's launch overlaps the end of the one before it.
-- static outputs: logits (R, vocab) float32, their argmax (R,) (greedy picks computed on the device),
-  and any captured hidden states; valid until the next replay. The 1-row step also leaves the inputs
-  of the step that follows it in greedy decoding, [its pick; its position + 1] (`following`).
+- static outputs: logits (R, vocab) float32, each row's pick (R,) (its argmax, computed on the device; a
+  sampled 1-row step's draw), and any captured hidden states; valid until the next replay. The 1-row step
+  also leaves the inputs of the step that follows it in plain decoding, [its pick; its position + 1]
+  (`following`).
 Nothing inside a step reads the device from the host; the caller reads the picks once per step.
 
 Plain decoding runs one step ahead of the host (`StepGraphs.pick`): the step after token n is queued
@@ -26,7 +27,8 @@ out not to be wanted (the answer ended) only wrote K/V at a position past the to
 Sampled decoding does the same with a 1-row step captured for the sampler's parameters: it runs the
 sampler's filters and its inverse-CDF draw (engine.sampling) on the device, with the uniform number the
 host's seeded generator gives that step, so it picks what the host would have picked from its logits
-(T 0.8: 587 tok/s with the host sampling -> 732; with top-k 40, top-p 0.95, min-p 0.05: 625 -> 706).
+(T 0.8: 656 tok/s with the host sampling -> 730; with top-k 40, top-p 0.95, min-p 0.05: 629 -> 704;
+BENCHMARKS.md, "Sampling on the GPU").
 
 Capture runs the step once eagerly first (compiling the Triton kernels; it writes the same cache rows
 the replay then writes again), then records it.
@@ -108,7 +110,7 @@ class StepGraph:
         self.inputs = torch.zeros(2, rows, dtype=torch.long, device=device)  # [tokens; positions]
         self.uploaded = torch.cuda.Event() if device.type == "cuda" else None
         self.graph = None
-        self.logits = self.argmax = None
+        self.logits = self.picks = None
         self.hidden: list[torch.Tensor] = []
         # 1-row steps: [pick; position + 1], the inputs of the next step (filled by the step)
         self.following = torch.zeros(2, 1, dtype=torch.long, device=device) if rows == 1 else None
@@ -132,14 +134,14 @@ class StepGraph:
             StepInputs(self.inputs[0], positions, lengths), self.cache, None, "all", self.capture_layers
         )
         if self.following is None:
-            self.argmax = logits.argmax(-1)  # (R,)
+            self.picks = logits.argmax(-1)  # (R,)
         elif self.sampling is None:
-            self.argmax = torch.argmax(logits, -1, out=self.following[0])  # (1,)
+            self.picks = torch.argmax(logits, -1, out=self.following[0])  # (1,)
         else:  # the pick the host's sampler would draw from these logits with this uniform number
             from engine.sampling import draw_with, probabilities
 
-            self.argmax = self.following[0]  # (1,)
-            self.argmax.copy_(draw_with(probabilities(logits[0], self.sampling, []), self.uniform))
+            self.picks = self.following[0]  # (1,)
+            self.picks.copy_(draw_with(probabilities(logits[0], self.sampling, []), self.uniform))
         if self.following is not None:
             torch.add(positions, 1, out=self.following[1])
         self.logits, self.hidden = logits, hidden
@@ -184,8 +186,11 @@ class QueuedPick:
 
 class PickReader:
     """Picks copied to the host without waiting for them: two pinned slots, each a copy of a step's
-    pick and an event the host waits on when it needs that pick. At most two picks are in flight (the
-    step the host waits for and the one queued after it), so a slot is free again when it is reused."""
+    pick and an event the host waits on when it needs that pick. The host reads a slot's pick before it
+    queues the copy after next into that slot (it waits for one step while one more is queued). Copies
+    of steps dropped unread (StepGraphs.forget_queued) may still be on their way into the slots new steps
+    use: they are on the same stream, before the new copy, and the host waits on the event recorded
+    last."""
 
     def __init__(self, device: torch.device) -> None:
         cuda = device.type == "cuda"
@@ -198,7 +203,7 @@ class PickReader:
     ) -> QueuedPick:
         slot = self.count % 2
         self.count += 1
-        self.slots[slot : slot + 1].copy_(graph.argmax, non_blocking=True)
+        self.slots[slot : slot + 1].copy_(graph.picks, non_blocking=True)
         done = self.events[slot]
         if done is not None:
             done.record()
@@ -210,10 +215,11 @@ class PickReader:
         return int(self.slots[queued.slot])
 
 
-def graph_key(rows: int, capture: tuple[int, ...], sampling: SamplingParams | None = None) -> tuple:
-    """(row bucket, captured layers), and for a sampled 1-row step the parameters it samples with."""
+def graph_key(rows: int, capture: tuple[int, ...] = (), sampling: SamplingParams | None = None) -> tuple:
+    """(row bucket, captured layers, sampling): sampling is None for the argmax, else the parameters a
+    1-row step samples with."""
     if sampling is None:
-        return bucket_for(rows), capture
+        return bucket_for(rows), capture, None
     return 1, capture, (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
 
 
@@ -245,7 +251,7 @@ class StepGraphs:
         graph = self.graphs.get(key)
         if graph is None:
             if sampling is not None:  # one sampled step kept: parameters change rarely, a graph is large
-                for other in [k for k in self.graphs if len(k) == 3]:
+                for other in [k for k in self.graphs if k[2] is not None]:
                     del self.graphs[other]
             graph = StepGraph(self.model, cache, key[0], capture, sampling)
             graph.set_inputs(ids, pos)
@@ -263,7 +269,7 @@ class StepGraphs:
         graph = self._graph(ids, pos, cache, capture)
         graph.replay()
         n = len(ids)
-        return StepOutput(graph.logits[:n], graph.argmax[:n], [h[:n] for h in graph.hidden])
+        return StepOutput(graph.logits[:n], graph.picks[:n], [h[:n] for h in graph.hidden])
 
     def pick(self, token: int, pos: int, cache, ahead: bool, sampler: Sampler | None = None) -> int:
         """The pick after token at pos (a 1-row step): the argmax, or with a sampler (whose `graph_params`

@@ -24,7 +24,8 @@ def apply_repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float
 
 def probabilities(logits: torch.Tensor, params: SamplingParams, recent: list[int]) -> torch.Tensor:
     """logits: (vocab,) float -> probabilities (vocab,) float32 after every filter (temperature > 0).
-    No host reads and no host-to-device copies: a captured step runs it (engine.cuda_graphs).
+    Without a repeat penalty no host reads and no host-to-device copies: a captured step runs it
+    (engine.cuda_graphs).
 
     top-k keeps exactly k tokens, as llama.cpp's does (of tokens tied at the k-th logit, torch.topk's
     choice), and the filters after it run on those k in their sorted order: no sort of the whole
@@ -62,11 +63,13 @@ def draw_with(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     step runs it too (engine.cuda_graphs).
 
     torch.multinomial did this on the host but took 3.8 ms for a 151936-token vocabulary (2-core VM; it
-    made sampling on the H200 4x slower than greedy decoding) and needed the distribution copied there."""
+    made sampling on the H200 about 5x slower than greedy decoding) and needed the distribution copied
+    there. Probabilities that are all zero or NaN draw the last token (no error: a captured step cannot
+    raise)."""
     cdf = probs.to(torch.float64).cumsum(0)  # (vocab,)
     target = (u.to(cdf.device) * cdf[-1]).reshape(1)
     index = torch.searchsorted(cdf, target, right=True)  # (1,) first i with cdf[i] > target
-    return index.clamp_(max=probs.shape[0] - 1)  # u * total rounded up to total: p = 2^-53
+    return index.clamp_(max=probs.shape[0] - 1)  # past the end only for a zero or NaN total
 
 
 class Sampler:

@@ -283,6 +283,8 @@ class Session:
         """decode_one followed by sampler.pick of its logits, for a sampler without a repeat penalty: on the
         GPU the step samples on the device (the same pick) and, with ahead, the next step is queued before
         the host waits (CudaTransformer.pick_next)."""
+        if sampler.graph_params is None:
+            raise ValueError("decode_sampled takes a sampler without a repeat penalty (Sampler.graph_params)")
         pos = len(self.cached_ids)
         with torch.inference_mode():
             if hasattr(self.model, "pick_next"):  # the GPU model

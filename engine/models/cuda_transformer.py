@@ -209,6 +209,7 @@ class CudaTransformer(torch.nn.Module):
         }
         self._rope_len = n_positions
         if self.graphs is not None:
+            self.graphs.forget_queued()
             self.graphs.graphs.clear()  # captured steps hold the old tables' addresses
 
     def check_tokens(self, ids: list[int]) -> None:
@@ -338,7 +339,7 @@ class CudaTransformer(torch.nn.Module):
 
     def _forget_queued(self) -> None:
         if self.graphs is not None:
-            self.graphs.forget_queued()  # a greedy step queued ahead would read what this run rewrites
+            self.graphs.forget_queued()  # a step queued ahead would read what this run rewrites
 
     def forward(
         self,

@@ -98,6 +98,36 @@ def test_generation_respects_max_tokens_and_reports_stats(tiny_path):
     assert final.stats.kv_bytes > 0
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize(
+    "max_tokens,ctx,stop", [(5, 128, "max_tokens"), (50, len(PROMPT) + 4, "context_full")]
+)
+def test_a_step_goes_ahead_only_when_the_answer_goes_on(
+    tiny_path, monkeypatch, temperature, max_tokens, ctx, stop
+):
+    """generate asks for the next step to be queued ahead (GPU) except where the answer ends with the pick
+    anyway: the last token allowed, or the context's last position."""
+    session = load(tiny_path, ctx=ctx)
+    asked = []
+
+    def step(token, *args):  # decode_greedy(token, ahead) / decode_sampled(token, sampler, ahead)
+        asked.append((len(session.cached_ids), args[-1]))
+        session.cached_ids.append(token)
+        return 72  # "H": never the end of the answer
+
+    monkeypatch.setattr(session, "decode_greedy", step)
+    monkeypatch.setattr(session, "decode_sampled", step)
+    params = SamplingParams(temperature=temperature, seed=1, max_tokens=max_tokens)
+    final = collect(session.generate(PROMPT, params))[-1]
+    assert final.stop_reason == stop
+    positions = [pos for pos, _ in asked]
+    assert [ahead for _, ahead in asked] == [True] * (len(asked) - 1) + [False]
+    if stop == "context_full":
+        assert positions[-1] == ctx - 2  # the step queued ahead of it would have been at ctx - 1: it had room
+    else:
+        assert len(asked) == max_tokens - 1
+
+
 def test_reused_prefix_gives_the_same_greedy_tokens(tiny_path):
     params = SamplingParams(max_tokens=8)
     fresh = [t for d in collect(load(tiny_path).generate(PROMPT + [10, 65], params))[0] for t in d.token_ids]

@@ -1,4 +1,4 @@
-"""Upper bounds for the GPU decode step: what it costs with one kind of kernel left out (issue 5, session 7).
+"""Upper bounds for the GPU decode step: what it costs with one kind of kernel left out.
 
     python3 -m tests.tools.decode_bounds_gpu --model M.gguf [--ctk f16 --ctv f16] [--depth 16] [--steps 40]
 

@@ -43,12 +43,12 @@ def _load(model_path: str, ctk: str, ctv: str, depth: int, rows: int):
 
 def _captured(session, step_ids: list[int], depth: int):
     """The step's CUDA graph, captured now (any captured before is dropped), warmed by 5 replays."""
-    from engine.cuda_graphs import bucket_for
+    from engine.cuda_graphs import graph_key
 
     model = session.model
     model.graphs.graphs.clear()
     model.step(step_ids, depth, session.cache)  # captures the step's graph
-    graph = model.graphs.graphs[(bucket_for(len(step_ids)), ())]
+    graph = model.graphs.graphs[graph_key(len(step_ids))]
     for _ in range(5):
         graph.replay()
     torch.cuda.synchronize()

@@ -1,14 +1,14 @@
 """Sampled decoding through `python -m engine bench --temp ...` with the sampler's earlier paths patched
-back in, for an A/B in one machine (issue 5, session 7):
+back in, for an A/B on one machine:
 
     python3 -m tests.tools.sampling_paths MODE -- BENCH-ARGS
     python3 -m tests.tools.sampling_paths graph -- --model M.gguf --device cuda --n-gen 128 --temp 0.8
 
 MODE:
   multinomial  the host draws each token with torch.multinomial on a host copy of the probabilities and
-               the step returns its logits (the engine before session 7)
+               the step returns its logits (the engine before the inverse-CDF draw)
   host         the host draws by inverse CDF on the device (engine.sampling.draw_with), the step still
-               returns its logits (session 7's first change)
+               returns its logits (the engine before sampling inside the captured step)
   graph        the engine as it is: on a GPU the captured step samples by itself, one step ahead
 Only sampling differs between the modes; greedy decoding (no --temp) is the same in all three.
 """

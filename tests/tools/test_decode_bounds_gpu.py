@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -15,6 +16,7 @@ from tests.engine.test_cuda_engine import fast_qmatmul  # noqa: E402, F401  (a f
 from tests.tools.decode_bounds_gpu import KINDS, VARIANTS, Skips  # noqa: E402
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="builds the model on CPU tensors for the interpreter")
 def test_each_variant_steps_and_everything_is_restored(tmp_path, fast_qmatmul):  # noqa: F811
     import kernels.layer_ops as lo
     from engine.cuda_kv_cache import CudaKVCache
