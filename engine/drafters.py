@@ -127,6 +127,8 @@ class DraftModelDrafter(Drafter):
 
     def propose(self, context: list[int], k: int, sampler: Sampler) -> Draft:
         logits = self._sync(context)
+        if sampler.greedy and sampler.params.repeat_penalty == 1.0 and hasattr(self.model, "pick_next"):
+            return Draft(self._greedy_on_gpu(sampler.pick(logits, []), k), None)
         tokens: list[int] = []
         probs = []
         recent = list(context)
@@ -142,6 +144,17 @@ class DraftModelDrafter(Drafter):
             if i + 1 < k:
                 logits = self._run([token], len(self.cached_ids))
         return Draft(tokens, torch.stack(probs) if probs else None)
+
+    def _greedy_on_gpu(self, first: int, k: int) -> list[int]:
+        """k greedy draft tokens from `first` (the argmax of the synced logits): each draft step queued on
+        the GPU before the host reads the token before it (CudaTransformer.pick_next), as plain decoding."""
+        tokens = [first]
+        with torch.inference_mode():
+            for i in range(1, k):
+                pos = len(self.cached_ids)
+                tokens.append(self.model.pick_next(tokens[-1], pos, self.cache, ahead=i + 1 < k))
+                self.cached_ids.append(tokens[-2])
+        return tokens
 
     def next_length(self, k: int, n_drafted: int, n_accepted: int) -> int:
         if not self.adaptive:

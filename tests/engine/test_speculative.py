@@ -227,3 +227,31 @@ def test_end_to_end_sampling_matches_target_distribution(tiny):
     z = 3.09
     limit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
     assert chi_square(counts, probs) < limit
+
+
+def test_greedy_draft_on_a_gpu_model_takes_the_queued_path():
+    """With a model that has pick_next (the GPU model), greedy drafting asks it for each token, one step
+    queued ahead except after the last, and keeps cached_ids as feeding the tokens one by one does."""
+    from engine.drafters import DraftModelDrafter
+
+    class StepModel:
+        def __init__(self):
+            self.asked = []
+
+        def pick_next(self, token, pos, cache, ahead=False, sampler=None):
+            self.asked.append((token, pos, ahead))
+            return (token * 7 + pos) % 50
+
+        def __call__(self, piece, pos, cache, logits_for="last"):  # the prompt sync: logits favour 3
+            return torch.nn.functional.one_hot(torch.tensor([3]), 50).float(), []
+
+    model = StepModel()
+    drafter = DraftModelDrafter(model, None, "cpu", prefill_chunk=8, max_draft=4)
+    draft = drafter.propose([1, 2], 4, Sampler(SamplingParams(temperature=0.0)))
+    t0 = 3
+    t1 = (t0 * 7 + 2) % 50
+    t2 = (t1 * 7 + 3) % 50
+    t3 = (t2 * 7 + 4) % 50
+    assert draft.tokens == [t0, t1, t2, t3] and draft.probs is None
+    assert model.asked == [(t0, 2, True), (t1, 3, True), (t2, 4, False)]
+    assert drafter.cached_ids == [1, 2, t0, t1, t2]
