@@ -269,15 +269,7 @@ class Session:
         on the GPU the step graph computes the argmax itself. ahead: the next call will probably be
         decode_greedy(the pick) (plain greedy decoding); the GPU then queues that step before the host
         waits for this pick (CudaTransformer.pick_next)."""
-        pos = len(self.cached_ids)
-        with torch.inference_mode():
-            if hasattr(self.model, "pick_next"):  # the GPU model
-                pick = self.model.pick_next(token, pos, self.cache, ahead)
-            else:
-                logits, _ = self.model(torch.tensor([token], dtype=torch.long), pos, self.cache)
-                pick = int(torch.argmax(logits[0]))
-        self.cached_ids.append(token)
-        return pick
+        return self._decode_pick(token, ahead, None)
 
     def decode_sampled(self, token: int, sampler: Sampler, ahead: bool = False) -> int:
         """decode_one followed by sampler.pick of its logits, for a sampler without a repeat penalty: on the
@@ -285,13 +277,17 @@ class Session:
         the host waits (CudaTransformer.pick_next)."""
         if sampler.graph_params is None:
             raise ValueError("decode_sampled takes a sampler without a repeat penalty (Sampler.graph_params)")
+        return self._decode_pick(token, ahead, sampler)
+
+    def _decode_pick(self, token: int, ahead: bool, sampler: Sampler | None) -> int:
+        """The pick after token at the next position: the argmax (sampler None) or the sampler's draw."""
         pos = len(self.cached_ids)
         with torch.inference_mode():
             if hasattr(self.model, "pick_next"):  # the GPU model
                 pick = self.model.pick_next(token, pos, self.cache, ahead, sampler)
             else:
                 logits, _ = self.model(torch.tensor([token], dtype=torch.long), pos, self.cache)
-                pick = sampler.pick(logits[0], [])
+                pick = int(torch.argmax(logits[0])) if sampler is None else sampler.pick(logits[0], [])
         self.cached_ids.append(token)
         return pick
 

@@ -71,14 +71,10 @@ class Skips:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.tools.profile_decode_gpu import _captured, _load, _wall_us
+    from tests.tools.profile_decode_gpu import _captured, _load, _wall_us, add_step_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--ctk", default="f16")
-    parser.add_argument("--ctv", default="f16")
-    parser.add_argument("--depth", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=40)
+    add_step_arguments(parser, depth=16, steps=40)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("decode_bounds_gpu needs a CUDA GPU", file=sys.stderr)

@@ -104,13 +104,19 @@ def ab_switch(model_path: str, ctk: str, ctv: str, depth: int, steps: int, rows:
     return walls
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_step_arguments(parser: argparse.ArgumentParser, depth: int, steps: int) -> None:
+    """The arguments of the tools that time a step of a model on CUDA (this one, tune_decode_gpu,
+    decode_bounds_gpu): the model, the cache types, the depth the cache is filled to, replays timed."""
     parser.add_argument("--model", required=True)
     parser.add_argument("--ctk", default="f16")
     parser.add_argument("--ctv", default="f16")
-    parser.add_argument("--depth", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--depth", type=int, default=depth)
+    parser.add_argument("--steps", type=int, default=steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_step_arguments(parser, depth=1024, steps=20)
     parser.add_argument("--rows", type=int, default=1, help="tokens per step: 1 = decode, more = verify")
     parser.add_argument("--pdl", action="store_true",
                         help="keep programmatic dependent launch on (per-kernel times then include waits)")

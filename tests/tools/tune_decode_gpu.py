@@ -134,16 +134,12 @@ def _prefill_tok_s(session, tokens: list[int]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.tools.profile_decode_gpu import _captured, _load, _wall_us
+    from tests.tools.profile_decode_gpu import _captured, _load, _wall_us, add_step_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
+    add_step_arguments(parser, depth=4096, steps=30)
     parser.add_argument("--set", choices=sorted(SETS), required=True)
-    parser.add_argument("--ctk", default="f16")
-    parser.add_argument("--ctv", default="f16")
-    parser.add_argument("--depth", type=int, default=4096)
     parser.add_argument("--rows", type=int, default=1, help="tokens per step: 1 = decode, more = verify")
-    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--prefill", action="store_true", help="also pp2048 prefill tok/s per variant")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
