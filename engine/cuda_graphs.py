@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -101,10 +102,12 @@ class StepGraph:
     """One captured step of `rows` rows for one cache and one set of captured layers."""
 
     def __init__(
-        self, model, cache, rows: int, capture_layers: tuple[int, ...], sampling: SamplingParams | None = None
+        self, model, cache, rows: int, capture_layers: tuple[int, ...],
+        sampling: SamplingParams | None = None, max_length: int | None = None,
     ) -> None:
         self.model, self.cache, self.rows, self.capture_layers = model, cache, rows, capture_layers
         self.sampling = sampling  # 1-row steps: pick by these parameters instead of the argmax
+        self.max_length = max_length  # the longest attention a replay may ask for (None: the cache's room)
         device = model.device
         self.host = torch.zeros(2, rows, dtype=torch.long, pin_memory=device.type == "cuda")
         self.inputs = torch.zeros(2, rows, dtype=torch.long, device=device)  # [tokens; positions]
@@ -131,7 +134,8 @@ class StepGraph:
         positions = self.inputs[1]
         lengths = (positions + 1).to(torch.int32)  # (R,), 0 for padding rows
         logits, hidden = self.model.run_rows(
-            StepInputs(self.inputs[0], positions, lengths), self.cache, None, "all", self.capture_layers
+            StepInputs(self.inputs[0], positions, lengths, self.max_length), self.cache, None, "all",
+            self.capture_layers,
         )
         if self.following is None:
             self.picks = logits.argmax(-1)  # (R,)
@@ -215,12 +219,29 @@ class PickReader:
         return int(self.slots[queued.slot])
 
 
-def graph_key(rows: int, capture: tuple[int, ...] = (), sampling: SamplingParams | None = None) -> tuple:
-    """(row bucket, captured layers, sampling): sampling is None for the argmax, else the parameters a
-    1-row step samples with."""
+def short_steps_enabled() -> bool:
+    """1-row steps early in the cache get graphs of their own (`step_bound`) unless TANDEM_SHORT_STEPS is
+    "0" (an A/B; read when a key is made)."""
+    return os.environ.get("TANDEM_SHORT_STEPS", "1") != "0"
+
+
+def step_bound(rows: int, end: int, cache) -> int | None:
+    """The attention length a step of `rows` rows ending at length `end` is captured for: the cache's
+    `length_bound(end)` for a 1-row step (decode attention in one launch while the context fits one split:
+    kernels.decode_attention's direct path), else None (the cache's room)."""
+    if rows != 1 or not short_steps_enabled():
+        return None
+    return cache.length_bound(end)
+
+
+def graph_key(
+    rows: int, capture: tuple[int, ...] = (), sampling: SamplingParams | None = None, bound: int | None = None
+) -> tuple:
+    """(row bucket, captured layers, sampling, attention bound): sampling is None for the argmax, else the
+    parameters a 1-row step samples with; bound as `step_bound` gives it."""
     if sampling is None:
-        return bucket_for(rows), capture, None
-    return 1, capture, (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+        return bucket_for(rows), capture, None, bound
+    return 1, capture, (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p), bound
 
 
 class StepGraphs:
@@ -243,23 +264,30 @@ class StepGraphs:
         self, ids: list[int], pos: int, cache, capture: tuple[int, ...],
         sampling: SamplingParams | None = None,
     ) -> StepGraph:
-        """The graph of the bucket of len(ids) rows, captured now if new, its inputs set to ids at pos."""
+        """The graph of len(ids) rows at pos (`key`), captured now if new, its inputs set to ids at pos."""
         if cache is not self.cache:
             self.graphs.clear()  # the graphs hold the old cache's addresses
             self.cache = cache
-        key = graph_key(len(ids), capture, sampling)
+        key = self.key(len(ids), pos, cache, capture, sampling)
         graph = self.graphs.get(key)
         if graph is None:
             if sampling is not None:  # one sampled step kept: parameters change rarely, a graph is large
-                for other in [k for k in self.graphs if k[2] is not None]:
+                for other in [k for k in self.graphs if k[2] is not None and k[2] != key[2]]:
                     del self.graphs[other]
-            graph = StepGraph(self.model, cache, key[0], capture, sampling)
+            graph = StepGraph(self.model, cache, key[0], capture, sampling, key[3])
             graph.set_inputs(ids, pos)
             graph.capture()
             self.graphs[key] = graph
         else:
             graph.set_inputs(ids, pos)
         return graph
+
+    @staticmethod
+    def key(
+        n_rows: int, pos: int, cache, capture: tuple[int, ...] = (), sampling: SamplingParams | None = None
+    ) -> tuple:
+        """The key of the graph that runs n_rows rows at [pos, pos + n_rows) in this cache."""
+        return graph_key(n_rows, capture, sampling, step_bound(n_rows, pos + n_rows, cache))
 
     def run(self, ids: list[int], pos: int, cache, capture: tuple[int, ...] = ()):
         """Rows ids at [pos, pos + len(ids)); returns a StepOutput of views into the graph's outputs."""
@@ -277,7 +305,8 @@ class StepGraphs:
         before the host waits: the next call with that pick at pos + 1 only queues the one after and reads.
         The caller checks that pos + 1 has room in the cache."""
         sampling = None if sampler is None else sampler.graph_params
-        key = graph_key(1, (), sampling)
+        key = self.key(1, pos, cache, (), sampling)
+        ahead = ahead and self.key(1, pos + 1, cache, (), sampling) == key  # the next step replays this graph
         head = self.queued[0] if self.queued else None
         if (
             cache is not self.cache

@@ -123,6 +123,13 @@ class CudaKVCache(KVCache):
         # split boundaries of decode attention: fixed by the capacity, the same for every row count
         self.split_size = default_split_size(self.device, n_kv_heads, max_len, BLOCK_N)
 
+    def length_bound(self, end: int) -> int | None:
+        """A bound on attention lengths for steps whose rows end at length `end` (engine.cuda_graphs captures
+        1-row steps per bound): the split size while `end` fits in one split, where decode attention writes
+        its output without a second (merge) launch; None (the capacity) past it, or when the capacity itself
+        fits in one split. The splits are the same either way (`split_size`), so are the bits."""
+        return self.split_size if end <= self.split_size < self.max_len else None
+
     # -- smoothing vectors and K scales in fixed buffers ------------------------------------------------
     @property
     def k_mean(self) -> list[torch.Tensor | None]:
@@ -263,9 +270,11 @@ class CudaKVCache(KVCache):
         scale: float,
         window: int | None,
         out: torch.Tensor,
+        max_length: int | None = None,
     ) -> None:
         """Each row of q (R, Hq, D) (float32, in K's basis) attends to cache positions [0, lengths[r])
-        (lengths: (R,) int32 on the device; 0 = a padding row) -> out (R, Hq, D). Several rows of a shape
+        (lengths: (R,) int32 on the device; 0 = a padding row, max_length: a bound on them, None: the
+        capacity) -> out (R, Hq, D). Several rows of a shape
         `verify_attention.applies` takes (no window, up to 16 query heads per KV head, head_dim up to 128),
         unless `verify_attention_enabled()` says no: kernels.verify_attention (each tile read once for all
         rows); otherwise one decode per row. The same bits either way."""
@@ -282,7 +291,7 @@ class CudaKVCache(KVCache):
             v_stores[layer],
             lengths,
             scale=scale,
-            max_length=self.max_len,
+            max_length=max_length or self.max_len,
             split_size=self.split_size,
             block_n=BLOCK_N,
             out=out,

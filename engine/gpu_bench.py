@@ -32,7 +32,6 @@ from collections.abc import Callable
 import torch
 
 from engine.api import VERIFY_ROWS_MAX, EngineConfig
-from engine.cuda_graphs import graph_key
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +154,7 @@ def measure(
             result[f"{name}_runs_tok_per_s"] = [n_gen / (t / 1e3) for t in times]
         # -- the decode graph replayed back to back: device time per step -------------------------------
         model.step([first], start, cache)
-        graph = model.graphs.graphs[graph_key(1)] if model.graphs is not None else None
+        graph = model.graphs.graphs[model.graphs.key(1, start, cache)] if model.graphs is not None else None
         if graph is not None:
             n = 50
             times = _cuda_ms(lambda: [graph.replay() for _ in range(n)], repeats)

@@ -127,12 +127,12 @@ def _decode_split_kernel(
     q_ptr, stride_qb, stride_qh,
     kq_ptr, kd_ptr, km_ptr, stride_kb, stride_kh, stride_ksb, stride_ksh,
     vq_ptr, vd_ptr, vm_ptr, stride_vb, stride_vh, stride_vsb, stride_vsh,
-    lens_ptr, length_all, o_ptr, ml_ptr,
+    lens_ptr, length_all, o_ptr, ml_ptr, out_ptr, stride_ob, stride_oh,
     qk_scale, window, split_size, n_splits, HKV,
     n_sink,
     D: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     K_TYPE: tl.constexpr, V_TYPE: tl.constexpr, PER_SEQ_LENGTH: tl.constexpr, FAST: tl.constexpr,
-    SINKS: tl.constexpr, PDL: tl.constexpr,
+    SINKS: tl.constexpr, PDL: tl.constexpr, DIRECT: tl.constexpr,
 ):
     wait_for_previous(PDL)  # PDL launch: wait for the kernel before (kernels/pdl.py)
     pid_s = tl.program_id(0)
@@ -144,8 +144,9 @@ def _decode_split_kernel(
     length = length_all
     if PER_SEQ_LENGTH:
         length = tl.load(lens_ptr + b)
-    if pid_s * split_size >= length:
-        return  # a split past the sequence's end: the merge never reads it
+    if pid_s * split_size >= length and not DIRECT:
+        return  # a split past the sequence's end: the merge never reads it (DIRECT: one split, whose
+        # output, zeros for an empty sequence, is written below)
     cols_lo = _half_cols(D, 0)  # tiles come in two halves (kv_blocks._load_halves); Q is read and
     cols_hi = _half_cols(D, 1)  # the output written through the same column maps
     q_row = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh  # [BLOCK_H, 1]
@@ -184,6 +185,14 @@ def _decode_split_kernel(
             q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, end,
             D, BLOCK_N, K_TYPE, V_TYPE, FAST, True)
 
+    if DIRECT:  # the merge of a single split: acc * 1 + 0, sum * 1 + 0, then this division (same bits)
+        l_i = tl.max(l_acc, axis=1)
+        inv = tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        o_row = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh  # [BLOCK_H, 1]
+        o_ty = out_ptr.dtype.element_ty
+        tl.store(o_row + cols_lo[None, :], (acc_lo / inv).to(o_ty), mask=hmask[:, None])
+        tl.store(o_row + cols_hi[None, :], (acc_hi / inv).to(o_ty), mask=hmask[:, None])
+        return
     row = (b * HKV * GQA + heads).to(tl.int64) * n_splits + pid_s  # [BLOCK_H] index into (B * Hq, S)
     tl.store(o_ptr + row[:, None] * D + cols_lo[None, :], acc_lo, mask=hmask[:, None])
     tl.store(o_ptr + row[:, None] * D + cols_hi[None, :], acc_hi, mask=hmask[:, None])
@@ -379,19 +388,26 @@ def decode_attention(
     auto_warps, auto_stages = launch_config(split_size, block_n, tile_bytes)
     num_warps = num_warps or auto_warps
     num_stages = num_stages or auto_stages
-    o_part = torch.empty(bsz * hq, n_splits, dim, dtype=torch.float32, device=q.device)  # (B*Hq, S, D)
-    ml = torch.empty(bsz * hq, n_splits, 2, dtype=torch.float32, device=q.device)  # (B*Hq, S, [max, sum])
     qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
     n_sink, k_rows, v_rows = sink_sources(k_store, v_store, k_sink, v_sink, q)
+    direct = n_splits == 1 and n_sink == 0  # one split: it writes the output itself, no merge launch
+    out = check_out(out, q)
+    if direct:
+        o_part = ml = out  # unused
+    else:
+        o_part = torch.empty(bsz * hq, n_splits, dim, dtype=torch.float32, device=q.device)  # (B*Hq, S, D)
+        ml = torch.empty(bsz * hq, n_splits, 2, dtype=torch.float32, device=q.device)  # (B*Hq, S, [max, sum])
     _decode_split_kernel[(n_splits, bsz * hkv)](
         q, q.stride(0), q.stride(1), *ka[:5], *ka[6:8], *va[:5], *va[6:8], lens, max_len, o_part, ml,
-        qk_scale, int(window or 0), split_size, n_splits, hkv, n_sink,
+        out, out.stride(0), out.stride(1), qk_scale, int(window or 0), split_size, n_splits, hkv, n_sink,
         D=dim, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), BLOCK_N=block_n,
         K_TYPE=ka[9], V_TYPE=va[9], PER_SEQ_LENGTH=not isinstance(lengths, int),
-        FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0,
+        FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0, DIRECT=direct,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         **pdl_launch(q.device),
     )
+    if direct:
+        return out
     return launch_merge(o_part, ml, q, lens if not isinstance(lengths, int) else None, max_len, split_size,
                         n_splits, qk_scale, window, gqa, n_sink, k_rows, v_rows, out)
 
@@ -413,6 +429,15 @@ def check_attention_args(q: torch.Tensor, k_store: KVStore, v_store: KVStore,
     return hkv, hq // hkv, ka, va
 
 
+def check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """The output tensor for queries q (B, Hq, D): `out` checked, or a new one like q."""
+    if out is None:
+        return torch.empty_like(q)  # (B, Hq, D)
+    if out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} must be {tuple(q.shape)} with a contiguous last dim")
+    return out
+
+
 def launch_merge(
     o_part: torch.Tensor, ml: torch.Tensor, q: torch.Tensor, lens: torch.Tensor | None, max_len: int,
     split_size: int, n_splits: int, qk_scale: float, window: int | None, gqa: int, n_sink: int,
@@ -421,10 +446,7 @@ def launch_merge(
     """Step 2: merge the splits' partials o_part (B*Hq, S, D) / ml (B*Hq, S, 2) and the sinks' partial
     -> out (B, Hq, D). lens: (B,) int32 per-sequence lengths, or None when every sequence has max_len."""
     bsz, hq, dim = q.shape
-    if out is None:
-        out = torch.empty_like(q)  # (B, Hq, D)
-    elif out.shape != q.shape or out.stride(-1) != 1:
-        raise ValueError(f"out {tuple(out.shape)} must be {tuple(q.shape)} with a contiguous last dim")
+    out = check_out(out, q)
     block_d = min(dim, 32)
     _decode_reduce_kernel[(bsz * hq, dim // block_d)](
         o_part, ml, out, out.stride(0), out.stride(1), hq, n_splits, lens if lens is not None else q, max_len,

@@ -142,6 +142,7 @@ class StepInputs:
     tokens: torch.Tensor  # (T,) int64
     positions: torch.Tensor  # (T,) int64
     lengths: torch.Tensor  # (T,) int32 = positions + 1 (0 for padding)
+    max_length: int | None = None  # a bound on lengths known on the host (None: the cache's room)
 
 
 @dataclass
@@ -274,7 +275,8 @@ class CudaTransformer(torch.nn.Module):
                 cache.write_rows(layer.index, k, v, inputs.positions, first_pos)
             attn = torch.empty(n_rows, c.n_heads, c.head_dim, dtype=ACT_DTYPE, device=self.device)
             if as_rows:
-                cache.attend_rows(layer.index, q, inputs.lengths, c.attn_scale, layer.window, attn)
+                cache.attend_rows(layer.index, q, inputs.lengths, c.attn_scale, layer.window, attn,
+                                  inputs.max_length)
             else:
                 cache.attend_chunk(layer.index, q, first_pos, c.attn_scale, layer.window, attn)
             o = layer.wo.matmul(attn.view(n_rows, c.n_heads * c.head_dim), split)  # (T, d_model)

@@ -248,6 +248,18 @@ class PrefixModel:
         return 4.0 * torch.nn.functional.one_hot(picks, self.vocab).float() + spread, []
 
 
+class ListCache(list):
+    """The stand-in's cache: a list of tokens by position. `split`: 1-row steps ending at length <= split
+    get graphs of their own (CudaKVCache.length_bound); None: never."""
+
+    def __init__(self, size: int = 40, split: int | None = None) -> None:
+        super().__init__([0] * size)
+        self.split = split
+
+    def length_bound(self, end: int) -> int | None:
+        return self.split if self.split is not None and end <= self.split else None
+
+
 def greedy_chain(graphs, cache, token, pos, n, ahead=True):
     picks = []
     for i in range(n):
@@ -262,12 +274,43 @@ def test_greedy_ahead_picks_what_waiting_picks():
     runs = {}
     for ahead in (False, True):
         model = PrefixModel()
-        graphs, cache = StepGraphs(model), [0] * 40
+        graphs, cache = StepGraphs(model), ListCache()
         graphs.run([3, 1, 4], 0, cache)  # a prompt through the 4-row step
         runs[ahead] = greedy_chain(graphs, cache, 5, 3, 12, ahead), model.ran
     (waiting, waiting_rows), (picks, rows) = runs[False], runs[True]
     assert picks == waiting and len(set(picks)) > 3
     assert rows == waiting_rows  # each row ran once: every step queued ahead was the one asked for next
+
+
+@pytest.mark.parametrize("short", [True, False], ids=["short-steps", "TANDEM_SHORT_STEPS=0"])
+def test_steps_early_in_the_cache_have_their_own_graph(monkeypatch, short):
+    """1-row steps ending within the cache's length bound run the bounded graph (its StepInputs carry the
+    bound), later ones the other; the chain queued ahead crosses the bound with the same picks, each row
+    run once; the verify block keeps the unbounded graph."""
+    from engine.cuda_graphs import StepGraphs
+
+    if not short:
+        monkeypatch.setenv("TANDEM_SHORT_STEPS", "0")
+    bounds = []
+
+    class BoundsModel(PrefixModel):
+        def run_rows(self, inputs, cache, first_pos, logits_rows, capture):
+            bounds.append(inputs.max_length)
+            return super().run_rows(inputs, cache, first_pos, logits_rows, capture)
+
+    runs = {}
+    for ahead in (False, True):
+        model = BoundsModel()
+        graphs, cache = StepGraphs(model), ListCache(split=8)
+        graphs.run([3, 1, 4], 0, cache)
+        runs[ahead] = greedy_chain(graphs, cache, 5, 3, 12, ahead), model.ran
+        assert sorted((k[0], k[3] or 0) for k in graphs.graphs) == ([(1, 0), (1, 8), (4, 0)] if short else
+                                                                    [(1, 0), (4, 0)])
+    (waiting, waiting_rows), (picks, rows) = runs[False], runs[True]
+    assert picks == waiting and rows == waiting_rows
+    # per run: the block, then positions 3..14 (lengths 4..15): 5 within the bound of 8
+    run = [None] + [8] * 5 + [None] * 7 if short else [None] * 13
+    assert bounds == run + run
 
 
 @pytest.mark.parametrize("extra", [{}, {"top_k": 20, "top_p": 0.9, "min_p": 0.02}])
@@ -281,7 +324,7 @@ def test_sampled_steps_ahead_draw_what_the_host_draws(extra):
     runs, argmaxes = [], []
     for mode in ("host", "waiting", "ahead"):
         model, sampler = PrefixModel(), Sampler(params)
-        graphs, cache = StepGraphs(model), [0] * 40
+        graphs, cache = StepGraphs(model), ListCache()
         graphs.run([3, 1, 4], 0, cache)
         token, picks = 5, []
         for pos in range(3, 23):
@@ -304,7 +347,7 @@ def test_a_step_queued_for_one_sampler_is_not_used_by_another():
     from engine.sampling import Sampler
 
     model = PrefixModel()
-    graphs, cache = StepGraphs(model), [0] * 40
+    graphs, cache = StepGraphs(model), ListCache()
     for other in (Sampler(SamplingParams(temperature=0.9, seed=2)), None):
         graphs.run([3, 1, 4], 0, cache)
         first = graphs.pick(5, 3, cache, True, Sampler(SamplingParams(temperature=0.9, seed=1)))
@@ -317,7 +360,7 @@ def test_greedy_ahead_drops_a_step_that_became_stale():
     from engine.cuda_graphs import StepGraphs
 
     model = PrefixModel()
-    graphs, cache = StepGraphs(model), [0] * 40
+    graphs, cache = StepGraphs(model), ListCache()
     graphs.run([3, 1, 4], 0, cache)
     first = graphs.pick(5, 3, cache, ahead=True)  # the step at 4 (on `first`) is queued
     assert model.ran[-1] == (first, 4)
@@ -336,7 +379,7 @@ def test_greedy_ahead_drops_a_step_that_became_stale():
     assert again == PrefixModel().run_rows(inputs_at([pick], 6), cache[:], None, "all", ())[0].argmax().item()
     # another cache: nothing queued for the old one is used
     graphs.pick(again, 7, cache, ahead=True)
-    fresh = [0] * 40
+    fresh = ListCache()
     n = len(model.ran)
     graphs.pick(model.ran[-1][0], 8, fresh, ahead=False)
     assert model.ran[n:] == [(model.ran[-1][0], 8)] and fresh[8] == model.ran[-1][0]
@@ -391,7 +434,7 @@ def tiny_kernel_model(path):
     return CudaTransformer.from_gguf(GGUFModelFile.open(path), device="cpu")
 
 
-def cuda_session(path, kv=("f16", "f16"), mode="none", draft=None, graphs=True):
+def cuda_session(path, kv=("f16", "f16"), mode="none", draft=None, graphs=True, context=128):
     from engine.session import Engine
 
     config = EngineConfig(
@@ -399,7 +442,7 @@ def cuda_session(path, kv=("f16", "f16"), mode="none", draft=None, graphs=True):
         kv_k=kv[0],
         kv_v=kv[1],
         device="cuda",
-        context_length=128,
+        context_length=context,
         prefill_chunk=8,
         draft=DraftConfig(mode=mode, path=str(draft) if draft else None, max_draft=4),
     )
@@ -457,6 +500,38 @@ def test_graph_replay_equals_eager(models, arch):
             a, b = graphed.model.step(block, pos, graphed.cache), eager.model.step(block, pos, eager.cache)
             assert torch.equal(a.logits, b.logits), f"{len(block)}-row step"
     assert graphed.model.graphs.graphs and eager.model.graphs is None
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kv", ["f16", "q4_0"])
+def test_cuda_steps_within_one_split_equal_eager(models, kv):
+    """A 512-position cache (decode attention in 4 splits of 128): 1-row steps that end within the first
+    split replay a graph of their own (attention in one launch, no merge), later ones the full graph; both
+    give the eager step's logits bit for bit, and greedy decoding queued ahead across the bound the eager
+    ids."""
+    graphed = cuda_session(models["qwen2"], (kv, kv), context=512)
+    eager = cuda_session(models["qwen2"], (kv, kv), graphs=False, context=512)
+    assert graphed.cache.length_bound(128) == 128 and graphed.cache.length_bound(129) is None
+    with torch.inference_mode():
+        for s in (graphed, eager):
+            s.prefill(PROMPT, 0)
+        token, pos = PROMPT[-1], len(PROMPT)
+        while pos < 136:
+            a = graphed.model.step([token], pos, graphed.cache)
+            b = eager.model.step([token], pos, eager.cache)
+            assert torch.equal(a.logits, b.logits), f"step at {pos}"
+            token, pos = int(a.argmax[0]), pos + 1
+        assert {key[3] for key in graphed.model.graphs.graphs} == {128, None}
+        chains = []
+        for s in (graphed, eager):
+            s.prefill(PROMPT, 0)
+            token, chain = PROMPT[-1], []
+            for i in range(120):
+                token = s.decode_greedy(token, ahead=i + 1 < 120)
+                chain.append(token)
+            chains.append(chain)
+        assert chains[0] == chains[1]
 
 
 @gpu

@@ -152,6 +152,29 @@ def test_verify_rows_equal_single_decodes_bit_for_bit(k_type, v_type, window, sp
     assert_close_rms("verify rows", out[:3].float(), want, 5e-3)
 
 
+@pytest.mark.parametrize("split", [64, 256], ids=["4-warp-launch", "1-warp-launch"])
+@pytest.mark.parametrize(
+    "k_type,v_type,window", [("q8_0", "q4_0", None), ("f16", "f16", 30), ("bf16", "q4_1", None)]
+)
+def test_one_split_writes_the_merged_output_itself(k_type, v_type, window, split):
+    # max_length within one split: the split kernel divides and stores the output (no merge launch); with a
+    # larger max_length the same single split goes through the merge kernel: the same bits
+    q, ks, vs, _ = _case(k_type, v_type, 3, 2, 3, 64, [1], split + 32, seed=6)
+    lengths = torch.tensor([split, 37, 0], dtype=torch.int32, device=DEVICE)  # full split, short one, empty
+    runs = []
+    for max_length in (split, split + 32):
+        out = torch.full((3, 6, 64), float("nan"), dtype=torch.float16, device=DEVICE)
+        decode_attention(q, ks, vs, lengths, max_length=max_length, split_size=split, block_n=32,
+                         window=window, out=out)
+        runs.append(out)
+    direct, merged = runs
+    assert torch.equal(direct, merged)
+    assert torch.equal(direct[2], torch.zeros_like(direct[2]))  # an empty sequence attends to nothing
+    want = decode_attention_reference(q[:2], ks.narrow(0, 0, 2), vs.narrow(0, 0, 2), lengths[:2],
+                                      window=window)
+    assert_close_rms("one-split decode", direct[:2].float(), want, TOL)
+
+
 # ---- attention sinks: positions < S of a side read from its f16 copies --------------------------------
 
 

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     walls: dict[str, list[float]] = {name: [] for name in VARIANTS}
     with torch.inference_mode():
-        session, step_ids = _load(args.model, args.ctk, args.ctv, args.depth, 1)
+        session, step_ids = _load(args.model, args.ctk, args.ctv, args.depth, 1, args.context)
         skips = Skips(session.model, session.cache)
         for order in (list(VARIANTS), list(VARIANTS)[::-1]):
             for name in order:

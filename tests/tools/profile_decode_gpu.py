@@ -26,12 +26,12 @@ from collections import defaultdict
 import torch
 
 
-def _load(model_path: str, ctk: str, ctv: str, depth: int, rows: int):
+def _load(model_path: str, ctk: str, ctv: str, depth: int, rows: int, context: int | None = None):
     """An engine on CUDA with the cache filled to `depth`, and the `rows` tokens of the step to time."""
     from engine.api import EngineConfig
     from engine.session import Engine
 
-    context = -(-(depth + 64) // 256) * 256
+    context = context or -(-(depth + 64) // 256) * 256
     session = Engine.load(EngineConfig(model=model_path, kv_k=ctk, kv_v=ctv, device="cuda",
                                        context_length=context))
     gen = torch.Generator().manual_seed(0)
@@ -43,12 +43,11 @@ def _load(model_path: str, ctk: str, ctv: str, depth: int, rows: int):
 
 def _captured(session, step_ids: list[int], depth: int):
     """The step's CUDA graph, captured now (any captured before is dropped), warmed by 5 replays."""
-    from engine.cuda_graphs import graph_key
 
     model = session.model
     model.graphs.graphs.clear()
     model.step(step_ids, depth, session.cache)  # captures the step's graph
-    graph = model.graphs.graphs[graph_key(len(step_ids))]
+    graph = model.graphs.graphs[model.graphs.key(len(step_ids), depth, session.cache)]
     for _ in range(5):
         graph.replay()
     torch.cuda.synchronize()
@@ -65,12 +64,13 @@ def _wall_us(graph, steps: int) -> float:
     return start.elapsed_time(end) * 1e3 / steps
 
 
-def profile(model_path: str, ctk: str, ctv: str, depth: int, steps: int, rows: int = 1) -> dict:
+def profile(model_path: str, ctk: str, ctv: str, depth: int, steps: int, rows: int = 1,
+            context: int | None = None) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     with torch.inference_mode():
-        session, step_ids = _load(model_path, ctk, ctv, depth, rows)
+        session, step_ids = _load(model_path, ctk, ctv, depth, rows, context)
         model = session.model
         graph = _captured(session, step_ids, depth)
         wall_us = _wall_us(graph, steps)
@@ -90,13 +90,13 @@ def profile(model_path: str, ctk: str, ctv: str, depth: int, steps: int, rows: i
 
 
 def ab_switch(model_path: str, ctk: str, ctv: str, depth: int, steps: int, rows: int, name: str,
-              rounds: int = 2) -> dict[str, list[float]]:
+              rounds: int = 2, context: int | None = None) -> dict[str, list[float]]:
     """Wall us per step with the environment switch `name` "1" and "0", in the order 1, 0, 0, 1 (and again
     for more rounds), the step's graph captured anew for each (switches are read when a step is captured).
     Returns {"1": [...], "0": [...]}."""
     walls: dict[str, list[float]] = {"1": [], "0": []}
     with torch.inference_mode():
-        session, step_ids = _load(model_path, ctk, ctv, depth, rows)
+        session, step_ids = _load(model_path, ctk, ctv, depth, rows, context)
         for value in ("1", "0", "0", "1") * rounds:
             os.environ[name] = value
             walls[value].append(_wall_us(_captured(session, step_ids, depth), steps))
@@ -112,6 +112,8 @@ def add_step_arguments(parser: argparse.ArgumentParser, depth: int, steps: int) 
     parser.add_argument("--ctv", default="f16")
     parser.add_argument("--depth", type=int, default=depth)
     parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--context", type=int, default=None,
+                        help="the cache's positions (default: depth + 64 rounded up to 256)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     what = "decode step" if args.rows == 1 else f"{args.rows}-row verify step"
     pdl = "PDL on" if args.pdl else "PDL off"
     if args.ab:
-        walls = ab_switch(args.model, args.ctk, args.ctv, args.depth, args.steps, args.rows, args.ab)
+        walls = ab_switch(args.model, args.ctk, args.ctv, args.depth, args.steps, args.rows, args.ab,
+                           context=args.context)
         on, off = (statistics.mean(walls[v]) for v in ("1", "0"))
         print(f"{what} ({pdl}), {args.ctk}/{args.ctv} cache at depth {args.depth}, wall us: "
               f"{args.ab}=1 {on:.0f} ({' '.join(f'{w:.0f}' for w in walls['1'])}), "
               f"=0 {off:.0f} ({' '.join(f'{w:.0f}' for w in walls['0'])}); 1/0 = {on / off:.3f}")
         return 0
-    res = profile(args.model, args.ctk, args.ctv, args.depth, args.steps, args.rows)
+    res = profile(args.model, args.ctk, args.ctv, args.depth, args.steps, args.rows, args.context)
     kernel_us = sum(r[2] for r in res["rows"])
     launches = sum(r[1] for r in res["rows"])
     print(f"{what} ({pdl}), {args.ctk}/{args.ctv} cache at depth {args.depth}: "

@@ -25,7 +25,8 @@ import torch
 import triton
 
 # GEMV weight groups of a layer: fused Q/K (or Q/K/V), V when its type differs, output projection, fused
-# gate/up, FFN-down. A variant maps group -> default_gemv_config overrides ("only": a GGUF type name).
+# gate/up, FFN-down; and the LM head ("lm"). A variant maps group -> default_gemv_config overrides ("only":
+# a GGUF type name).
 SETS: dict[str, dict[str, dict]] = {
     "readers": {  # session 6, call 3: how the split-output readers launch (the defaults since then first)
         "defaults": {},
@@ -59,6 +60,15 @@ SETS: dict[str, dict[str, dict]] = {
         "q/k/o 2 warps pps8": {"gemv": {k: dict(programs_per_sm=8, num_warps=2, num_stages=2)
                                         for k in ("qk", "o")}},
     },
+    "lm-head": {  # session 8: the LM head (Q6_K 151936 x 1536 in Qwen2.5-1.5B Q4_K_M, ~100 us of the step)
+        "defaults": {},
+        "lm 2 warps": {"gemv": {"lm": dict(num_warps=2)}},
+        "lm 2 warps pps8": {"gemv": {"lm": dict(num_warps=2, programs_per_sm=8)}},
+        "lm bn128": {"gemv": {"lm": dict(block_n=128)}},
+        "lm 2 stages": {"gemv": {"lm": dict(num_stages=2)}},
+        "lm 4 stages": {"gemv": {"lm": dict(num_stages=4)}},
+        "lm bn32": {"gemv": {"lm": dict(block_n=32)}},
+    },
     "q4k-scales": {  # session 6, call 5: Q4_K scales precomputed at load vs computed in every K-tile
         "precomputed (default)": {},
         "per K-tile": {"q4k_scales": False},
@@ -68,7 +78,7 @@ SETS: dict[str, dict[str, dict]] = {
 
 def _groups(model) -> dict[str, list]:
     """The model's GpuLinears by GEMV group."""
-    groups: dict[str, list] = {"qk": [], "v": [], "o": [], "gu": [], "down": []}
+    groups: dict[str, list] = {"qk": [], "v": [], "o": [], "gu": [], "down": [], "lm": [model.lm_head]}
     for layer in model.layers:
         qkv = layer.qkv.groups
         groups["qk"].append(qkv[0])
@@ -147,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     variants = SETS[args.set]
     with torch.inference_mode():
-        session, step_ids = _load(args.model, args.ctk, args.ctv, args.depth, args.rows)
+        session, step_ids = _load(args.model, args.ctk, args.ctv, args.depth, args.rows, args.context)
         switch = Variants(session.model)
         walls: dict[str, list[float]] = {name: [] for name in variants}
         prefill: dict[str, list[float]] = {name: [] for name in variants}
