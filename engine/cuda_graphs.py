@@ -133,11 +133,18 @@ class StepGraph:
 
         positions = self.inputs[1]
         lengths = (positions + 1).to(torch.int32)  # (R,), 0 for padding rows
+        fused = self.sampling is None and fused_argmax_enabled()
         logits, hidden = self.model.run_rows(
             StepInputs(self.inputs[0], positions, lengths, self.max_length), self.cache, None, "all",
-            self.capture_layers,
-        )
-        if self.following is None:
+            self.capture_layers, widen=not fused,
+        )  # (R, vocab) float32, or the LM head's float16 when fused
+        if fused:  # widened and picked in two launches (kernels.argmax): the picks of torch.argmax
+            from kernels.argmax import argmax_rows
+
+            wide = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+            self.picks = argmax_rows(logits, wide, None if self.following is None else self.following[0])
+            logits = wide
+        elif self.following is None:
             self.picks = logits.argmax(-1)  # (R,)
         elif self.sampling is None:
             self.picks = torch.argmax(logits, -1, out=self.following[0])  # (1,)
@@ -223,6 +230,12 @@ def short_steps_enabled() -> bool:
     """1-row steps early in the cache get graphs of their own (`step_bound`) unless TANDEM_SHORT_STEPS is
     "0" (an A/B; read when a key is made)."""
     return os.environ.get("TANDEM_SHORT_STEPS", "1") != "0"
+
+
+def fused_argmax_enabled() -> bool:
+    """Greedy steps widen their logits and take the argmax with kernels.argmax unless TANDEM_FUSED_ARGMAX
+    is "0" (torch's copy and argmax then, the same picks; read when a step is captured)."""
+    return os.environ.get("TANDEM_FUSED_ARGMAX", "1") != "0"
 
 
 def step_bound(rows: int, end: int, cache) -> int | None:

@@ -231,13 +231,15 @@ class CudaTransformer(torch.nn.Module):
         first_pos: int | None,
         logits_rows: str,
         capture: tuple[int, ...] = (),
+        widen: bool = True,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """The model over T rows described by device tensors; no host sync for T <= VERIFY_ROWS_MAX with
         first_pos None (the body of a captured step).
 
         first_pos: the first row's position when known on the host (eager): prefill chunks of more than
         VERIFY_ROWS_MAX rows need it, and K smoothing and equalization take their vectors when it is 0.
-        logits_rows: "all" -> (T, vocab), "last" -> (1, vocab), "none". Returns (logits float32, hidden).
+        logits_rows: "all" -> (T, vocab), "last" -> (1, vocab), "none". Returns (logits float32, hidden);
+        without widen the logits as the LM head leaves them (float16).
         """
         from kernels.layer_ops import add_rms_norm, gated_activation, rope_heads
 
@@ -293,7 +295,8 @@ class CudaTransformer(torch.nn.Module):
         if logits_rows == "none":
             return None, hidden
         rows = final[-1:] if logits_rows == "last" else final
-        return self.lm_head.matmul(rows).to(torch.float32), hidden  # (rows, vocab)
+        logits = self.lm_head.matmul(rows)  # (rows, vocab) float16
+        return (logits.to(torch.float32) if widen else logits), hidden
 
     def _heads(self, t: torch.Tensor | SplitOutput) -> torch.Tensor | SplitOutput:
         """A (T, H * Dh) projection output -> (T, H, Dh) view; a SplitOutput stays as it is (its reader,

@@ -234,8 +234,8 @@ class PrefixModel:
     def __init__(self) -> None:
         self.ran: list[tuple[int, int]] = []
 
-    def run_rows(self, inputs, cache, first_pos, logits_rows, capture):
-        picks = []
+    def run_rows(self, inputs, cache, first_pos, logits_rows, capture, widen=True):
+        picks = []  # (logits float32 either way)
         for token, pos in zip(inputs.tokens.tolist(), inputs.positions.tolist(), strict=True):
             if pos < 0:  # padding row
                 picks.append(0)
@@ -294,7 +294,7 @@ def test_steps_early_in_the_cache_have_their_own_graph(monkeypatch, short):
     bounds = []
 
     class BoundsModel(PrefixModel):
-        def run_rows(self, inputs, cache, first_pos, logits_rows, capture):
+        def run_rows(self, inputs, cache, first_pos, logits_rows, capture, widen=True):
             bounds.append(inputs.max_length)
             return super().run_rows(inputs, cache, first_pos, logits_rows, capture)
 
