@@ -41,7 +41,6 @@ sequence's length return at once and are not merged.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import triton
@@ -90,17 +89,13 @@ def _lengths_list(lengths: int | torch.Tensor, batch: int) -> list[int]:
 def _attend_tile(
     q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, end,
     D: tl.constexpr, BLOCK_N: tl.constexpr, K_TYPE: tl.constexpr, V_TYPE: tl.constexpr,
-    FAST: tl.constexpr, MASKED: tl.constexpr, V_FIRST: tl.constexpr,
+    FAST: tl.constexpr, MASKED: tl.constexpr,
 ):
     """Online-softmax step over cache rows [n0, n0 + BLOCK_N) (MASKED: rows >= end count as absent).
-    V_FIRST: V's tile is loaded with K's, before the scores (one memory wait instead of two where the tile
-    is not prefetched; the same arithmetic).
 
     The softmax sum is accumulated by the tensor cores like the output (`row_sums`), not by a reduction
     whose order would depend on how the warps share the tile (see verify_attention)."""
     k_lo, k_hi = _load_halves(kq, kd, km, n0, end, BLOCK_N, D, K_TYPE, FAST, MASKED)  # [BLOCK_N, D/2] each
-    if V_FIRST:
-        v_lo, v_hi = _load_halves(vq, vd, vm, n0, end, BLOCK_N, D, V_TYPE, FAST, MASKED)
     s = tl.dot(q_lo, tl.trans(k_lo))
     s = tl.dot(q_hi, tl.trans(k_hi), s)  # [BLOCK_H, BLOCK_N] fp32
     if MASKED:
@@ -109,8 +104,7 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p16 = tl.exp2(s - m_new[:, None]).to(tl.float16)
     l_acc = row_sums(p16, l_acc * alpha[:, None], BLOCK_N, 0)
-    if not V_FIRST:
-        v_lo, v_hi = _load_halves(vq, vd, vm, n0, end, BLOCK_N, D, V_TYPE, FAST, MASKED)  # [BLOCK_N, D/2]
+    v_lo, v_hi = _load_halves(vq, vd, vm, n0, end, BLOCK_N, D, V_TYPE, FAST, MASKED)  # [BLOCK_N, D/2] each
     acc_lo = tl.dot(p16, v_lo, acc_lo * alpha[:, None])
     acc_hi = tl.dot(p16, v_hi, acc_hi * alpha[:, None])
     return m_new, l_acc, acc_lo, acc_hi
@@ -138,7 +132,7 @@ def _decode_split_kernel(
     n_sink,
     D: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     K_TYPE: tl.constexpr, V_TYPE: tl.constexpr, PER_SEQ_LENGTH: tl.constexpr, FAST: tl.constexpr,
-    SINKS: tl.constexpr, PDL: tl.constexpr, DIRECT: tl.constexpr, V_FIRST: tl.constexpr,
+    SINKS: tl.constexpr, PDL: tl.constexpr, DIRECT: tl.constexpr,
 ):
     wait_for_previous(PDL)  # PDL launch: wait for the kernel before (kernels/pdl.py)
     pid_s = tl.program_id(0)
@@ -185,11 +179,11 @@ def _decode_split_kernel(
     for n0 in range(start, n_full, BLOCK_N):
         m_i, l_acc, acc_lo, acc_hi = _attend_tile(
             q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, end,
-            D, BLOCK_N, K_TYPE, V_TYPE, FAST, False, False)
+            D, BLOCK_N, K_TYPE, V_TYPE, FAST, False)
     if n_full < end:
         m_i, l_acc, acc_lo, acc_hi = _attend_tile(
             q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, end,
-            D, BLOCK_N, K_TYPE, V_TYPE, FAST, True, DIRECT and V_FIRST)
+            D, BLOCK_N, K_TYPE, V_TYPE, FAST, True)
 
     if DIRECT:  # the merge of a single split: acc * 1 + 0, sum * 1 + 0, then this division (same bits)
         l_i = tl.max(l_acc, axis=1)
@@ -409,7 +403,6 @@ def decode_attention(
         D=dim, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), BLOCK_N=block_n,
         K_TYPE=ka[9], V_TYPE=va[9], PER_SEQ_LENGTH=not isinstance(lengths, int),
         FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0, DIRECT=direct,
-        V_FIRST=direct and os.environ.get("TANDEM_ATTN_V_FIRST", "1") != "0",
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         **pdl_launch(q.device),
     )
