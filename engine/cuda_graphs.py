@@ -133,7 +133,7 @@ class StepGraph:
 
         positions = self.inputs[1]
         lengths = (positions + 1).to(torch.int32)  # (R,), 0 for padding rows
-        fused = self.sampling is None and fused_argmax_enabled()
+        fused = self.sampling is None and fused_argmax_enabled() and self.model.device.type == "cuda"
         logits, hidden = self.model.run_rows(
             StepInputs(self.inputs[0], positions, lengths, self.max_length), self.cache, None, "all",
             self.capture_layers, widen=not fused,
