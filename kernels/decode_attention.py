@@ -4,7 +4,11 @@ One query token per sequence attends to cache positions [0, L) (L = its length, 
 K/V already written at L - 1). Step 1 splits the context into chunks of `split_size` positions;
 a program handles one (sequence, KV head, chunk) for all the GQA query heads of that KV head and
 writes an unnormalised partial output with its running max and sum. Step 2 (`_decode_reduce_kernel`)
-merges the chunks that hold positions.
+merges the chunks that hold positions. When one split covers `max_length` and there are no sinks, the
+split kernel divides by its sum and stores the output itself and step 2 is not launched (`DIRECT`): the
+merge of a single split multiplies by exp2(0) = 1 and adds exact zeros, so the bits are the merge's (a
+test compares). The engine captures its 1-row decode step with such a bound while the context fits the
+first split (engine.cuda_graphs, `CudaKVCache.length_bound`).
 
 Inside a program (kv_blocks._load_halves): K/V tiles stream through shared memory with cp.async
 (`num_stages`), and each tile is used as two halves, the low and the high nibbles of the same q4 bytes

@@ -33,8 +33,9 @@ Same architectures, same switches (ModelConfig); what changes is how a step is c
   H200, Qwen2.5-1.5B layout at depth 4096: decode step 1591 -> 1527 us (f16 cache), 1691 -> 1623 (q4_0),
   16-row verify 2100 -> 1916.
 - Steps of 1..16 rows at a known position run as CUDA graphs (engine.cuda_graphs), captured lazily per
-  row bucket (1, 2, 4, 8, 16; padded) and per cache, once the cache's statistics are known
-  (`CudaKVCache.can_replay`); greedy argmax is computed inside the graph, and plain decoding (`pick_next`,
+  row bucket (1, 2, 4, 8, 16; padded), per cache and, for 1-row steps, per attention length bound
+  (`StepInputs.max_length`), once the cache's statistics are known (`CudaKVCache.can_replay`); greedy
+  argmax is computed inside the graph, and plain decoding (`pick_next`,
   greedy or sampled) queues each step before the host reads the pick of the one before.
 
 `CudaTransformer` has the CPU model's interface (config, embed, lm_head, forward) plus `step`.
