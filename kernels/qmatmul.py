@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -309,9 +309,66 @@ def _qmatmul_kernel(
     PF_LINES: tl.constexpr, PF_META_LINES: tl.constexpr, PF_META_COLS: tl.constexpr, USE_GDC: tl.constexpr,
     VEC_META: tl.constexpr, DEFER: tl.constexpr, PRESCALED: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    _matmul_tile(
+        tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, stride_xm, y_ptr, stride_ym, bias_ptr,
+        q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, ws_ptr, cnt_ptr,
+        M, N, K, n_groups, n_k_tiles, tiles_per_split,
+        SPLIT_K, QTYPE, G, NG, BLOCK_M, BLOCK_N, HAS_BIAS, DOT_IN_F32, FAST, EVEN_N, EVEN_K,
+        PF_LINES, PF_META_LINES, PF_META_COLS, USE_GDC, VEC_META, DEFER, PRESCALED,
+    )
+
+
+@triton.jit(do_not_specialize=["M"])
+def _qmatmul_pair_kernel(
+    x_ptr, stride_xm,
+    a_q, a_h, a_s, a_d, a_m, a_sq, a_sh, a_ss, a_sd, a_sm, a_ws,
+    a_N, a_n_groups, a_n_k_tiles, a_tiles_per_split,
+    b_q, b_h, b_s, b_d, b_m, b_sq, b_sh, b_ss, b_sd, b_sm, b_ws,
+    b_N, b_n_groups, b_n_k_tiles, b_tiles_per_split,
+    M, K,
+    A_TILES: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_IN_F32: tl.constexpr, USE_GDC: tl.constexpr,
+    A_QTYPE: tl.constexpr, A_G: tl.constexpr, A_NG: tl.constexpr, A_FAST: tl.constexpr,
+    A_EVEN_N: tl.constexpr, A_EVEN_K: tl.constexpr, A_PF_LINES: tl.constexpr, A_PF_META_LINES: tl.constexpr,
+    A_PF_META_COLS: tl.constexpr, A_VEC_META: tl.constexpr, A_PRESCALED: tl.constexpr,
+    B_QTYPE: tl.constexpr, B_G: tl.constexpr, B_NG: tl.constexpr, B_FAST: tl.constexpr,
+    B_EVEN_N: tl.constexpr, B_EVEN_K: tl.constexpr, B_PF_LINES: tl.constexpr, B_PF_META_LINES: tl.constexpr,
+    B_PF_META_COLS: tl.constexpr, B_VEC_META: tl.constexpr, B_PRESCALED: tl.constexpr,
+):
+    """Two GEMVs of one input in one launch (`qmatmul_pair`): column tiles [0, A_TILES) are weight A's,
+    the rest weight B's; each program runs exactly the single-weight kernel's split-output program."""
     pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    if pid_n < A_TILES:
+        _matmul_tile(
+            tl.program_id(0), pid_n, tl.program_id(2), x_ptr, stride_xm, a_ws, a_N, a_ws,
+            a_q, a_h, a_s, a_d, a_m, a_sq, a_sh, a_ss, a_sd, a_sm, a_ws, a_ws,
+            M, a_N, K, a_n_groups, a_n_k_tiles, a_tiles_per_split,
+            SPLIT_K, A_QTYPE, A_G, A_NG, BLOCK_M, BLOCK_N, False, DOT_IN_F32, A_FAST, A_EVEN_N, A_EVEN_K,
+            A_PF_LINES, A_PF_META_LINES, A_PF_META_COLS, USE_GDC, A_VEC_META, True, A_PRESCALED,
+        )
+    else:
+        _matmul_tile(
+            tl.program_id(0), pid_n - A_TILES, tl.program_id(2), x_ptr, stride_xm, b_ws, b_N, b_ws,
+            b_q, b_h, b_s, b_d, b_m, b_sq, b_sh, b_ss, b_sd, b_sm, b_ws, b_ws,
+            M, b_N, K, b_n_groups, b_n_k_tiles, b_tiles_per_split,
+            SPLIT_K, B_QTYPE, B_G, B_NG, BLOCK_M, BLOCK_N, False, DOT_IN_F32, B_FAST, B_EVEN_N, B_EVEN_K,
+            B_PF_LINES, B_PF_META_LINES, B_PF_META_COLS, USE_GDC, B_VEC_META, True, B_PRESCALED,
+        )
+
+
+@triton.jit
+def _matmul_tile(
+    pid_m, pid_n, pid_s, x_ptr, stride_xm, y_ptr, stride_ym, bias_ptr,
+    q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm,
+    ws_ptr, cnt_ptr,
+    M, N, K, n_groups, n_k_tiles, tiles_per_split,
+    SPLIT_K: tl.constexpr, QTYPE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_IN_F32: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    PF_LINES: tl.constexpr, PF_META_LINES: tl.constexpr, PF_META_COLS: tl.constexpr, USE_GDC: tl.constexpr,
+    VEC_META: tl.constexpr, DEFER: tl.constexpr, PRESCALED: tl.constexpr,
+):
+    """The program (pid_m, pid_n, pid_s) of a matmul: rows tile pid_m, column tile pid_n, K split pid_s."""
     BKH: tl.constexpr = NG * G
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     if EVEN_N:  # an all-true constant mask: the compiler drops it from every load
@@ -418,8 +475,22 @@ def _weight_args(w: QuantizedWeight) -> tuple[list, int, int]:
     return ptrs + strides, int(w.qtype), GROUP_ELEMS[w.qtype] // 2
 
 
-def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
-            cfg: KernelConfig, defer: bool = False) -> torch.Tensor | SplitOutput:
+@dataclass(frozen=True)
+class _Plan:
+    """How one weight's matmul launches for an input x: the kernel's weight arguments, sizes and flags."""
+
+    wargs: list  # q, h, s, d, m pointers and their strides (_weight_args)
+    n: int
+    n_groups: int
+    n_k_tiles: int
+    tiles_per_split: int
+    split: int
+    n_tiles: int
+    flags: dict  # the weight's compile-time arguments: QTYPE, G, NG, FAST, EVEN_N, EVEN_K, PF_*, VEC_META,
+    # PRESCALED
+
+
+def _plan(x: torch.Tensor, w: QuantizedWeight, cfg: KernelConfig, defer: bool) -> _Plan:
     m, k = x.shape
     n = w.shape[0]
     wargs, qtype_code, half = _weight_args(w)
@@ -432,8 +503,6 @@ def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
     gemv = cfg.block_m == GEMV_ROWS_MAX and m <= GEMV_ROWS_MAX
     if defer and not gemv:
         raise ValueError("split_output needs the GEMV launch (M <= 16, block_m 16)")
-    y = None if defer else torch.empty((m, n), dtype=x.dtype, device=x.device)  # (M, N)
-    n_tiles = triton.cdiv(n, cfg.block_n)
     if gemv and cfg.split_k > 1:
         tiles_per_split = triton.cdiv(n_k_tiles, cfg.split_k)
         split = triton.cdiv(n_k_tiles, tiles_per_split)
@@ -441,34 +510,84 @@ def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
         tiles_per_split, split = n_k_tiles, 1
     if split > 1 and not defer and cfg.block_n < _COUNTER_TILE_MIN:
         raise ValueError(f"split-K needs block_n >= {_COUNTER_TILE_MIN}")
-    if split > 1 or defer:
-        ws = torch.empty((split, cfg.block_m, n), dtype=torch.float32, device=x.device)  # (S, 16, N)
-    else:
-        ws = y
-    y_arg = ws if defer else y  # the kernel's y pointer (unread when deferred)
-    fast = cfg.fast and _use_fast_dequant(w, x)
-    even_n = n % cfg.block_n == 0
-    even_k = k % cfg.block_k == 0 and n_groups % ng == 0
     pf_lines, pf_meta_lines, pf_meta_cols = 0, 0, 0
     if cfg.prefetch:
         column_d = w.vector_meta and w.qtype == QT.Q6_K  # d column-major (kernels/qmatmul_layouts.py)
         pf_lines, pf_meta_lines = prefetch_lines(wargs, tiles_per_split, n_k_tiles, column_d=column_d)
         pf_meta_cols = prefetch_column_span(w.fields["d"], tiles_per_split, n_k_tiles) if column_d else 0
+    flags = dict(
+        QTYPE=qtype_code, G=half, NG=ng, FAST=cfg.fast and _use_fast_dequant(w, x),
+        EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0 and n_groups % ng == 0,
+        PF_LINES=pf_lines, PF_META_LINES=pf_meta_lines, PF_META_COLS=pf_meta_cols, VEC_META=w.vector_meta,
+        PRESCALED=w.prescaled,
+    )
+    return _Plan(wargs, n, n_groups, n_k_tiles, tiles_per_split, split, triton.cdiv(n, cfg.block_n), flags)
+
+
+def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
+            cfg: KernelConfig, defer: bool = False) -> torch.Tensor | SplitOutput:
+    m, k = x.shape
+    plan = _plan(x, w, cfg, defer)
+    n, split = plan.n, plan.split
+    y = None if defer else torch.empty((m, n), dtype=x.dtype, device=x.device)  # (M, N)
+    if split > 1 or defer:
+        ws = torch.empty((split, cfg.block_m, n), dtype=torch.float32, device=x.device)  # (S, 16, N)
+    else:
+        ws = y
+    y_arg = ws if defer else y  # the kernel's y pointer (unread when deferred)
     gdc = cfg.pdl and pdl_supported(x.device)
-    grid = (triton.cdiv(m, cfg.block_m), n_tiles, split)
+    grid = (triton.cdiv(m, cfg.block_m), plan.n_tiles, split)
     _qmatmul_kernel[grid](
         x, x.stride(0), y_arg, n, bias if bias is not None else y_arg,
-        *wargs, ws, w.counters,
-        m, n, k, n_groups, n_k_tiles, tiles_per_split,
-        SPLIT_K=split, QTYPE=qtype_code, G=half, NG=ng, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        *plan.wargs, ws, w.counters,
+        m, n, k, plan.n_groups, plan.n_k_tiles, plan.tiles_per_split,
+        SPLIT_K=split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_BIAS=bias is not None, DOT_IN_F32=_INTERPRETED and x.dtype == torch.bfloat16,
-        FAST=fast, EVEN_N=even_n, EVEN_K=even_k, PF_LINES=pf_lines, PF_META_LINES=pf_meta_lines,
-        PF_META_COLS=pf_meta_cols,
-        USE_GDC=gdc, VEC_META=w.vector_meta, DEFER=defer, PRESCALED=w.prescaled, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        USE_GDC=gdc, DEFER=defer, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **plan.flags,
         **({"launch_pdl": True} if gdc else {}),
     )
     return SplitOutput(ws, bias, m, x.dtype) if defer else y
+
+
+def pair_config(a: QuantizedWeight, b: QuantizedWeight) -> KernelConfig | None:
+    """The launch two weights' GEMVs share in `qmatmul_pair`, or None when their GEMV launches differ in
+    anything but the weight (block sizes, warps, stages, PDL, the K split)."""
+    ca, cb = a.gemv_config, b.gemv_config
+    if a.shape[1] != b.shape[1] or replace(ca, prefetch=False) != replace(cb, prefetch=False):
+        return None
+    return ca
+
+
+def qmatmul_pair(
+    x: torch.Tensor, a: QuantizedWeight, b: QuantizedWeight, bias_a: torch.Tensor | None = None,
+    bias_b: torch.Tensor | None = None,
+) -> tuple[SplitOutput, SplitOutput]:
+    """`qmatmul(x, a, bias_a, split_output=True)` and the same for b in one launch (M <= 16; `pair_config`
+    must accept the two): each weight's programs are those of its own launch, so are the bits. Meant for
+    weights of different types read by one kernel (Q/K in Q4_K and V in Q6_K: kernels.rope_kv_write)."""
+    m, k = x.shape
+    cfg = pair_config(a, b)
+    if cfg is None or m > GEMV_ROWS_MAX or b.shape[1] != k or a.shape[1] != k:
+        raise ValueError("qmatmul_pair needs two weights of one width with the same GEMV launch, M <= 16")
+    if x.dtype not in (torch.float16, torch.bfloat16) or x.device != a.device or x.device != b.device:
+        raise ValueError("x must be float16/bfloat16 on the weights' device")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    pa, pb = _plan(x, a, a.gemv_config, True), _plan(x, b, b.gemv_config, True)
+    if pa.split != pb.split:
+        raise ValueError(f"qmatmul_pair: the two weights split K in {pa.split} and {pb.split}")
+    ws = [torch.empty((p.split, cfg.block_m, p.n), dtype=torch.float32, device=x.device) for p in (pa, pb)]
+    gdc = cfg.pdl and pdl_supported(x.device)
+    flags = {f"A_{key}": v for key, v in pa.flags.items()} | {f"B_{key}": v for key, v in pb.flags.items()}
+    _qmatmul_pair_kernel[(1, pa.n_tiles + pb.n_tiles, pa.split)](
+        x, x.stride(0),
+        *pa.wargs, ws[0], pa.n, pa.n_groups, pa.n_k_tiles, pa.tiles_per_split,
+        *pb.wargs, ws[1], pb.n, pb.n_groups, pb.n_k_tiles, pb.tiles_per_split,
+        m, k, A_TILES=pa.n_tiles, SPLIT_K=pa.split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        DOT_IN_F32=_INTERPRETED and x.dtype == torch.bfloat16, USE_GDC=gdc, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **flags, **({"launch_pdl": True} if gdc else {}),
+    )
+    return SplitOutput(ws[0], bias_a, m, x.dtype), SplitOutput(ws[1], bias_b, m, x.dtype)
 
 
 def _use_fast_dequant(w: QuantizedWeight, x: torch.Tensor) -> bool:

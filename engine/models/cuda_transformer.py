@@ -88,6 +88,12 @@ def fused_rope_write_enabled() -> bool:
     return os.environ.get("TANDEM_FUSED_ROPE_WRITE", "1") != "0"
 
 
+def pair_gemv_enabled() -> bool:
+    """Two weight groups of one input (Q/K and a V of another type) in one GEMV launch unless
+    TANDEM_PAIR_GEMV is "0" (an A/B; read when a step runs or is captured)."""
+    return os.environ.get("TANDEM_PAIR_GEMV", "1") != "0"
+
+
 class Projections:
     """Several weights applied to one input, grouped by type into as few GpuLinear launches as possible."""
 
@@ -97,7 +103,15 @@ class Projections:
 
     def __call__(self, h: torch.Tensor, split_output: bool = False) -> list[torch.Tensor | SplitOutput]:
         """h: (T, K) ACT_DTYPE -> one (T, N_i) view per weight, in the order given (SplitOutputs with
-        split_output, see GpuLinear.matmul)."""
+        split_output, see GpuLinear.matmul). Two groups whose GEMVs launch alike run as one launch
+        (`kernels.qmatmul.qmatmul_pair`, the same bits) where their outputs are SplitOutputs."""
+        from kernels.qmatmul import GEMV_ROWS_MAX, pair_config, qmatmul_pair
+
+        if split_output and len(self.groups) == 2 and h.shape[0] <= GEMV_ROWS_MAX and pair_gemv_enabled():
+            a, b = self.groups
+            if pair_config(a.weight, b.weight) is not None:
+                ya, yb = qmatmul_pair(h, a.weight, b.weight, a.bias, b.bias)
+                return [*a.split(ya), *b.split(yb)]
         outs: list[torch.Tensor | SplitOutput] = []
         for linear in self.groups:
             outs.extend(linear.split(linear.matmul(h, split_output)))

@@ -178,3 +178,43 @@ def test_engine_shapes_split_output_is_the_gemv_output(qtype, shape, m):
         want = add_rms_norm(x1, norm_w, 1e-6, split.value())
         assert torch.equal(add_rms_norm(x0, norm_w, 1e-6, split), want)
         assert torch.equal(x0, x1)
+
+
+# ---- two weights of one input in one launch (qmatmul_pair) -------------------------------------------
+
+
+@pytest.mark.parametrize("types", [(QT.Q4_K, QT.Q6_K), (QT.Q4_0, QT.Q8_0)], ids=["q4_k+q6_k", "q4_0+q8_0"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_pair_launch_equals_two_launches(types, m):
+    from dataclasses import replace
+
+    from kernels.qmatmul import pair_config, qmatmul_pair
+
+    a, b = weight(types[0], (96, 512), seed=2), weight(types[1], (32, 512), seed=3)
+    cfg = KernelConfig(block_n=32, block_m=16, block_k=128, split_k=2)
+    a.gemv_config, b.gemv_config = cfg, replace(cfg, prefetch=True)  # the prefetch may differ
+    assert pair_config(a, b) is not None
+    bias_a = torch.randn(96).to(DEVICE)
+    x = x_rows(m, 512)
+    got = qmatmul_pair(x, a, b, bias_a, None)
+    for split, w, bias in zip(got, (a, b), (bias_a, None), strict=True):
+        want = qmatmul(x, w, bias, split_output=True)
+        assert split.splits == want.splits == 2
+        assert torch.equal(split.ws[:, :m], want.ws[:, :m]) and torch.equal(split.value(), want.value())
+    b.gemv_config = replace(cfg, block_n=64)
+    assert pair_config(a, b) is None
+
+
+@gpu
+@needs_cuda
+def test_pair_launch_engine_shapes_gpu():
+    # Qwen2.5-1.5B Q4_K_M: Q/K fused (Q4_K) and V (Q6_K) in half the layers, each with its default launch
+    from kernels.qmatmul import pair_config, qmatmul_pair
+
+    a, b = weight(QT.Q4_K, (1792, 1536), seed=4), weight(QT.Q6_K, (256, 1536), seed=5)
+    assert pair_config(a, b) is not None
+    for m in (1, 16):
+        x = x_rows(m, 1536)
+        got = qmatmul_pair(x, a, b)
+        for split, w in zip(got, (a, b), strict=True):
+            assert torch.equal(split.value(), qmatmul(x, w))
