@@ -141,14 +141,11 @@ class StepGraph:
             self.uploaded.record()
 
     def _body(self) -> None:
-        from engine.models.cuda_transformer import StepInputs
-
-        positions = self.inputs[1]
-        lengths = (positions + 1).to(torch.int32)  # (R,), 0 for padding rows
+        next_positions = None if self.following is None else self.following[1]  # (1,): position + 1
+        step = self.model.step_rows(self.inputs, self.max_length, next_positions)
         fused = self.sampling is None and fused_argmax_enabled() and self.model.device.type == "cuda"
         logits, hidden = self.model.run_rows(
-            StepInputs(self.inputs[0], positions, lengths, self.max_length), self.cache, None, "all",
-            self.capture_layers, widen=not fused,
+            step, self.cache, None, "all", self.capture_layers, widen=not fused
         )  # (R, vocab) float32, or the LM head's float16 when fused
         if fused:  # widened and picked in two launches (kernels.argmax): the picks of torch.argmax
             from kernels.argmax import argmax_rows
@@ -165,8 +162,6 @@ class StepGraph:
 
             self.picks = self.following[0]  # (1,)
             self.picks.copy_(draw_with(probabilities(logits[0], self.sampling, []), self.uniform))
-        if self.following is not None:
-            torch.add(positions, 1, out=self.following[1])
         self.logits, self.hidden = logits, hidden
 
     def capture(self) -> None:

@@ -158,6 +158,7 @@ class StepInputs:
     positions: torch.Tensor  # (T,) int64
     lengths: torch.Tensor  # (T,) int32 = positions + 1 (0 for padding)
     max_length: int | None = None  # a bound on lengths known on the host (None: the cache's room)
+    x: torch.Tensor | None = None  # (T, d_model) float32 embedded rows, when already computed
 
 
 @dataclass
@@ -232,6 +233,22 @@ class CudaTransformer(torch.nn.Module):
         if ids and (max(ids) >= self.config.vocab_size or min(ids) < 0):
             raise ValueError("token id outside the vocabulary")
 
+    def step_rows(
+        self, inputs: torch.Tensor, max_length: int | None, next_positions: torch.Tensor | None
+    ) -> StepInputs:
+        """StepInputs of a captured step from its (2, R) int64 [tokens; positions] buffer, embedded rows
+        included; next_positions ((R,) int64, or None) receives positions + 1. On CUDA one launch
+        (kernels.step_inputs) unless TANDEM_FUSED_STEP_INPUTS is "0"; else torch, the same values."""
+        if self.device.type == "cuda" and os.environ.get("TANDEM_FUSED_STEP_INPUTS", "1") != "0":
+            from kernels.step_inputs import step_inputs
+
+            x, lengths = step_inputs(inputs, self.embedding, self.config.embed_scale, next_positions)
+            return StepInputs(inputs[0], inputs[1], lengths, max_length, x)
+        lengths = (inputs[1] + 1).to(torch.int32)  # (R,), 0 for padding rows
+        if next_positions is not None:
+            torch.add(inputs[1], 1, out=next_positions)
+        return StepInputs(inputs[0], inputs[1], lengths, max_length)
+
     def inputs_for(self, ids: list[int], pos: int) -> StepInputs:
         """Eager inputs for rows ids at positions [pos, pos + len(ids))."""
         tokens = torch.tensor(ids, dtype=torch.long).to(self.device)
@@ -263,7 +280,7 @@ class CudaTransformer(torch.nn.Module):
         as_rows = n_rows <= VERIFY_ROWS_MAX
         if not as_rows and first_pos is None:
             raise ValueError("a block of more than VERIFY_ROWS_MAX rows needs its start position")
-        x = self.embed(inputs.tokens)  # (T, d_model) float32, the residual stream
+        x = self.embed(inputs.tokens) if inputs.x is None else inputs.x  # (T, d_model) float32, the residual
         # (FFN output, post-norm), added by the next norm kernel
         pending: tuple[torch.Tensor | SplitOutput | None, torch.Tensor | None] = (None, None)
         down_scale = 1.0 / FFN_DOWN_SCALE

@@ -234,6 +234,13 @@ class PrefixModel:
     def __init__(self) -> None:
         self.ran: list[tuple[int, int]] = []
 
+    def step_rows(self, inputs, max_length, next_positions):
+        from engine.models.cuda_transformer import StepInputs
+
+        if next_positions is not None:
+            next_positions.copy_(inputs[1] + 1)
+        return StepInputs(inputs[0], inputs[1], (inputs[1] + 1).to(torch.int32), max_length)
+
     def run_rows(self, inputs, cache, first_pos, logits_rows, capture, widen=True):
         picks = []  # (logits float32 either way)
         for token, pos in zip(inputs.tokens.tolist(), inputs.positions.tolist(), strict=True):

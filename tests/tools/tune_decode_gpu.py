@@ -46,6 +46,8 @@ SETS: dict[str, dict[str, dict]] = {
         "down pps1": {"gemv": {"down": dict(programs_per_sm=1)}},
         "q/k/v/o pps2": {"gemv": {k: dict(programs_per_sm=2) for k in ("qk", "v", "o")}},
         "q/k/v/o pps8": {"gemv": {k: dict(programs_per_sm=8) for k in ("qk", "v", "o")}},
+        "o pps2 (session 8)": {"gemv": {"o": dict(programs_per_sm=2)}},
+        "o pps8 (session 8)": {"gemv": {"o": dict(programs_per_sm=8)}},
     },
     "gemv-warps": {  # session 6, calls 4 and 6: 2- and 4-warp launches of the long Q4_K GEMVs
         "defaults": {},
