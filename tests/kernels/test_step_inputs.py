@@ -11,7 +11,8 @@ from tests.kernels._util import DEVICE
 def test_step_inputs_equal_torch(scale):
     gen = torch.Generator().manual_seed(0)
     table = torch.randn(50, 96, generator=gen).to(DEVICE, torch.float16)  # (V, D), D not a power of 2
-    inputs = torch.tensor([[7, 49, 0, 3], [12, 13, 14, -1]], dtype=torch.int64, device=DEVICE)  # last: padding
+    # [tokens; positions], the last row padding
+    inputs = torch.tensor([[7, 49, 0, 3], [12, 13, 14, -1]], dtype=torch.int64, device=DEVICE)
     following = torch.full((4,), -5, dtype=torch.int64, device=DEVICE)
     x, lengths = step_inputs(inputs, table, scale, following)
     want_x, want_lengths, want_following = step_inputs_reference(inputs, table, scale)
