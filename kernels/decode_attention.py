@@ -45,7 +45,6 @@ sequence's length return at once and are not merged.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import triton
@@ -396,8 +395,6 @@ def decode_attention(
     qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
     n_sink, k_rows, v_rows = sink_sources(k_store, v_store, k_sink, v_sink, q)
     direct = n_splits == 1 and n_sink == 0  # one split: it writes the output itself, no merge launch
-    if direct and os.environ.get("TANDEM_DIRECT_EIGHT_WARPS", "0") == "1":  # an A/B of session 8
-        num_warps = 8
     out = check_out(out, q)
     if direct:
         o_part = ml = out  # unused
