@@ -154,11 +154,6 @@ def _decode_split_kernel(
     cols_lo = _half_cols(D, 0)  # tiles come in two halves (kv_blocks._load_halves); Q is read and
     cols_hi = _half_cols(D, 1)  # the output written through the same column maps
     q_row = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh  # [BLOCK_H, 1]
-    q_lo = tl.load(q_row + cols_lo[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
-    q_hi = tl.load(q_row + cols_hi[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
-    q_lo = (q_lo * qk_scale).to(tl.float16)  # [BLOCK_H, D/2], softmax scale and log2(e) folded in
-    q_hi = (q_hi * qk_scale).to(tl.float16)
-
     lo = 0
     if window > 0:
         lo = tl.maximum(length - window, 0)
@@ -166,11 +161,6 @@ def _decode_split_kernel(
     if SINKS:
         start = tl.maximum(start, n_sink)  # positions < n_sink: the merge reads their f16 copies
     end = tl.minimum(pid_s * split_size + split_size, length)
-
-    m_i = tl.full((BLOCK_H,), -1.0e30, tl.float32)
-    l_acc = tl.zeros((BLOCK_H, 16), tl.float32)  # the softmax sum, in each of 16 equal columns
-    acc_lo = tl.zeros((BLOCK_H, D // 2), tl.float32)
-    acc_hi = tl.zeros((BLOCK_H, D // 2), tl.float32)
     # this (sequence, KV head)'s slab of each store; offsets inside a slab fit in int32
     kq = kq_ptr + (b.to(tl.int64) * stride_kb + hkv * stride_kh)
     kd = kd_ptr + (b.to(tl.int64) * stride_ksb + hkv * stride_ksh)
@@ -178,6 +168,38 @@ def _decode_split_kernel(
     vq = vq_ptr + (b.to(tl.int64) * stride_vb + hkv * stride_vh)
     vd = vd_ptr + (b.to(tl.int64) * stride_vsb + hkv * stride_vsh)
     vm = vm_ptr + (b.to(tl.int64) * stride_vsb + hkv * stride_vsh)
+    m_i, l_acc, acc_lo, acc_hi = attend_range(
+        q_row, hmask, qk_scale, kq, kd, km, vq, vd, vm, start, end, D, BLOCK_H, BLOCK_N, K_TYPE, V_TYPE, FAST)
+    if DIRECT:
+        o_row = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh  # [BLOCK_H, 1]
+        store_normalized(acc_lo, acc_hi, l_acc, o_row, hmask, D)
+        return
+    row = (b * HKV * GQA + heads).to(tl.int64) * n_splits + pid_s  # [BLOCK_H] index into (B * Hq, S)
+    tl.store(o_ptr + row[:, None] * D + cols_lo[None, :], acc_lo, mask=hmask[:, None])
+    tl.store(o_ptr + row[:, None] * D + cols_hi[None, :], acc_hi, mask=hmask[:, None])
+    tl.store(ml_ptr + row * 2, m_i, mask=hmask)
+    tl.store(ml_ptr + row * 2 + 1, tl.max(l_acc, axis=1), mask=hmask)
+
+
+@triton.jit
+def attend_range(
+    q_row, hmask, qk_scale, kq, kd, km, vq, vd, vm, start, end,
+    D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, K_TYPE: tl.constexpr,
+    V_TYPE: tl.constexpr, FAST: tl.constexpr,
+):
+    """The GQA query heads at q_row ([BLOCK_H, 1] pointers to float rows of D, `hmask` the real ones) over
+    cache rows [start, end) of one (sequence, KV head) slab: (max, sum [BLOCK_H, 16], unnormalised output
+    halves [BLOCK_H, D/2] in `_half_cols` order)."""
+    cols_lo = _half_cols(D, 0)
+    cols_hi = _half_cols(D, 1)
+    q_lo = tl.load(q_row + cols_lo[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+    q_hi = tl.load(q_row + cols_hi[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+    q_lo = (q_lo * qk_scale).to(tl.float16)  # [BLOCK_H, D/2], softmax scale and log2(e) folded in
+    q_hi = (q_hi * qk_scale).to(tl.float16)
+    m_i = tl.full((BLOCK_H,), -1.0e30, tl.float32)
+    l_acc = tl.zeros((BLOCK_H, 16), tl.float32)  # the softmax sum, in each of 16 equal columns
+    acc_lo = tl.zeros((BLOCK_H, D // 2), tl.float32)
+    acc_hi = tl.zeros((BLOCK_H, D // 2), tl.float32)
     # whole tiles without masks, then the partial last tile (if any) with them
     n_full = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
     for n0 in range(start, n_full, BLOCK_N):
@@ -188,20 +210,18 @@ def _decode_split_kernel(
         m_i, l_acc, acc_lo, acc_hi = _attend_tile(
             q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, end,
             D, BLOCK_N, K_TYPE, V_TYPE, FAST, True)
+    return m_i, l_acc, acc_lo, acc_hi
 
-    if DIRECT:  # the merge of a single split: acc * 1 + 0, sum * 1 + 0, then this division (same bits)
-        l_i = tl.max(l_acc, axis=1)
-        inv = tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        o_row = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh  # [BLOCK_H, 1]
-        o_ty = out_ptr.dtype.element_ty
-        tl.store(o_row + cols_lo[None, :], (acc_lo / inv).to(o_ty), mask=hmask[:, None])
-        tl.store(o_row + cols_hi[None, :], (acc_hi / inv).to(o_ty), mask=hmask[:, None])
-        return
-    row = (b * HKV * GQA + heads).to(tl.int64) * n_splits + pid_s  # [BLOCK_H] index into (B * Hq, S)
-    tl.store(o_ptr + row[:, None] * D + cols_lo[None, :], acc_lo, mask=hmask[:, None])
-    tl.store(o_ptr + row[:, None] * D + cols_hi[None, :], acc_hi, mask=hmask[:, None])
-    tl.store(ml_ptr + row * 2, m_i, mask=hmask)
-    tl.store(ml_ptr + row * 2 + 1, tl.max(l_acc, axis=1), mask=hmask)
+
+@triton.jit
+def store_normalized(acc_lo, acc_hi, l_acc, o_row, hmask, D: tl.constexpr):
+    """The output of a single split (`DIRECT`): the merge of one split multiplies by exp2(0) = 1 and adds
+    exact zeros, then divides as here, so these are its bits. o_row: [BLOCK_H, 1] output row pointers."""
+    l_i = tl.max(l_acc, axis=1)
+    inv = tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o_ty = o_row.dtype.element_ty
+    tl.store(o_row + _half_cols(D, 0)[None, :], (acc_lo / inv).to(o_ty), mask=hmask[:, None])
+    tl.store(o_row + _half_cols(D, 1)[None, :], (acc_hi / inv).to(o_ty), mask=hmask[:, None])
 
 
 @triton.jit

@@ -434,6 +434,33 @@ def test_pick_next_ahead_equals_steps_up_to_a_full_cache_interpreted(models, fas
     assert not model.graphs.queued
 
 
+@interpreter_only
+@pytest.mark.slow
+def test_short_steps_equal_full_steps_interpreted(models, fast_qmatmul):
+    """The kernel path (graphs run eagerly) on a 512-position f16 cache: 1-row steps within the first split
+    run with the length bound (RoPE, K/V write and attention in one launch: kernels.rope_attention), the
+    same logits as the unbounded step (rope_kv_write, then split + merge attention) bit for bit."""
+    from engine.cuda_graphs import StepGraphs
+    from engine.cuda_kv_cache import CudaKVCache
+
+    model = tiny_kernel_model(models["qwen2"])
+    c = model.config
+    caches = [CudaKVCache(c.n_layers, c.n_kv_heads, c.head_dim, 512, "f16", "f16", device="cpu")
+              for _ in range(2)]
+    split = caches[0].split_size
+    assert caches[0].length_bound(len(PROMPT) + 1) == split < 512
+    assert caches[0].fuses_rope_attention(0, 1, split, False)
+    graphs, logits = StepGraphs(model), []
+    with torch.inference_mode():
+        for steps, cache in ((graphs, caches[0]), (None, caches[1])):
+            model.graphs = steps  # None: every step eager, without the bound
+            model(torch.tensor(PROMPT), 0, cache, logits_for="none")
+            logits.append([model.step([t], len(PROMPT) + i, cache).logits.clone()
+                           for i, t in enumerate(BLOCK)])
+    assert all(torch.equal(a, b) for a, b in zip(*logits, strict=True))
+    assert {key[3] for key in graphs.graphs if key[0] == 1} == {split}
+
+
 def tiny_kernel_model(path):
     """The GPU path's model on CPU tensors (kernels interpreted)."""
     from engine.models.cuda_transformer import CudaTransformer
