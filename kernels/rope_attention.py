@@ -101,7 +101,7 @@ def _rope_write_attend_kernel(
                    hkv.to(tl.int64) * stride_vh, hkv.to(tl.int64) * stride_vsh, stride_vt_store, 0,
                    qo_ptr, 0, 0, 1, D, V_TYPE, True, False)
     tl.debug_barrier()  # q_out and the cache rows written above, seen by every thread of the program
-    length = raw + 1
+    length = (raw + 1).to(tl.int32)  # as decode_attention's lengths
     lo = 0
     if window > 0:
         lo = tl.maximum(length - window, 0)
