@@ -262,33 +262,6 @@ class CudaKVCache(KVCache):
             v_sink=None if v_sinks is None else v_sinks[layer],
         )
 
-    def fuses_rope_attention(self, layer: int, rows: int, max_length: int | None, head_norm: bool) -> bool:
-        """Whether `rope_write_attend` may stand for `rope_write_rows` + `attend_rows` (kernels.rope_attention
-        `applies`: one row, a context bound within one split, unquantized K and V with no rotation,
-        smoothing, equalization, sinks or head norm), unless TANDEM_FUSED_ROPE_ATTENTION is "0"."""
-        from kernels.rope_attention import applies
-
-        if max_length is None or os.environ.get("TANDEM_FUSED_ROPE_ATTENTION", "1") == "0":
-            return False
-        k_stores, v_stores, k_sinks, v_sinks = self._views_for_rows(1)
-        return self.fuses_rope_write(layer, None) and applies(
-            k_stores[layer], v_stores[layer], rows, max_length, self.split_size, head_norm,
-            self.rotation is not None, self.k_smooth, self.k_equalize,
-            k_sinks is not None or v_sinks is not None)
-
-    def rope_write_attend(
-        self, layer: int, q, k, v, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        scale: float, window: int | None, out: torch.Tensor, max_length: int, *, neox: bool,
-    ) -> None:
-        """`rope_write_rows` then `attend_rows` of one row in one launch (kernels.rope_attention, the same
-        bits), where `fuses_rope_attention` says so: q (1, Hq, D), k and v (1, n_kv, D) the projections
-        before RoPE (tensors or SplitOutputs); out (1, Hq, D) receives the attention output."""
-        from kernels.rope_attention import rope_write_attend
-
-        k_stores, v_stores, _, _ = self._views_for_rows(1)
-        rope_write_attend(q, k, v, positions, cos, sin, k_stores[layer], v_stores[layer], neox=neox,
-                          scale=scale, window=window, split_size=self.split_size, block_n=BLOCK_N, out=out)
-
     def attend_rows(
         self,
         layer: int,

@@ -295,17 +295,10 @@ class CudaTransformer(torch.nn.Module):
                 captured[layer.index - 1] = x.clone()
             cos, sin = self._rope[layer.rope_base]
             rope_opts = dict(neox=c.rope_neox, q_norm=layer.q_norm, k_norm=layer.k_norm, eps=c.norm_eps)
-            attn = torch.empty(n_rows, c.n_heads, c.head_dim, dtype=ACT_DTYPE, device=self.device)
-            attended = False
             if fuse and cache.fuses_rope_write(layer.index, first_pos):  # one launch, the same bits
-                heads = [self._heads(t) for t in layer.qkv(h, split)]  # (T, Hq, Dh), 2 x (T, Hkv, Dh) f16
-                head_norm = layer.q_norm is not None
-                if cache.fuses_rope_attention(layer.index, n_rows, inputs.max_length, head_norm):
-                    cache.rope_write_attend(layer.index, *heads, inputs.positions, cos, sin, c.attn_scale,
-                                            layer.window, attn, inputs.max_length, neox=c.rope_neox)
-                    attended = True
-                else:
-                    q = cache.rope_write_rows(layer.index, *heads, inputs.positions, cos, sin, **rope_opts)
+                q_in, k_in, v = layer.qkv(h, split)  # (T, Hq*Dh), (T, Hkv*Dh), (T, Hkv*Dh) float16
+                q = cache.rope_write_rows(layer.index, *(self._heads(t) for t in (q_in, k_in, v)),
+                                          inputs.positions, cos, sin, **rope_opts)
             else:
                 q_in, k_in, v = (self._heads(t) for t in layer.qkv(h))
                 rope = functools.partial(rope_heads, q_in, k_in, inputs.positions, cos, sin, **rope_opts)
@@ -314,9 +307,8 @@ class CudaTransformer(torch.nn.Module):
                 q, k = rope(rotation=cache.rotation, q_scale=cache.q_scale(layer.index))
                 # (T, Hq, Dh) scaled and rotated into K's basis, (T, Hkv, Dh), float32
                 cache.write_rows(layer.index, k, v, inputs.positions, first_pos)
-            if attended:  # a short 1-row step: RoPE, the K/V write and the attention were one launch
-                pass
-            elif as_rows:
+            attn = torch.empty(n_rows, c.n_heads, c.head_dim, dtype=ACT_DTYPE, device=self.device)
+            if as_rows:
                 cache.attend_rows(layer.index, q, inputs.lengths, c.attn_scale, layer.window, attn,
                                   inputs.max_length)
             else:

@@ -438,8 +438,8 @@ def test_pick_next_ahead_equals_steps_up_to_a_full_cache_interpreted(models, fas
 @pytest.mark.slow
 def test_short_steps_equal_full_steps_interpreted(models, fast_qmatmul):
     """The kernel path (graphs run eagerly) on a 512-position f16 cache: 1-row steps within the first split
-    run with the length bound (RoPE, K/V write and attention in one launch: kernels.rope_attention), the
-    same logits as the unbounded step (rope_kv_write, then split + merge attention) bit for bit."""
+    run with the length bound (decode attention in one launch, its direct path), the same logits as the
+    unbounded step (split + merge attention) bit for bit."""
     from engine.cuda_graphs import StepGraphs
     from engine.cuda_kv_cache import CudaKVCache
 
@@ -449,7 +449,6 @@ def test_short_steps_equal_full_steps_interpreted(models, fast_qmatmul):
               for _ in range(2)]
     split = caches[0].split_size
     assert caches[0].length_bound(len(PROMPT) + 1) == split < 512
-    assert caches[0].fuses_rope_attention(0, 1, split, False)
     graphs, logits = StepGraphs(model), []
     with torch.inference_mode():
         for steps, cache in ((graphs, caches[0]), (None, caches[1])):
