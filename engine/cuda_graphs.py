@@ -30,8 +30,8 @@ host's seeded generator gives that step, so it picks what the host would have pi
 (T 0.8: 656 tok/s with the host sampling -> 730; with top-k 40, top-p 0.95, min-p 0.05: 629 -> 704;
 BENCHMARKS.md, "Sampling on the GPU").
 
-Two more things keep a 1-row step short (H200, Qwen2.5-1.5B layout, f16 cache at depth 16, A/Bs of the
-step graph, BENCHMARKS.md "GPU run 11"):
+Three more things keep a step short (H200, Qwen2.5-1.5B layout, f16 cache at depth 16, A/Bs of the step
+graph, BENCHMARKS.md "GPU runs 11 and 12"):
 - steps whose context fits decode attention's first split (`CudaKVCache.length_bound`: the first 128
   positions on an H200) replay a graph captured for that bound, where attention is one launch a layer
   instead of split + merge (kernels/decode_attention.py, `DIRECT`; the same bits). The key of a graph
@@ -41,6 +41,9 @@ step graph, BENCHMARKS.md "GPU run 11"):
 - greedy steps widen the LM head's float16 logits and take the argmax in two launches chained by PDL
   (kernels/argmax.py) instead of torch's copy and one-pass argmax (7.8 us for a 152k vocabulary);
   TANDEM_FUSED_ARGMAX=0 keeps torch's. 1214 -> 1209 us a step.
+- every step starts with one launch that embeds its rows, computes their attention lengths and writes the
+  next step's positions (`CudaTransformer.step_rows`, kernels/step_inputs.py) instead of five torch
+  kernels; TANDEM_FUSED_STEP_INPUTS=0 keeps those. 1169 -> 1164 us a step.
 
 Capture runs the step once eagerly first (compiling the Triton kernels; it writes the same cache rows
 the replay then writes again), then records it.

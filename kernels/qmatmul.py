@@ -29,6 +29,10 @@ Two launch shapes:
   adds them in split order 0, 1, 2..., so the sum does not depend on which program was last.
 - GEMM (M > 16: prefill): 2-D grid of (BLOCK_M, BLOCK_N) tiles, no split; the weight tile is
   dequantized once per BLOCK_M rows.
+A program is `_matmul_tile` of its (row tile, column tile, K split); `qmatmul_pair` runs two weights of one
+input and one GEMV launch shape (different types: Q/K in Q4_K and V in Q6_K in half of Qwen2.5-1.5B
+Q4_K_M's layers) as one launch, each column tile the program of its own weight's launch, so the same bits.
+H200, the decode step at depth 16 (f16 cache): 1193 -> 1166 us; 16-row verify at 4096: 1667 -> 1635.
 
 No host syncs and no data-dependent Python: CUDA-graph capturable (the workspace and output are
 torch allocations; the counters live with the weight and are reset to zero by the kernel).

@@ -31,7 +31,9 @@ Same architectures, same switches (ModelConfig); what changes is how a step is c
   where the fused RoPE + K/V write reads them (not with TANDEM_FUSED_ROPE_WRITE=0 or before the cache's
   statistics are known). TANDEM_SPLIT_OUTPUT=0 turns it off.
   H200, Qwen2.5-1.5B layout at depth 4096: decode step 1591 -> 1527 us (f16 cache), 1691 -> 1623 (q4_0),
-  16-row verify 2100 -> 1916.
+  16-row verify 2100 -> 1916. Where Q/K and V are two weight groups (of different types) with the same
+  GEMV launch shape, they run as one launch (`Projections`, kernels.qmatmul.qmatmul_pair, the same bits;
+  TANDEM_PAIR_GEMV=0 for two).
 - Steps of 1..16 rows at a known position run as CUDA graphs (engine.cuda_graphs), captured lazily per
   row bucket (1, 2, 4, 8, 16; padded), per cache and, for 1-row steps, per attention length bound
   (`StepInputs.max_length`), once the cache's statistics are known (`CudaKVCache.can_replay`); greedy
