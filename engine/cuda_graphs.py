@@ -237,7 +237,7 @@ class PickReader:
 
 
 def short_steps_enabled() -> bool:
-    """1-row steps early in the cache get graphs of their own (`step_bound`) unless TANDEM_SHORT_STEPS is
+    """1-row steps early in the cache get graphs of their own (`StepGraphs.key`) unless TANDEM_SHORT_STEPS is
     "0" (an A/B; read when a key is made)."""
     return os.environ.get("TANDEM_SHORT_STEPS", "1") != "0"
 
@@ -248,28 +248,9 @@ def fused_argmax_enabled() -> bool:
     return os.environ.get("TANDEM_FUSED_ARGMAX", "1") != "0"
 
 
-def step_bound(rows: int, end: int, cache) -> int | None:
-    """The attention length a step of `rows` rows ending at length `end` is captured for: the cache's
-    `length_bound(end)` for a 1-row step (decode attention in one launch while the context fits one split:
-    kernels.decode_attention's direct path), else None (the cache's room)."""
-    if rows != 1 or not short_steps_enabled():
-        return None
-    return cache.length_bound(end)
-
-
-def graph_key(
-    rows: int, capture: tuple[int, ...] = (), sampling: SamplingParams | None = None, bound: int | None = None
-) -> tuple:
-    """(row bucket, captured layers, sampling, attention bound): sampling is None for the argmax, else the
-    parameters a 1-row step samples with; bound as `step_bound` gives it."""
-    if sampling is None:
-        return bucket_for(rows), capture, None, bound
-    return 1, capture, (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p), bound
-
-
 class StepGraphs:
-    """The model's step graphs, keyed by `graph_key`, for the cache last used (and of sampled steps only
-    the parameters last used)."""
+    """The model's step graphs, keyed by `key`, for the cache last used (and of sampled steps only the
+    parameters last used)."""
 
     def __init__(self, model) -> None:
         self.model = model
@@ -294,7 +275,7 @@ class StepGraphs:
         key = self.key(len(ids), pos, cache, capture, sampling)
         graph = self.graphs.get(key)
         if graph is None:
-            if sampling is not None:  # one sampled step kept: parameters change rarely, a graph is large
+            if sampling is not None:  # one parameter set's sampled steps kept (they change rarely)
                 for other in [k for k in self.graphs if k[2] is not None and k[2] != key[2]]:
                     del self.graphs[other]
             graph = StepGraph(self.model, cache, key[0], capture, sampling, key[3])
@@ -309,8 +290,15 @@ class StepGraphs:
     def key(
         n_rows: int, pos: int, cache, capture: tuple[int, ...] = (), sampling: SamplingParams | None = None
     ) -> tuple:
-        """The key of the graph that runs n_rows rows at [pos, pos + n_rows) in this cache."""
-        return graph_key(n_rows, capture, sampling, step_bound(n_rows, pos + n_rows, cache))
+        """The key of the graph that runs n_rows rows at [pos, pos + n_rows) in this cache: (row bucket,
+        captured layers, sampling, attention bound). sampling: None for the argmax, else the parameters a
+        1-row step samples with. bound: for a 1-row step the cache's `length_bound` (decode attention in one
+        launch while the context fits one split: kernels.decode_attention's direct path), else None (the
+        cache's room)."""
+        bound = cache.length_bound(pos + 1) if n_rows == 1 and short_steps_enabled() else None
+        if sampling is None:
+            return bucket_for(n_rows), capture, None, bound
+        return 1, capture, (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p), bound
 
     def run(self, ids: list[int], pos: int, cache, capture: tuple[int, ...] = ()):
         """Rows ids at [pos, pos + len(ids)); returns a StepOutput of views into the graph's outputs."""
