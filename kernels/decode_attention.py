@@ -45,6 +45,7 @@ sequence's length return at once and are not merged.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import triton
@@ -58,10 +59,11 @@ from kernels.kv_blocks import (
     attend_with_sinks_reference,
     check_kernel_head_dim,
     interpreting,
+    prefetch_rows,
     sink_args,
     store_args,
 )
-from kernels.pdl import pdl_launch, wait_for_previous
+from kernels.pdl import pdl_launch, pdl_supported, wait_for_previous
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +138,33 @@ def _decode_split_kernel(
     n_sink,
     D: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     K_TYPE: tl.constexpr, V_TYPE: tl.constexpr, PER_SEQ_LENGTH: tl.constexpr, FAST: tl.constexpr,
-    SINKS: tl.constexpr, PDL: tl.constexpr, DIRECT: tl.constexpr,
+    SINKS: tl.constexpr, PDL: tl.constexpr, DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
+    PF_LINES: tl.constexpr,
 ):
-    wait_for_previous(PDL)  # PDL launch: wait for the kernel before (kernels/pdl.py)
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hkv = pid_bh % HKV
+    # this (sequence, KV head)'s slab of each store; offsets inside a slab fit in int32
+    kq = kq_ptr + (b.to(tl.int64) * stride_kb + hkv * stride_kh)
+    kd = kd_ptr + (b.to(tl.int64) * stride_ksb + hkv * stride_ksh)
+    km = km_ptr + (b.to(tl.int64) * stride_ksb + hkv * stride_ksh)
+    vq = vq_ptr + (b.to(tl.int64) * stride_vb + hkv * stride_vh)
+    vd = vd_ptr + (b.to(tl.int64) * stride_vsb + hkv * stride_vsh)
+    vm = vm_ptr + (b.to(tl.int64) * stride_vsb + hkv * stride_vsh)
+    if PREFETCH:  # before the wait: the split's cache rows (all written before the previous kernel, but
+        # the last, which that kernel may be writing: harmless for L2) start moving while it runs.
+        # The length read here only sizes the request, kept inside the store by length_all.
+        pf_length = length_all
+        if PER_SEQ_LENGTH:
+            pf_length = tl.minimum(tl.load(lens_ptr + b), length_all)
+        pf_start = pid_s * split_size
+        if window > 0:
+            pf_start = tl.maximum(pf_start, pf_length - window)
+        pf_end = tl.minimum(pid_s * split_size + split_size, pf_length)
+        prefetch_rows(kq, kd, km, pf_start, pf_end, D, K_TYPE, PF_LINES)
+        prefetch_rows(vq, vd, vm, pf_start, pf_end, D, V_TYPE, PF_LINES)
+    wait_for_previous(PDL)  # PDL launch: wait for the kernel before (kernels/pdl.py)
     heads = hkv * GQA + tl.arange(0, BLOCK_H)
     hmask = tl.arange(0, BLOCK_H) < GQA
     length = length_all
@@ -161,13 +183,6 @@ def _decode_split_kernel(
     if SINKS:
         start = tl.maximum(start, n_sink)  # positions < n_sink: the merge reads their f16 copies
     end = tl.minimum(pid_s * split_size + split_size, length)
-    # this (sequence, KV head)'s slab of each store; offsets inside a slab fit in int32
-    kq = kq_ptr + (b.to(tl.int64) * stride_kb + hkv * stride_kh)
-    kd = kd_ptr + (b.to(tl.int64) * stride_ksb + hkv * stride_ksh)
-    km = km_ptr + (b.to(tl.int64) * stride_ksb + hkv * stride_ksh)
-    vq = vq_ptr + (b.to(tl.int64) * stride_vb + hkv * stride_vh)
-    vd = vd_ptr + (b.to(tl.int64) * stride_vsb + hkv * stride_vsh)
-    vm = vm_ptr + (b.to(tl.int64) * stride_vsb + hkv * stride_vsh)
     m_i, l_acc, acc_lo, acc_hi = attend_range(
         q_row, hmask, qk_scale, kq, kd, km, vq, vd, vm, start, end, D, BLOCK_H, BLOCK_N, K_TYPE, V_TYPE, FAST)
     if DIRECT:
@@ -338,7 +353,7 @@ def launch_config(split_size: int, block_n: int, tile_bytes: int) -> tuple[int, 
     return 1, (3 if tile_bytes <= STAGED_TILE_BYTES_MAX else 2)
 
 
-def _position_bytes(store: KVStore) -> int:
+def position_bytes(store: KVStore) -> int:
     """Bytes of one position of one head: values, scales, mins."""
     return sum(t.shape[-1] * t.element_size() for t in (store.qs, store.d, store.m) if t is not None)
 
@@ -408,7 +423,7 @@ def decode_attention(
     if split_size % block_n:
         raise ValueError(f"split_size {split_size} must be a multiple of block_n {block_n}")
     n_splits = max(1, triton.cdiv(max_len, split_size))
-    tile_bytes = block_n * (_position_bytes(k_store) + _position_bytes(v_store))
+    tile_bytes = block_n * (position_bytes(k_store) + position_bytes(v_store))
     auto_warps, auto_stages = launch_config(split_size, block_n, tile_bytes)
     num_warps = num_warps or auto_warps
     num_stages = num_stages or auto_stages
@@ -427,13 +442,36 @@ def decode_attention(
         D=dim, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), BLOCK_N=block_n,
         K_TYPE=ka[9], V_TYPE=va[9], PER_SEQ_LENGTH=not isinstance(lengths, int),
         FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0, DIRECT=direct,
-        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+        PREFETCH=prefetch_enabled(q.device, bsz * hkv * max_len * (tile_bytes // block_n)),
+        PF_LINES=32 * num_warps, num_warps=num_warps,
+        num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         **pdl_launch(q.device),
     )
     if direct:
         return out
     return launch_merge(o_part, ml, q, lens if not isinstance(lengths, int) else None, max_len, split_size,
                         n_splits, qk_scale, window, gqa, n_sink, k_rows, v_rows, out)
+
+
+# A launch whose cache rows [0, max_length) of every sequence and KV head (K + V, scales included) come to at
+# most this many bytes prefetches them (`prefetch_enabled`); TANDEM_ATTN_PREFETCH_MB overrides it (0: never).
+_PREFETCH_MAX_BYTES = float(os.environ.get("TANDEM_ATTN_PREFETCH_MB", "8")) * 2**20
+
+
+def prefetch_enabled(device: torch.device, kv_bytes: int) -> bool:
+    """Whether split programs ask L2 for their cache rows before waiting for the previous kernel: with PDL
+    only (kernels/pdl.py: without it nothing runs before the wait), for launches reading at most
+    `_PREFETCH_MAX_BYTES` (kv_bytes: K + V bytes of [0, max_length) of all sequences and KV heads), unless
+    TANDEM_ATTN_PREFETCH is "0" (read at each launch).
+
+    H200, 2026-11-27 (BENCHMARKS.md, GPU run 13): the engine's decode step (PDL, Qwen2.5-1.5B layout, 2 KV
+    heads) f16 at depth 16 1159 -> 1149 us, at depth 4096 1265 -> 1249, q4_0 at 4096 1357 -> 1320, and
+    with `verify_attention` prefetching the same way the 16-row verify (q4_0, 4096) 1809 -> 1785; the
+    kernel alone (`kernels.bench_kv_attention --engine`, cold copies) at 16K positions: q4_0, 1 sequence
+    (4.7 MB) 9.8 -> 9.0 us, but f16, 1 sequence (16.8 MB) 11.4 -> 12.6 and 16 sequences 37.5 -> 43.0 (q4_0)
+    and 94 -> 120 (f16): past a few MB the requests only crowd the loads that follow."""
+    return (pdl_supported(device) and os.environ.get("TANDEM_ATTN_PREFETCH", "1") != "0"
+            and kv_bytes <= _PREFETCH_MAX_BYTES)
 
 
 def check_attention_args(q: torch.Tensor, k_store: KVStore, v_store: KVStore,

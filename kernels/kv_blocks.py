@@ -23,6 +23,7 @@ import triton.language as tl
 
 from engine.errors import SettingsError
 from engine.kv_quant import KVStore, attend_quantized, attention_mask, dequantize, kv_type
+from kernels.qmatmul_prefetch import prefetch_l2
 
 LOG2E = 1.4426950408889634
 
@@ -336,6 +337,32 @@ def _load_block_scales(ptr, n0, end, N: tl.constexpr, D: tl.constexpr, MASKED: t
     x = _load_run(ptr, n0 * NB + tl.arange(0, N * NB), end * NB, MASKED, 0.0)
     x = tl.reshape(x, (N, NB))
     return tl.reshape(tl.broadcast_to(x[:, :, None], (N, NB, 16)), (N, D // 2))
+
+
+@triton.jit
+def prefetch_rows(
+    qs_ptr, d_ptr, m_ptr,  # a (sequence, head) slab of a store, as `_load_halves` takes it
+    start, end, D: tl.constexpr, KV_TYPE: tl.constexpr, LINES: tl.constexpr,
+):
+    """Ask L2 for rows [start, end) of a slab, every field (values, scales, q4_1 minima): their bytes are
+    one contiguous run per field, requested LINES 128-byte lines at a time. A hint: nothing is read into
+    registers, and no fault for what is not in the slab's store (the caller keeps [start, end) inside it)."""
+    if KV_TYPE < 2:  # f16 / bf16: D two-byte values a row, 64 a line
+        _prefetch_run(qs_ptr, start * D, end * D, 64, LINES)
+    else:
+        ROW: tl.constexpr = D if KV_TYPE == 2 else D // 2  # q8_0: D bytes; q4: D / 2 bytes
+        _prefetch_run(qs_ptr, start * ROW, end * ROW, 128, LINES)
+        _prefetch_run(d_ptr, start * (D // 32), end * (D // 32), 64, LINES)  # fp16 scales
+        if KV_TYPE == 4:  # q4_1 minima
+            _prefetch_run(m_ptr, start * (D // 32), end * (D // 32), 64, LINES)
+
+
+@triton.jit
+def _prefetch_run(ptr, lo, hi, LINE: tl.constexpr, LINES: tl.constexpr):
+    """prefetch.global.L2 of elements [lo, hi) of ptr, one address per LINE elements (128 bytes)."""
+    for off in range(lo, hi, LINE * LINES):
+        idx = off + tl.arange(0, LINES) * LINE  # [LINES]
+        prefetch_l2(ptr + tl.where(idx < hi, idx, lo))
 
 
 @triton.jit

@@ -74,7 +74,7 @@ _ASM_PREFETCH_L2: tl.constexpr = tl.constexpr("prefetch.global.L2 [$1];\nmov.u32
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
+def prefetch_l2(ptrs):
     """Ask L2 for the line of every address (fire and forget: the result is a dummy 0)."""
     return tl.inline_asm_elementwise(_ASM_PREFETCH_L2, "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
                                      pack=1)
@@ -89,7 +89,7 @@ def _prefetch_field(ptr, stride, rows, row_mask, t_start, t_stop, n_k_tiles, LIN
     hi = (t_stop * stride + n_k_tiles - 1) // n_k_tiles  # one past its last
     offs = tl.minimum(lo + tl.arange(0, LINES) * LINE, hi - 1)  # [LINES]
     ptrs = ptr + rows[:, None] * stride + offs[None, :]  # [BN, LINES]
-    _prefetch_l2(tl.where(row_mask[:, None], ptrs, ptr))
+    prefetch_l2(tl.where(row_mask[:, None], ptrs, ptr))
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def _prefetch_columns(ptr, per_row, n0, N, t_start, t_stop, n_k_tiles, COLS: tl.
     hi = (t_stop * per_row + n_k_tiles - 1) // n_k_tiles
     e = tl.minimum(lo + tl.arange(0, COLS), hi - 1)  # [COLS]
     r = tl.minimum(n0 + tl.arange(0, RUN_LINES) * LINE, tl.minimum(n0 + BLOCK_N, N) - 1)  # [RUN_LINES]
-    _prefetch_l2(ptr + e.to(tl.int64)[None, :] * N + r[:, None])
+    prefetch_l2(ptr + e.to(tl.int64)[None, :] * N + r[:, None])
 
 
 @triton.jit

@@ -40,10 +40,12 @@ from engine.kv_quant import KVStore
 from kernels.decode_attention import (
     check_attention_args,
     launch_merge,
+    position_bytes,
+    prefetch_enabled,
     row_sums,
     sink_sources,
 )
-from kernels.kv_blocks import LOG2E, _half_cols, _load_halves, interpreting
+from kernels.kv_blocks import LOG2E, _half_cols, _load_halves, interpreting, prefetch_rows
 from kernels.pdl import pdl_launch, wait_for_previous
 
 ROWS_PER_PROGRAM = 4  # rows of a program (one warp each); GPU sweep in kernels/README.md
@@ -94,14 +96,28 @@ def _verify_split_kernel(
     q_ptr, stride_qr, stride_qh,
     kq_ptr, kd_ptr, km_ptr, stride_kh, stride_ksh,
     vq_ptr, vd_ptr, vm_ptr, stride_vh, stride_vsh,
-    lens_ptr, n_rows, o_ptr, ml_ptr,
+    lens_ptr, n_rows, length_all, o_ptr, ml_ptr,
     qk_scale, split_size, n_splits, HKV, n_sink,
     D: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     K_TYPE: tl.constexpr, V_TYPE: tl.constexpr, FAST: tl.constexpr, SINKS: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr, PF_LINES: tl.constexpr, ROWS_MAX: tl.constexpr,
 ):
-    wait_for_previous(PDL)  # PDL launch: wait for the kernel before (kernels/pdl.py)
     pid_s = tl.program_id(0)
     hkv = tl.program_id(1)
+    kq = kq_ptr + hkv * stride_kh  # this KV head's slab of each store (the rows share sequence 0)
+    kd = kd_ptr + hkv * stride_ksh
+    km = km_ptr + hkv * stride_ksh
+    vq = vq_ptr + hkv * stride_vh
+    vd = vd_ptr + hkv * stride_vsh
+    vm = vm_ptr + hkv * stride_vsh
+    if PREFETCH:  # as decode_attention's split kernel, once per (split, KV head): the first row block asks
+        if tl.program_id(2) == 0:
+            every = tl.arange(0, ROWS_MAX)
+            pf_length = tl.max(tl.load(lens_ptr + every, mask=every < n_rows, other=0), axis=0)
+            pf_end = tl.minimum(tl.minimum(pid_s * split_size + split_size, pf_length), length_all)
+            prefetch_rows(kq, kd, km, pid_s * split_size, pf_end, D, K_TYPE, PF_LINES)
+            prefetch_rows(vq, vd, vm, pid_s * split_size, pf_end, D, V_TYPE, PF_LINES)
+    wait_for_previous(PDL)  # PDL launch: wait for the kernel before (kernels/pdl.py)
     r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] query rows
     r_mask = r < n_rows
     length = tl.load(lens_ptr + r, mask=r_mask, other=0)  # [BR]
@@ -129,12 +145,6 @@ def _verify_split_kernel(
     l_acc = tl.zeros((BLOCK_R, BLOCK_H, 16), tl.float32)
     acc_lo = tl.zeros((BLOCK_R, BLOCK_H, D // 2), tl.float32)
     acc_hi = tl.zeros((BLOCK_R, BLOCK_H, D // 2), tl.float32)
-    kq = kq_ptr + hkv * stride_kh  # this KV head's slab of each store (the rows share sequence 0)
-    kd = kd_ptr + hkv * stride_ksh
-    km = km_ptr + hkv * stride_ksh
-    vq = vq_ptr + hkv * stride_vh
-    vd = vd_ptr + hkv * stride_vsh
-    vm = vm_ptr + hkv * stride_vsh
     n_full = start + (tl.maximum(tile_end - start, 0) // BLOCK_N) * BLOCK_N
     for n0 in range(start, n_full, BLOCK_N):
         m_i, l_acc, acc_lo, acc_hi = _attend_rows_tile(
@@ -191,13 +201,15 @@ def verify_attention(
     ml = torch.empty(n_rows * hq, n_splits, 2, dtype=torch.float32, device=q.device)  # (R*Hq, S, [max, sum])
     qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
     n_sink, k_rows, v_rows = sink_sources(k_store, v_store, k_sink, v_sink, q)
+    kv_bytes = hkv * max_length * (position_bytes(k_store) + position_bytes(v_store))  # the rows share them
     _verify_split_kernel[(n_splits, hkv, triton.cdiv(n_rows, block_r))](
-        q, q.stride(0), q.stride(1), *ka[:3], ka[4], ka[7], *va[:3], va[4], va[7], lens, n_rows, o_part, ml,
-        qk_scale, split_size, n_splits, hkv, n_sink,
+        q, q.stride(0), q.stride(1), *ka[:3], ka[4], ka[7], *va[:3], va[4], va[7], lens, n_rows, max_length,
+        o_part, ml, qk_scale, split_size, n_splits, hkv, n_sink,
         D=dim, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), BLOCK_N=block_n, BLOCK_R=block_r,
         K_TYPE=ka[9], V_TYPE=va[9],
         FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0, num_warps=block_r, num_stages=2,
-        **pdl_launch(q.device),
+        PREFETCH=prefetch_enabled(q.device, kv_bytes),
+        PF_LINES=32 * block_r, ROWS_MAX=max(16, triton.next_power_of_2(n_rows)), **pdl_launch(q.device),
     )
     return launch_merge(o_part, ml, q, lens, max_length, split_size, n_splits, qk_scale, None, gqa, n_sink,
                         k_rows, v_rows, out)

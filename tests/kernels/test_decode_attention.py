@@ -131,6 +131,23 @@ def test_decode_ptx_dequantization_matches_portable_gpu(k_type, v_type):
         assert torch.equal(fast, portable), f"max difference {(fast - portable).abs().max().item():.3e}"
 
 
+@gpu
+@pytest.mark.parametrize("k_type,v_type,window", [("q4_0", "q4_0", None), ("f16", "f16", None),
+                                                  ("q4_1", "q8_0", 700)])
+@pytest.mark.parametrize("split", [128, 3072], ids=["splits", "one-split"])
+def test_prefetch_changes_no_bit_gpu(monkeypatch, k_type, v_type, window, split):
+    # the L2 prefetch before the PDL wait (kernels.decode_attention.prefetch_enabled) is only a hint
+    import kernels.decode_attention as da
+
+    q, ks, vs, lens = _case(k_type, v_type, 2, 2, 6, 128, [3000, 515], 3072)
+    assert da.prefetch_enabled(q.device, 1), "a GPU without PDL does not prefetch"
+    outs = []
+    for on in ("1", "0"):
+        monkeypatch.setenv("TANDEM_ATTN_PREFETCH", on)
+        outs.append(decode_attention(q, ks, vs, lens, split_size=split, window=window, max_length=3072))
+    assert torch.equal(*outs)
+
+
 @pytest.mark.parametrize("split", [32, 128], ids=["short-splits", "long-splits"])  # the two launch configs
 @pytest.mark.parametrize("k_type,v_type,window", [("q4_0", "q8_0", None), ("f16", "q4_1", 20)])
 def test_verify_rows_equal_single_decodes_bit_for_bit(k_type, v_type, window, split):

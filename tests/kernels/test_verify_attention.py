@@ -123,3 +123,19 @@ def test_verify_rows_equal_decodes_real_shapes_gpu(k_type, v_type, split, rows_p
     lengths = [4090 + r for r in range(15)] + [0]
     _check_rows(k_type, v_type, lengths, dim=128, gqa=6, positions=4608, split=split, block_n=64,
                 rows_per_program=rows_per_program, sinks=True, seed=3)
+
+
+@gpu
+@pytest.mark.parametrize("k_type,v_type", [("q4_0", "q4_0"), ("f16", "f16")])
+def test_prefetch_changes_no_bit_gpu(monkeypatch, k_type, v_type):
+    # the L2 prefetch before the PDL wait (kernels.decode_attention.prefetch_enabled) is only a hint
+    gen = torch.Generator().manual_seed(3)
+    ks, vs = (random_store(t, (1, 2, 3072), 128, gen) for t in (k_type, v_type))
+    q = torch.randn(16, 12, 128, generator=gen).to(DEVICE)  # (R, Hq, D)
+    lens = torch.arange(2990, 3006, dtype=torch.int32, device=DEVICE)
+    outs = []
+    for on in ("1", "0"):
+        monkeypatch.setenv("TANDEM_ATTN_PREFETCH", on)
+        outs.append(verify_attention(q, ks.shared_by(16), vs.shared_by(16), lens, max_length=3072,
+                                     split_size=256))
+    assert torch.equal(*outs)
