@@ -174,7 +174,8 @@ def _kv_launches():
     with recording(da, "_decode_split_kernel") as split, recording(da, "_decode_reduce_kernel") as merge:
         da.decode_attention(q, k_store, v_store, lengths, max_length=cap, split_size=64, block_n=64,
                             k_sink=sinks[0], v_sink=sinks[1])
-    yield "decode split q4_0/q4_0 (sinks)", split.kernel, *split.calls[0], {"FAST": True, **pdl}
+    on_cuda = {"FAST": True, "PREFETCH": True, **pdl}  # the inline-PTX dequantization and the L2 prefetch
+    yield "decode split q4_0/q4_0 (sinks)", split.kernel, *split.calls[0], on_cuda
     yield "decode merge (sinks)", merge.kernel, *merge.calls[0], pdl
     rows = 16  # a verify step: 16 rows over one cache, 4 per program (one warp each)
     with recording(va, "_verify_split_kernel") as rec, recording(da, "_decode_reduce_kernel"):
@@ -182,7 +183,7 @@ def _kv_launches():
                             torch.full((rows,), 100, dtype=torch.int32), max_length=cap, split_size=64,
                             block_n=64, k_sink=sinks[0].expand(rows, -1, -1, -1),
                             v_sink=sinks[1].expand(rows, -1, -1, -1))
-    yield "verify split q4_0/q4_0 (16 rows, sinks)", rec.kernel, *rec.calls[0], {"FAST": True, **pdl}
+    yield "verify split q4_0/q4_0 (16 rows, sinks)", rec.kernel, *rec.calls[0], on_cuda
     with recording(pa, "_prefill_attention_kernel") as rec:
         pa.prefill_attention(torch.zeros(1, hq, t, dim), k_store, v_store, 0, k_sink=sinks[0],
                              v_sink=sinks[1])
