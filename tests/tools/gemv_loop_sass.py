@@ -1,0 +1,108 @@
+"""Instructions in the main loop of a decode GEMV compiled for sm_90, counted without a GPU.
+
+    python -m tests.tools.gemv_loop_sass Q4_K 17920x1536 --warps 2 --split 3   # one launch, opcode histogram
+
+The decode GEMV is bound by instruction issue, not by memory (kernels/README.md, "Where a decode step
+goes"): what its K-loop issues per weight is the figure a change to the dequantization can move, and it
+can be read on this CPU machine. The launch is recorded and compiled as tests.tools.compile_sm90 does (the
+fast dequantization and PDL switched on, as on CUDA), disassembled with Triton's nvdisasm, and the
+instructions between the longest loop's label and its backward branch are counted. Environment switches
+that pick the kernel's code (TANDEM_QMATMUL_PAIR_LOADS, ...) apply as at a launch. The count depends on
+the Triton release that compiles (the GPU machine's may differ from this one's): say which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+_ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/")
+_OPCODE = re.compile(r"\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_.]*)")
+_BRANCH = re.compile(r"\bBRA\s+`?\(?(\.L_x_\d+)")
+
+
+def compile_gemv(qtype_name: str, n: int, k: int, warps: int, split: int, stages: int = 2):
+    """The GEMV launch qmatmul makes for (N, K) in that type with these launch parameters, compiled for
+    sm_90 -> Triton's CompiledKernel."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as QT
+
+    import kernels.qmatmul as qm
+    from tests.engine.gguf_builders import random_blocks
+    from tests.tools.compile_sm90 import compile_call, recording
+
+    qtype = QT[qtype_name]
+    raw = random_blocks(qtype, (n, k), np.random.default_rng(0), max_abs=0.01)
+    w = qm.QuantizedWeight.from_bytes(raw, qtype, (n, k), "cpu")
+    cfg = qm.KernelConfig(block_n=64, block_m=qm.GEMV_ROWS_MAX, block_k=128, split_k=split, num_warps=warps,
+                          num_stages=stages, pdl=True)
+    with recording(qm, "_qmatmul_kernel") as rec:
+        qm.qmatmul(torch.zeros(1, k, dtype=torch.float16), w, config=cfg, split_output=True)
+    args, kwargs = rec.calls[0]
+    return compile_call(rec.kernel, args, kwargs, {"FAST": qtype in qm.FAST_TYPES, "USE_GDC": True,
+                                                   "launch_pdl": True, "PRESCALED": w.prescaled})
+
+
+def disassemble(compiled) -> str:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([str(tool), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def loop_opcodes(sass: str) -> collections.Counter:
+    """Opcodes of the instructions from the longest backward branch's target to that branch."""
+    lines = sass.splitlines()
+    labels = {}  # label -> address of the instruction after it
+    for i, line in enumerate(lines):
+        if line.startswith(".L_x_") and i + 1 < len(lines) and (m := _ADDRESS.search(lines[i + 1])):
+            labels[line.rstrip(":").strip()] = int(m.group(1), 16)
+    best = None
+    for line in lines:
+        branch, address = _BRANCH.search(line), _ADDRESS.search(line)
+        if branch and address and branch.group(1) in labels:
+            span = (labels[branch.group(1)], int(address.group(1), 16))
+            if span[0] < span[1] and (best is None or span[1] - span[0] > best[1] - best[0]):
+                best = span
+    if best is None:
+        raise ValueError("no loop found in the SASS")
+    counts: collections.Counter = collections.Counter()
+    for line in lines:
+        address, opcode = _ADDRESS.search(line), _OPCODE.search(line)
+        if address and opcode and best[0] <= int(address.group(1), 16) <= best[1]:
+            counts[opcode.group(1).split(".")[0]] += 1
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    import triton
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("qtype", help="GGUF type name, e.g. Q4_K")
+    parser.add_argument("shape", help="NxK, e.g. 17920x1536")
+    parser.add_argument("--warps", type=int, default=2)
+    parser.add_argument("--split", type=int, default=3)
+    parser.add_argument("--stages", type=int, default=2)
+    args = parser.parse_args(argv)
+    n, k = (int(v) for v in args.shape.split("x"))
+    counts = loop_opcodes(disassemble(compile_gemv(args.qtype, n, k, args.warps, args.split, args.stages)))
+    total = sum(counts.values())
+    per_weight = total * 32 * args.warps / (64 * 128)  # a K-tile: 64 rows x 128 weights
+    print(f"{args.qtype} {n}x{k} warps {args.warps} split {args.split} (Triton {triton.__version__}): "
+          f"{total} loop instructions a K-tile, {per_weight:.2f} per weight and thread")
+    print("  " + ", ".join(f"{op} {c}" for op, c in counts.most_common()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
