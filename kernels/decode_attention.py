@@ -353,7 +353,7 @@ def launch_config(split_size: int, block_n: int, tile_bytes: int) -> tuple[int, 
     return 1, (3 if tile_bytes <= STAGED_TILE_BYTES_MAX else 2)
 
 
-def position_bytes(store: KVStore) -> int:
+def _position_bytes(store: KVStore) -> int:
     """Bytes of one position of one head: values, scales, mins."""
     return sum(t.shape[-1] * t.element_size() for t in (store.qs, store.d, store.m) if t is not None)
 
@@ -423,7 +423,7 @@ def decode_attention(
     if split_size % block_n:
         raise ValueError(f"split_size {split_size} must be a multiple of block_n {block_n}")
     n_splits = max(1, triton.cdiv(max_len, split_size))
-    tile_bytes = block_n * (position_bytes(k_store) + position_bytes(v_store))
+    tile_bytes = block_n * (_position_bytes(k_store) + _position_bytes(v_store))
     auto_warps, auto_stages = launch_config(split_size, block_n, tile_bytes)
     num_warps = num_warps or auto_warps
     num_stages = num_stages or auto_stages
@@ -442,7 +442,7 @@ def decode_attention(
         D=dim, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), BLOCK_N=block_n,
         K_TYPE=ka[9], V_TYPE=va[9], PER_SEQ_LENGTH=not isinstance(lengths, int),
         FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0, DIRECT=direct,
-        PREFETCH=prefetch_enabled(q.device, bsz * hkv * max_len * (tile_bytes // block_n)),
+        PREFETCH=prefetch_enabled(q.device, k_store, v_store, bsz * hkv, max_len),
         PF_LINES=32 * num_warps, num_warps=num_warps,
         num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         **pdl_launch(q.device),
@@ -458,11 +458,12 @@ def decode_attention(
 _PREFETCH_MAX_BYTES = float(os.environ.get("TANDEM_ATTN_PREFETCH_MB", "8")) * 2**20
 
 
-def prefetch_enabled(device: torch.device, kv_bytes: int) -> bool:
+def prefetch_enabled(device: torch.device, k_store: KVStore, v_store: KVStore, slabs: int,
+                     max_length: int) -> bool:
     """Whether split programs ask L2 for their cache rows before waiting for the previous kernel: with PDL
-    only (kernels/pdl.py: without it nothing runs before the wait), for launches reading at most
-    `_PREFETCH_MAX_BYTES` (kv_bytes: K + V bytes of [0, max_length) of all sequences and KV heads), unless
-    TANDEM_ATTN_PREFETCH is "0" (read at each launch).
+    only (kernels/pdl.py: without it nothing runs before the wait), for launches whose K + V bytes of
+    positions [0, max_length) in `slabs` (sequence, KV head) slabs come to at most `_PREFETCH_MAX_BYTES`,
+    unless TANDEM_ATTN_PREFETCH is "0" (read at each launch).
 
     H200, 2026-11-27 (BENCHMARKS.md, GPU run 13): the engine's decode step (PDL, Qwen2.5-1.5B layout, 2 KV
     heads) f16 at depth 16 1159 -> 1149 us, at depth 4096 1265 -> 1249, q4_0 at 4096 1357 -> 1320, and
@@ -470,6 +471,7 @@ def prefetch_enabled(device: torch.device, kv_bytes: int) -> bool:
     kernel alone (`kernels.bench_kv_attention --engine`, cold copies) at 16K positions: q4_0, 1 sequence
     (4.7 MB) 9.8 -> 9.0 us, but f16, 1 sequence (16.8 MB) 11.4 -> 12.6 and 16 sequences 37.5 -> 43.0 (q4_0)
     and 94 -> 120 (f16): past a few MB the requests only crowd the loads that follow."""
+    kv_bytes = slabs * max_length * (_position_bytes(k_store) + _position_bytes(v_store))
     return (pdl_supported(device) and os.environ.get("TANDEM_ATTN_PREFETCH", "1") != "0"
             and kv_bytes <= _PREFETCH_MAX_BYTES)
 

@@ -40,7 +40,6 @@ from engine.kv_quant import KVStore
 from kernels.decode_attention import (
     check_attention_args,
     launch_merge,
-    position_bytes,
     prefetch_enabled,
     row_sums,
     sink_sources,
@@ -201,14 +200,13 @@ def verify_attention(
     ml = torch.empty(n_rows * hq, n_splits, 2, dtype=torch.float32, device=q.device)  # (R*Hq, S, [max, sum])
     qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
     n_sink, k_rows, v_rows = sink_sources(k_store, v_store, k_sink, v_sink, q)
-    kv_bytes = hkv * max_length * (position_bytes(k_store) + position_bytes(v_store))  # the rows share them
     _verify_split_kernel[(n_splits, hkv, triton.cdiv(n_rows, block_r))](
         q, q.stride(0), q.stride(1), *ka[:3], ka[4], ka[7], *va[:3], va[4], va[7], lens, n_rows, max_length,
         o_part, ml, qk_scale, split_size, n_splits, hkv, n_sink,
         D=dim, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), BLOCK_N=block_n, BLOCK_R=block_r,
         K_TYPE=ka[9], V_TYPE=va[9],
         FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0, num_warps=block_r, num_stages=2,
-        PREFETCH=prefetch_enabled(q.device, kv_bytes),
+        PREFETCH=prefetch_enabled(q.device, k_store, v_store, hkv, max_length),  # the rows share the slabs
         PF_LINES=32 * block_r, ROWS_MAX=max(16, triton.next_power_of_2(n_rows)), **pdl_launch(q.device),
     )
     return launch_merge(o_part, ml, q, lens, max_length, split_size, n_splits, qk_scale, None, gqa, n_sink,

@@ -140,7 +140,7 @@ def test_prefetch_changes_no_bit_gpu(monkeypatch, k_type, v_type, window, split)
     import kernels.decode_attention as da
 
     q, ks, vs, lens = _case(k_type, v_type, 2, 2, 6, 128, [3000, 515], 3072)
-    assert da.prefetch_enabled(q.device, 1), "a GPU without PDL does not prefetch"
+    assert da.prefetch_enabled(q.device, ks, vs, 4, 3072), "this launch does not take the prefetch path"
     outs = []
     for on in ("1", "0"):
         monkeypatch.setenv("TANDEM_ATTN_PREFETCH", on)

@@ -129,10 +129,13 @@ def test_verify_rows_equal_decodes_real_shapes_gpu(k_type, v_type, split, rows_p
 @pytest.mark.parametrize("k_type,v_type", [("q4_0", "q4_0"), ("f16", "f16")])
 def test_prefetch_changes_no_bit_gpu(monkeypatch, k_type, v_type):
     # the L2 prefetch before the PDL wait (kernels.decode_attention.prefetch_enabled) is only a hint
+    from kernels.decode_attention import prefetch_enabled
+
     gen = torch.Generator().manual_seed(3)
     ks, vs = (random_store(t, (1, 2, 3072), 128, gen) for t in (k_type, v_type))
     q = torch.randn(16, 12, 128, generator=gen).to(DEVICE)  # (R, Hq, D)
     lens = torch.arange(2990, 3006, dtype=torch.int32, device=DEVICE)
+    assert prefetch_enabled(q.device, ks, vs, 2, 3072), "this launch does not take the prefetch path"
     outs = []
     for on in ("1", "0"):
         monkeypatch.setenv("TANDEM_ATTN_PREFETCH", on)
