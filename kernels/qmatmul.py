@@ -311,14 +311,14 @@ def _qmatmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_IN_F32: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     PF_LINES: tl.constexpr, PF_META_LINES: tl.constexpr, PF_META_COLS: tl.constexpr, USE_GDC: tl.constexpr,
-    VEC_META: tl.constexpr, DEFER: tl.constexpr, PRESCALED: tl.constexpr, PAIRS: tl.constexpr,
+    VEC_META: tl.constexpr, DEFER: tl.constexpr, PRESCALED: tl.constexpr,
 ):
     _matmul_tile(
         tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, stride_xm, y_ptr, stride_ym, bias_ptr,
         q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, ws_ptr, cnt_ptr,
         M, N, K, n_groups, n_k_tiles, tiles_per_split,
         SPLIT_K, QTYPE, G, NG, BLOCK_M, BLOCK_N, HAS_BIAS, DOT_IN_F32, FAST, EVEN_N, EVEN_K,
-        PF_LINES, PF_META_LINES, PF_META_COLS, USE_GDC, VEC_META, DEFER, PRESCALED, PAIRS,
+        PF_LINES, PF_META_LINES, PF_META_COLS, USE_GDC, VEC_META, DEFER, PRESCALED,
     )
 
 
@@ -335,11 +335,9 @@ def _qmatmul_pair_kernel(
     A_QTYPE: tl.constexpr, A_G: tl.constexpr, A_NG: tl.constexpr, A_FAST: tl.constexpr,
     A_EVEN_N: tl.constexpr, A_EVEN_K: tl.constexpr, A_PF_LINES: tl.constexpr, A_PF_META_LINES: tl.constexpr,
     A_PF_META_COLS: tl.constexpr, A_VEC_META: tl.constexpr, A_PRESCALED: tl.constexpr,
-    A_PAIRS: tl.constexpr,
     B_QTYPE: tl.constexpr, B_G: tl.constexpr, B_NG: tl.constexpr, B_FAST: tl.constexpr,
     B_EVEN_N: tl.constexpr, B_EVEN_K: tl.constexpr, B_PF_LINES: tl.constexpr, B_PF_META_LINES: tl.constexpr,
     B_PF_META_COLS: tl.constexpr, B_VEC_META: tl.constexpr, B_PRESCALED: tl.constexpr,
-    B_PAIRS: tl.constexpr,
 ):
     """Two GEMVs of one input in one launch (`qmatmul_pair`): column tiles [0, A_TILES) are weight A's,
     the rest weight B's; each program runs exactly the single-weight kernel's split-output program."""
@@ -351,7 +349,6 @@ def _qmatmul_pair_kernel(
             M, a_N, K, a_n_groups, a_n_k_tiles, a_tiles_per_split,
             SPLIT_K, A_QTYPE, A_G, A_NG, BLOCK_M, BLOCK_N, False, DOT_IN_F32, A_FAST, A_EVEN_N, A_EVEN_K,
             A_PF_LINES, A_PF_META_LINES, A_PF_META_COLS, USE_GDC, A_VEC_META, True, A_PRESCALED,
-            A_PAIRS,
         )
     else:
         _matmul_tile(
@@ -360,7 +357,6 @@ def _qmatmul_pair_kernel(
             M, b_N, K, b_n_groups, b_n_k_tiles, b_tiles_per_split,
             SPLIT_K, B_QTYPE, B_G, B_NG, BLOCK_M, BLOCK_N, False, DOT_IN_F32, B_FAST, B_EVEN_N, B_EVEN_K,
             B_PF_LINES, B_PF_META_LINES, B_PF_META_COLS, USE_GDC, B_VEC_META, True, B_PRESCALED,
-            B_PAIRS,
         )
 
 
@@ -374,10 +370,9 @@ def _matmul_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_IN_F32: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     PF_LINES: tl.constexpr, PF_META_LINES: tl.constexpr, PF_META_COLS: tl.constexpr, USE_GDC: tl.constexpr,
-    VEC_META: tl.constexpr, DEFER: tl.constexpr, PRESCALED: tl.constexpr, PAIRS: tl.constexpr,
+    VEC_META: tl.constexpr, DEFER: tl.constexpr, PRESCALED: tl.constexpr,
 ):
-    """The program (pid_m, pid_n, pid_s) of a matmul: rows tile pid_m, column tile pid_n, K split pid_s.
-    PAIRS: Q4_K / Q5_K quants loaded as 16-bit words (`_pair_loads`)."""
+    """The program (pid_m, pid_n, pid_s) of a matmul: rows tile pid_m, column tile pid_n, K split pid_s."""
     BKH: tl.constexpr = NG * G
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     if EVEN_N:  # an all-true constant mask: the compiler drops it from every load
@@ -416,7 +411,7 @@ def _matmul_tile(
         else:
             w_lo, w_hi = dequant_tile(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, n_mask,
                                       gi, g_mask, K, pid_n * BLOCK_N, N, QTYPE, BLOCK_N, BKH, FAST, VEC_META,
-                                      NG, PRESCALED, PAIRS)  # [BN, BKH] each
+                                      NG, PRESCALED)  # [BN, BKH] each
             k_lo = k_index(t, NG, G)  # [BKH]
             acc = _dot_x(acc, w_lo, x_rows, k_lo, m_mask, K, DOT_IN_F32, EVEN_K)
             acc = _dot_x(acc, w_hi, x_rows, k_lo + G, m_mask, K, DOT_IN_F32, EVEN_K)
@@ -528,25 +523,9 @@ def _plan(x: torch.Tensor, w: QuantizedWeight, cfg: KernelConfig, defer: bool) -
         QTYPE=qtype_code, G=half, NG=ng, FAST=cfg.fast and _use_fast_dequant(w, x),
         EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0 and n_groups % ng == 0,
         PF_LINES=pf_lines, PF_META_LINES=pf_meta_lines, PF_META_COLS=pf_meta_cols, VEC_META=w.vector_meta,
-        PRESCALED=w.prescaled, PAIRS=_pair_loads(w),
+        PRESCALED=w.prescaled,
     )
     return _Plan(wargs, n, n_groups, n_k_tiles, tiles_per_split, split, triton.cdiv(n, cfg.block_n), flags)
-
-
-def _pair_loads(w: QuantizedWeight) -> bool:
-    """Whether a Q4_K / Q5_K weight's quant bytes are loaded as 16-bit words (two adjacent bytes, the pair
-    of values a tensor-core operand register holds) and split into bytes in registers, instead of byte by
-    byte: the same values, fewer instructions in the loop. TANDEM_QMATMUL_PAIR_LOADS=1 turns it on (read at
-    each launch); off by default until timed on a GPU.
-
-    SASS of the GEMV loop compiled on the CPU machine for sm_90 (`python -m tests.tools.gemv_loop_sass`,
-    session 9; kernels/README.md): the 2-warp launches
-    (fused gate/up 17920 x 1536 and FFN-down 1536 x 8960 in Q4_K) went 543 -> 489 instructions a K-tile
-    with Triton 3.6 (the GPU machine's) and 547 -> 383 with Triton 3.9: the byte-gluing PRMT / shift / LOP3
-    sequences before each dequantization pair go (all of them with 3.9, part with 3.6). The 4-warp (wgmma)
-    launches had none to lose: 238 -> 239 (3.6), 260 -> 257 (3.9)."""
-    return (w.qtype in (QT.Q4_K, QT.Q5_K) and w.fields is not None
-            and os.environ.get("TANDEM_QMATMUL_PAIR_LOADS", "0") == "1")
 
 
 def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,

@@ -296,21 +296,14 @@ def _k_head(s_ptr, ss, rows, sb, c, mask2, BLOCK_N: tl.constexpr, NG: tl.constex
 @triton.jit
 def _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi, g_mask,
                     HAS_HIGH: tl.constexpr, FAST: tl.constexpr, VEC: tl.constexpr, BLOCK_N: tl.constexpr,
-                    NG: tl.constexpr, PRESCALED: tl.constexpr, PAIRS: tl.constexpr):
-    """Q4_K/Q5_K: group c (0..3) of a super-block = 32 bytes; low nibbles are sub-block 2c, high 2c + 1.
-    PAIRS: the bytes loaded as 16-bit words (kernels.qmatmul._pair_loads), the same values."""
+                    NG: tl.constexpr, PRESCALED: tl.constexpr):
+    """Q4_K/Q5_K: group c (0..3) of a super-block = 32 bytes; low nibbles are sub-block 2c, high 2c + 1."""
     j = tl.arange(0, 32)
     mask2 = row_mask[:, None] & g_mask[None, :]  # [BN, NG]
     sb = gi // 4  # super-block of each group  [NG]
     c = gi % 4
-    if PAIRS:  # word i holds bytes 2i (low) and 2i + 1 (high); rows and groups start at even bytes
-        i = tl.arange(0, 16)
-        w16 = tl.load(q_ptr.to(tl.pointer_type(tl.uint16)) + rows[:, None, None] * (sq // 2)
-                      + gi[None, :, None] * 16 + i[None, None, :], mask=mask2[:, :, None], other=0)
-        b8 = tl.join((w16 & 0xFF).to(tl.uint8), (w16 >> 8).to(tl.uint8)).reshape(BLOCK_N, NG, 32)
-    else:
-        b8 = tl.load(q_ptr + rows[:, None, None] * sq + gi[None, :, None] * 32 + j[None, None, :],
-                     mask=mask2[:, :, None], other=0)  # [BN, NG, 32] uint8
+    b8 = tl.load(q_ptr + rows[:, None, None] * sq + gi[None, :, None] * 32 + j[None, None, :],
+                 mask=mask2[:, :, None], other=0)  # [BN, NG, 32] uint8
     if FAST and PRESCALED:  # Q4_K, fp16 activations: scales precomputed at load (qmatmul_layouts.q4_k_scales)
         return _tile_q4_k_prescaled(b8, d_ptr, sd, rows, gi, mask2, BLOCK_N, NG)
     b = b8.to(tl.int32)
@@ -445,8 +438,7 @@ def _tile_dense(q_ptr, sq, rows, row_mask, gi, K):
 @triton.jit
 def dequant_tile(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi, g_mask, K, n0, N,
                  QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BKH: tl.constexpr, FAST: tl.constexpr,
-                 VEC: tl.constexpr, NG: tl.constexpr, PRESCALED: tl.constexpr = False,
-                 PAIRS: tl.constexpr = False):
+                 VEC: tl.constexpr, NG: tl.constexpr, PRESCALED: tl.constexpr = False):
     """One K-tile -> (w_lo, w_hi), each [BLOCK_N, BKH] float32 (see `_k_index` for their K positions)."""
     if QTYPE == 2:  # Q4_0
         lo, hi = _tile_q4_q5(q_ptr, h_ptr, d_ptr, m_ptr, sq, sh, sd, sm, rows, row_mask, gi, g_mask,
@@ -464,10 +456,10 @@ def dequant_tile(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, ro
         lo, hi = _tile_q8_0(q_ptr, d_ptr, sq, sd, rows, row_mask, gi, g_mask, FAST)
     elif QTYPE == 12:  # Q4_K
         lo, hi = _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi,
-                                 g_mask, False, FAST, VEC, BLOCK_N, NG, PRESCALED, PAIRS)
+                                 g_mask, False, FAST, VEC, BLOCK_N, NG, PRESCALED)
     elif QTYPE == 13:  # Q5_K
         lo, hi = _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi,
-                                 g_mask, True, False, VEC, BLOCK_N, NG, False, PAIRS)
+                                 g_mask, True, False, VEC, BLOCK_N, NG, False)
     elif QTYPE == 14:  # Q6_K
         lo, hi = _tile_q6_k(q_ptr, h_ptr, s_ptr, d_ptr, sq, sh, ss, sd, rows, row_mask, gi, g_mask, n0, N,
                             VEC, BLOCK_N, NG)

@@ -33,17 +33,12 @@ def test_cuda_kernels_compile_for_sm90():
 
 
 @pytest.mark.skipif(not (TOOLS / "nvdisasm").exists(), reason="this Triton has no bundled nvdisasm")
-def test_pair_loads_shorten_the_two_warp_q4_k_gemv_loop():
-    """tests/tools/gemv_loop_sass.py on the fused gate/up launch (Q4_K, 2 warps): TANDEM_QMATMUL_PAIR_LOADS=1
-    removes the byte-gluing instructions in front of each dequantization pair (543 -> 489 a K-tile with
-    Triton 3.6, 547 -> 383 with 3.9)."""
-    counts = {}
-    for on in ("0", "1"):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["TANDEM_QMATMUL_PAIR_LOADS"] = on
-        run = subprocess.run([sys.executable, "-m", "tests.tools.gemv_loop_sass", "Q4_K", "17920x1536",
-                              "--warps", "2", "--split", "3"], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=600)
-        assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-        counts[on] = int(re.search(r"(\d+) loop instructions", run.stdout).group(1))
-    assert counts["1"] < 0.95 * counts["0"], counts
+def test_gemv_loop_sass_counts_the_loop():
+    """tests/tools/gemv_loop_sass.py on the fused gate/up launch (Q4_K, 2 warps) finds a loop and counts it
+    (about 500 instructions a K-tile with Triton 3.6 and 3.9)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tests.tools.gemv_loop_sass", "Q4_K", "17920x1536",
+                          "--warps", "2", "--split", "3"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert 100 < int(re.search(r"(\d+) loop instructions", run.stdout).group(1)) < 2000, run.stdout

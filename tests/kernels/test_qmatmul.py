@@ -503,35 +503,3 @@ def test_vector_metadata_changes_no_bit_gpu(qtype, shape):
             for w in layouts:
                 got = qmatmul(x[:rows], w)
                 assert torch.equal(got, want), f"{qtype.name} {shape} {dtype} M={rows} {w.prescaled=}"
-
-
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K], ids=_names([QT.Q4_K, QT.Q5_K]))
-def test_pair_loads_change_no_bit(monkeypatch, qtype):
-    """TANDEM_QMATMUL_PAIR_LOADS (quant bytes loaded as 16-bit words, `_pair_loads`): the same outputs for
-    the GEMV (split K) and the GEMM launch, and the switch reaches the kernel."""
-    import kernels.qmatmul as qm
-
-    _, w, _ = _weight(qtype, 48, 512, seed=3)
-    split = KernelConfig(block_n=16, block_m=16, block_k=256, split_k=2)
-    gemm = KernelConfig(block_n=32, block_m=32, block_k=256, split_k=1)
-    outs = {}
-    for on in ("0", "1"):
-        monkeypatch.setenv("TANDEM_QMATMUL_PAIR_LOADS", on)
-        assert qm._pair_loads(w) == (on == "1")
-        outs[on] = [qmatmul(_x(3, 512, torch.float16), w, config=split),
-                    qmatmul(_x(20, 512, torch.float16, seed=2), w, config=gemm)]
-    for a, b in zip(outs["0"], outs["1"], strict=True):
-        assert torch.equal(a, b)
-
-
-@gpu
-@pytest.mark.parametrize("shape,m", [((17920, 1536), 1), ((1536, 8960), 16), ((1792, 1536), 1)])
-def test_pair_loads_change_no_bit_gpu(monkeypatch, shape, m):
-    # the engine's Q4_K launches (2-warp gate/up and FFN-down, 4-warp Q/K) on the fast dequantization path
-    _, w, _ = _weight(QT.Q4_K, *shape, seed=4, max_abs=2e-4)
-    x = _x(m, shape[1], torch.float16)
-    outs = []
-    for on in ("0", "1"):
-        monkeypatch.setenv("TANDEM_QMATMUL_PAIR_LOADS", on)
-        outs.append(qmatmul(x, w))
-    assert outs[0].abs().max() > 0 and torch.equal(*outs)
