@@ -125,9 +125,10 @@ class CudaKVCache(KVCache):
 
     def length_bound(self, end: int) -> int | None:
         """A bound on attention lengths for steps whose rows end at length `end` (engine.cuda_graphs captures
-        1-row steps per bound): the split size while `end` fits in one split, where decode attention writes
-        its output without a second (merge) launch; None (the capacity) past it, or when the capacity itself
-        fits in one split. The splits are the same either way (`split_size`), so are the bits."""
+        steps per bound): the split size while `end` fits in one split, where decode and verify attention
+        write their output without a second (merge) launch; None (the capacity) past it, or when the
+        capacity itself fits in one split. The splits are the same either way (`split_size`), so are the
+        bits."""
         return self.split_size if end <= self.split_size < self.max_len else None
 
     # -- smoothing vectors and K scales in fixed buffers ------------------------------------------------

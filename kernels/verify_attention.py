@@ -24,7 +24,8 @@ Tested against `decode_attention` row by row (interpreter in CI, real shapes on 
 
 No sliding window (rows would start their tiles at different positions), and only the shapes checked
 bit-equal on the GPU (`applies`: up to 16 query heads per KV head, head_dim up to 128); the rest keep
-`decode_attention`'s rows-as-sequences form. The merge is `decode_attention`'s second kernel.
+`decode_attention`'s rows-as-sequences form. The merge is `decode_attention`'s second kernel; a launch of one
+split (max_length within the cache's split size, no sinks) writes its output itself, as decode's does.
 
 q: (R, Hq, D) in K's basis; stores: one cache, (1, Hkv, P, X) or the rows' view of it (R, Hkv, P, X) with
 batch stride 0 (as engine.cuda_kv_cache builds them); sinks likewise, or None.
@@ -39,6 +40,7 @@ import triton.language as tl
 from engine.kv_quant import KVStore
 from kernels.decode_attention import (
     check_attention_args,
+    check_out,
     launch_merge,
     prefetch_enabled,
     row_sums,
@@ -95,11 +97,11 @@ def _verify_split_kernel(
     q_ptr, stride_qr, stride_qh,
     kq_ptr, kd_ptr, km_ptr, stride_kh, stride_ksh,
     vq_ptr, vd_ptr, vm_ptr, stride_vh, stride_vsh,
-    lens_ptr, n_rows, length_all, o_ptr, ml_ptr,
+    lens_ptr, n_rows, length_all, o_ptr, ml_ptr, out_ptr, stride_or, stride_oh,
     qk_scale, split_size, n_splits, HKV, n_sink,
     D: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     K_TYPE: tl.constexpr, V_TYPE: tl.constexpr, FAST: tl.constexpr, SINKS: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr, PF_LINES: tl.constexpr, ROWS_MAX: tl.constexpr,
+    PREFETCH: tl.constexpr, PF_LINES: tl.constexpr, ROWS_MAX: tl.constexpr, DIRECT: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -121,8 +123,9 @@ def _verify_split_kernel(
     r_mask = r < n_rows
     length = tl.load(lens_ptr + r, mask=r_mask, other=0)  # [BR]
     split_start = pid_s * split_size
-    if split_start >= tl.max(length, axis=0):
-        return  # past every row's end: the merge never reads these splits
+    if split_start >= tl.max(length, axis=0) and not DIRECT:
+        return  # past every row's end: the merge never reads these splits (DIRECT: the one split, whose
+        # output, zeros for empty rows, is written below)
     heads = hkv * GQA + tl.arange(0, BLOCK_H)
     h_mask = tl.arange(0, BLOCK_H) < GQA
     cols_lo = _half_cols(D, 0)  # [D/2], as in decode_attention
@@ -154,8 +157,16 @@ def _verify_split_kernel(
             q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, row_end, tile_end,
             D, BLOCK_N, BLOCK_R, K_TYPE, V_TYPE, FAST, True)
 
-    part = (r[:, None] * (HKV * GQA) + heads[None, :]).to(tl.int64) * n_splits + pid_s  # [BR, BH]
     o_mask = r_mask[:, None] & h_mask[None, :]
+    if DIRECT:  # one split: `decode_attention.store_normalized` for each row (the merge's bits)
+        l_i = tl.max(l_acc, axis=2)
+        inv = tl.where(l_i > 0.0, l_i, 1.0)[:, :, None]  # [BR, BH, 1]
+        o_rows = out_ptr + r.to(tl.int64)[:, None, None] * stride_or + heads[None, :, None] * stride_oh
+        o_ty = out_ptr.dtype.element_ty
+        tl.store(o_rows + cols_lo[None, None, :], (acc_lo / inv).to(o_ty), mask=o_mask[:, :, None])
+        tl.store(o_rows + cols_hi[None, None, :], (acc_hi / inv).to(o_ty), mask=o_mask[:, :, None])
+        return
+    part = (r[:, None] * (HKV * GQA) + heads[None, :]).to(tl.int64) * n_splits + pid_s  # [BR, BH]
     tl.store(o_ptr + part[:, :, None] * D + cols_lo[None, None, :], acc_lo, mask=o_mask[:, :, None])
     tl.store(o_ptr + part[:, :, None] * D + cols_hi[None, None, :], acc_hi, mask=o_mask[:, :, None])
     tl.store(ml_ptr + part * 2, m_i, mask=o_mask)
@@ -196,19 +207,27 @@ def verify_attention(
     n_splits = max(1, triton.cdiv(max_length, split_size))
     block_r = rows_per_program or ROWS_PER_PROGRAM
     block_r = min(block_r, triton.next_power_of_2(n_rows))
-    o_part = torch.empty(n_rows * hq, n_splits, dim, dtype=torch.float32, device=q.device)  # (R*Hq, S, D)
-    ml = torch.empty(n_rows * hq, n_splits, 2, dtype=torch.float32, device=q.device)  # (R*Hq, S, [max, sum])
     qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
     n_sink, k_rows, v_rows = sink_sources(k_store, v_store, k_sink, v_sink, q)
+    direct = n_splits == 1 and n_sink == 0  # one split: it writes the output itself, no merge launch
+    out = check_out(out, q)
+    if direct:
+        o_part = ml = out  # unused
+    else:
+        o_part = torch.empty(n_rows * hq, n_splits, dim, dtype=torch.float32, device=q.device)  # (R*Hq,S,D)
+        ml = torch.empty(n_rows * hq, n_splits, 2, dtype=torch.float32, device=q.device)  # (R*Hq, S, [m, l])
     _verify_split_kernel[(n_splits, hkv, triton.cdiv(n_rows, block_r))](
         q, q.stride(0), q.stride(1), *ka[:3], ka[4], ka[7], *va[:3], va[4], va[7], lens, n_rows, max_length,
-        o_part, ml, qk_scale, split_size, n_splits, hkv, n_sink,
+        o_part, ml, out, out.stride(0), out.stride(1), qk_scale, split_size, n_splits, hkv, n_sink,
         D=dim, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), BLOCK_N=block_n, BLOCK_R=block_r,
         K_TYPE=ka[9], V_TYPE=va[9],
         FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0, num_warps=block_r, num_stages=2,
         PREFETCH=prefetch_enabled(q.device, k_store, v_store, hkv, max_length),  # the rows share the slabs
-        PF_LINES=32 * block_r, ROWS_MAX=max(16, triton.next_power_of_2(n_rows)), **pdl_launch(q.device),
+        PF_LINES=32 * block_r, ROWS_MAX=max(16, triton.next_power_of_2(n_rows)), DIRECT=direct,
+        **pdl_launch(q.device),
     )
+    if direct:
+        return out
     return launch_merge(o_part, ml, q, lens, max_length, split_size, n_splits, qk_scale, None, gqa, n_sink,
                         k_rows, v_rows, out)
 

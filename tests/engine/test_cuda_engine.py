@@ -291,9 +291,9 @@ def test_greedy_ahead_picks_what_waiting_picks():
 
 @pytest.mark.parametrize("short", [True, False], ids=["short-steps", "TANDEM_SHORT_STEPS=0"])
 def test_steps_early_in_the_cache_have_their_own_graph(monkeypatch, short):
-    """1-row steps ending within the cache's length bound run the bounded graph (its StepInputs carry the
-    bound), later ones the other; the chain queued ahead crosses the bound with the same picks, each row
-    run once; the verify block keeps the unbounded graph."""
+    """Steps ending within the cache's length bound run a bounded graph (its StepInputs carry the bound),
+    later ones the other; the chain queued ahead crosses the bound with the same picks, each row run once;
+    the 3-row block within the bound takes the bounded graph of its row bucket."""
     from engine.cuda_graphs import StepGraphs
 
     if not short:
@@ -311,12 +311,12 @@ def test_steps_early_in_the_cache_have_their_own_graph(monkeypatch, short):
         graphs, cache = StepGraphs(model), ListCache(split=8)
         graphs.run([3, 1, 4], 0, cache)
         runs[ahead] = greedy_chain(graphs, cache, 5, 3, 12, ahead), model.ran
-        assert sorted((k[0], k[3] or 0) for k in graphs.graphs) == ([(1, 0), (1, 8), (4, 0)] if short else
+        assert sorted((k[0], k[3] or 0) for k in graphs.graphs) == ([(1, 0), (1, 8), (4, 8)] if short else
                                                                     [(1, 0), (4, 0)])
     (waiting, waiting_rows), (picks, rows) = runs[False], runs[True]
     assert picks == waiting and rows == waiting_rows
-    # per run: the block, then positions 3..14 (lengths 4..15): 5 within the bound of 8
-    run = [None] + [8] * 5 + [None] * 7 if short else [None] * 13
+    # per run: the block (lengths 1..3), then positions 3..14 (lengths 4..15): 5 within the bound of 8
+    run = [8] + [8] * 5 + [None] * 7 if short else [None] * 13
     assert bounds == run + run
 
 
@@ -437,9 +437,9 @@ def test_pick_next_ahead_equals_steps_up_to_a_full_cache_interpreted(models, fas
 @interpreter_only
 @pytest.mark.slow
 def test_short_steps_equal_full_steps_interpreted(models, fast_qmatmul):
-    """The kernel path (graphs run eagerly) on a 512-position f16 cache: 1-row steps within the first split
-    run with the length bound (decode attention in one launch, its direct path), the same logits as the
-    unbounded step (split + merge attention) bit for bit."""
+    """The kernel path (graphs run eagerly) on a 512-position f16 cache: the 3-row verify block and 1-row
+    steps within the first split run with the length bound (verify and decode attention in one launch,
+    their direct paths), the same logits as the unbounded steps (split + merge attention) bit for bit."""
     from engine.cuda_graphs import StepGraphs
     from engine.cuda_kv_cache import CudaKVCache
 
@@ -454,10 +454,11 @@ def test_short_steps_equal_full_steps_interpreted(models, fast_qmatmul):
         for steps, cache in ((graphs, caches[0]), (None, caches[1])):
             model.graphs = steps  # None: every step eager, without the bound
             model(torch.tensor(PROMPT), 0, cache, logits_for="none")
-            logits.append([model.step([t], len(PROMPT) + i, cache).logits.clone()
-                           for i, t in enumerate(BLOCK)])
+            block = model.step(BLOCK, len(PROMPT), cache).logits.clone()  # (3, vocab)
+            logits.append([block] + [model.step([t], len(PROMPT) + i, cache).logits.clone()
+                                     for i, t in enumerate(BLOCK)])
     assert all(torch.equal(a, b) for a, b in zip(*logits, strict=True))
-    assert {key[3] for key in graphs.graphs if key[0] == 1} == {split}
+    assert {key[3] for key in graphs.graphs} == {split}  # the block's graph and the 1-row one
 
 
 def tiny_kernel_model(path):

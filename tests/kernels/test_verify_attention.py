@@ -62,6 +62,39 @@ def test_verify_rows_equal_decodes_bit_for_bit(k_type, v_type, split, rows_per_p
                 rows_per_program=rows_per_program, sinks=sinks)
 
 
+@pytest.mark.parametrize("k_type,v_type,split,rows_per_program",
+                         [("q4_0", "q8_0", 64, 4), ("f16", "q4_1", 128, 2), ("bf16", "bf16", 64, 1)])
+def test_verify_one_split_writes_the_merged_output_itself(monkeypatch, k_type, v_type, split,
+                                                          rows_per_program):
+    # max_length within one split (the engine's short verify steps): no merge launch, the bits of the merged
+    # launch and of each row's decode (which takes its own one-split path)
+    import kernels.verify_attention as va
+
+    gen = torch.Generator().manual_seed(11)
+    ks, vs = (random_store(t, (1, 2, split + 32), 64, gen) for t in (k_type, v_type))
+    lengths = [1, 2, 31, 32, 33, split - 1, split, 0]
+    n = len(lengths)
+    q = torch.randn(n, 6, 64, generator=gen).to(DEVICE)  # (R, Hq, D)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    runs = []
+    for max_length in (split, split + 32):
+        with monkeypatch.context() as m:
+            if max_length == split:
+                m.setattr(va, "launch_merge", lambda *a, **k: pytest.fail("one split launched the merge"))
+            out = torch.full((n, 6, 64), float("nan"), dtype=torch.float16, device=DEVICE)
+            verify_attention(q, ks.shared_by(n), vs.shared_by(n), lens, max_length=max_length,
+                             split_size=split, block_n=32, rows_per_program=rows_per_program, out=out)
+        runs.append(out)
+    direct, merged = runs
+    assert torch.equal(direct, merged)
+    assert torch.equal(direct[-1], torch.zeros_like(direct[-1]))  # a padding row attends to nothing
+    for r in range(n):
+        single = torch.empty(1, 6, 64, dtype=torch.float16, device=DEVICE)
+        decode_attention(q[r : r + 1], ks, vs, lens[r : r + 1], max_length=split, split_size=split,
+                         block_n=32, out=single)
+        assert torch.equal(direct[r : r + 1], single), f"row {r} (length {lengths[r]}) differs from decode"
+
+
 def test_verify_rejects_rows_that_do_not_share_a_cache():
     gen = torch.Generator().manual_seed(0)
     ks = random_store("q4_0", (2, 1, 64), 32, gen)
