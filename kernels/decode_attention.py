@@ -429,13 +429,7 @@ def decode_attention(
     num_stages = num_stages or auto_stages
     qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
     n_sink, k_rows, v_rows = sink_sources(k_store, v_store, k_sink, v_sink, q)
-    direct = n_splits == 1 and n_sink == 0  # one split: it writes the output itself, no merge launch
-    out = check_out(out, q)
-    if direct:
-        o_part = ml = out  # unused
-    else:
-        o_part = torch.empty(bsz * hq, n_splits, dim, dtype=torch.float32, device=q.device)  # (B*Hq, S, D)
-        ml = torch.empty(bsz * hq, n_splits, 2, dtype=torch.float32, device=q.device)  # (B*Hq, S, [max, sum])
+    direct, out, o_part, ml = split_outputs(q, n_splits, n_sink, out)
     _decode_split_kernel[(n_splits, bsz * hkv)](
         q, q.stride(0), q.stride(1), *ka[:5], *ka[6:8], *va[:5], *va[6:8], lens, max_len, o_part, ml,
         out, out.stride(0), out.stride(1), qk_scale, int(window or 0), split_size, n_splits, hkv, n_sink,
@@ -500,6 +494,19 @@ def check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     if out.shape != q.shape or out.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} must be {tuple(q.shape)} with a contiguous last dim")
     return out
+
+
+def split_outputs(q: torch.Tensor, n_splits: int, n_sink: int, out: torch.Tensor | None):
+    """(direct, out, o_part, ml) of a split launch for queries q (B, Hq, D): with one split and no sinks
+    (`direct`) the split kernel writes the output itself and the partials are unused; else o_part
+    (B*Hq, S, D) and ml (B*Hq, S, [max, sum]) float32 for the merge."""
+    bsz, hq, dim = q.shape
+    out = check_out(out, q)
+    if n_splits == 1 and n_sink == 0:
+        return True, out, out, out
+    o_part = torch.empty(bsz * hq, n_splits, dim, dtype=torch.float32, device=q.device)  # (B*Hq, S, D)
+    ml = torch.empty(bsz * hq, n_splits, 2, dtype=torch.float32, device=q.device)  # (B*Hq, S, [max, sum])
+    return False, out, o_part, ml
 
 
 def launch_merge(

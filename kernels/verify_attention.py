@@ -40,11 +40,11 @@ import triton.language as tl
 from engine.kv_quant import KVStore
 from kernels.decode_attention import (
     check_attention_args,
-    check_out,
     launch_merge,
     prefetch_enabled,
     row_sums,
     sink_sources,
+    split_outputs,
 )
 from kernels.kv_blocks import LOG2E, _half_cols, _load_halves, interpreting, prefetch_rows
 from kernels.pdl import pdl_launch, wait_for_previous
@@ -209,13 +209,7 @@ def verify_attention(
     block_r = min(block_r, triton.next_power_of_2(n_rows))
     qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
     n_sink, k_rows, v_rows = sink_sources(k_store, v_store, k_sink, v_sink, q)
-    direct = n_splits == 1 and n_sink == 0  # one split: it writes the output itself, no merge launch
-    out = check_out(out, q)
-    if direct:
-        o_part = ml = out  # unused
-    else:
-        o_part = torch.empty(n_rows * hq, n_splits, dim, dtype=torch.float32, device=q.device)  # (R*Hq,S,D)
-        ml = torch.empty(n_rows * hq, n_splits, 2, dtype=torch.float32, device=q.device)  # (R*Hq, S, [m, l])
+    direct, out, o_part, ml = split_outputs(q, n_splits, n_sink, out)  # direct: no merge launch
     _verify_split_kernel[(n_splits, hkv, triton.cdiv(n_rows, block_r))](
         q, q.stride(0), q.stride(1), *ka[:3], ka[4], ka[7], *va[:3], va[4], va[7], lens, n_rows, max_length,
         o_part, ml, out, out.stride(0), out.stride(1), qk_scale, split_size, n_splits, hkv, n_sink,
