@@ -35,9 +35,9 @@ Same architectures, same switches (ModelConfig); what changes is how a step is c
   GEMV launch shape, they run as one launch (`Projections`, kernels.qmatmul.qmatmul_pair, the same bits;
   TANDEM_PAIR_GEMV=0 for two).
 - Steps of 1..16 rows at a known position run as CUDA graphs (engine.cuda_graphs), captured lazily per
-  row bucket (1, 2, 4, 8, 16; padded), per cache and, for 1-row steps, per attention length bound
-  (`StepInputs.max_length`), once the cache's statistics are known (`CudaKVCache.can_replay`); greedy
-  argmax is computed inside the graph, and plain decoding (`pick_next`,
+  row bucket (1, 2, 4, 8, 16; padded), per cache and per attention length bound (`StepInputs.max_length`:
+  the first split while the rows end within it), once the cache's statistics are known
+  (`CudaKVCache.can_replay`); greedy argmax is computed inside the graph, and plain decoding (`pick_next`,
   greedy or sampled) queues each step before the host reads the pick of the one before.
 
 `CudaTransformer` has the CPU model's interface (config, embed, lm_head, forward) plus `step`.

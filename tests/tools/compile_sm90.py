@@ -97,17 +97,22 @@ def compile_call(kernel, args: tuple, kwargs: dict, overrides: dict | None = Non
     return triton.compile(src, target=GPUTarget("cuda", TARGET_ARCH, 32), options=options)
 
 
-def resource_usage(compiled) -> dict[str, int]:
-    """REG / STACK / LOCAL of the cubin (cuobjdump -res-usage, shipped with Triton) and DYNAMIC_SMEM, the
-    shared memory Triton launches the kernel with."""
+def cubin_tool(compiled, tool: str, *args: str) -> str:
+    """stdout of one of the CUDA binary tools shipped with Triton (cuobjdump, nvdisasm) run on the compiled
+    kernel's cubin with args before it."""
     import triton
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        run = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True)
-    out = run.stdout
+        return subprocess.run([str(path), *args, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(compiled) -> dict[str, int]:
+    """REG / STACK / LOCAL of the cubin (cuobjdump -res-usage, shipped with Triton) and DYNAMIC_SMEM, the
+    shared memory Triton launches the kernel with."""
+    out = cubin_tool(compiled, "cuobjdump", "-res-usage")
     usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", out)}
     return usage | {"DYNAMIC_SMEM": int(compiled.metadata.shared)}
 

@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -51,13 +48,9 @@ def compile_gemv(qtype_name: str, n: int, k: int, warps: int, split: int, stages
 
 
 def disassemble(compiled) -> str:
-    import triton
+    from tests.tools.compile_sm90 import cubin_tool
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        return subprocess.run([str(tool), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    return cubin_tool(compiled, "nvdisasm", "-c")
 
 
 def loop_opcodes(sass: str) -> collections.Counter:
