@@ -4,16 +4,22 @@ A verify step asks R rows (positions p, p + 1, ..., one per draft token) to atte
 row r over positions [0, lengths[r]). `decode_attention` can do it as R sequences sharing the store
 (stride 0), but then every row's programs read and dequantize every K/V tile again: at depth 4096 that
 attention took 30.5 us a layer for 16 rows against 10.0 for one (f16, H200,
-kernels/bench_verify_attention.py; BENCHMARKS.md, GPU run 5). Here a program takes BLOCK_R rows of one
-(KV head, split): it loads and dequantizes each tile once and runs the rows as a batched (3-D) tensor-core
-dot, one row per warp.
+kernels/bench_verify_attention.py; BENCHMARKS.md, GPU run 5). Here a program takes several rows of one
+(KV head, split): it loads and dequantizes each tile once and runs them as a batched (3-D) tensor-core dot,
+one 16-row tile a warp. The 16 rows of a warp's tile are (row, query head) pairs, in one of two ways
+(`packs_heads` picks by the launch's size):
+- a warp per row: its GQA query heads and 16 - GQA padding rows, the decode kernel's own tile (4 warps a
+  program); best while the grid fits the GPU at once;
+- packed: pair p is row p // GQA, head p % GQA, 16 pairs a warp, no padding (Qwen2.5's 6 heads: 16 rows
+  fill 6 warps instead of 16); best for long caches, where there are more programs than run at once.
 
 Bit for bit a decode. Row r must come out exactly as `decode_attention` computes the single query at
 lengths[r] (greedy speculative decoding is lossless only then). What keeps it so:
 - the same splits (`split_size`, the cache's), the same tiles (`block_n`, starting at the split start,
   or at the sink count for split 0), the same scale folding and fp16 rounding of Q, P, K and V;
 - every product and sum goes through the same tensor-core instruction (mma m16n8k16: a 16-row tile per
-  head group, 3-D dots are never wgmma) accumulated along K in the same order; the softmax sum as well
+  warp, 3-D dots are never wgmma) accumulated along K in the same order, and a tile row's result does not
+  depend on the other rows of the tile (which pairs share a warp changes no bit); the softmax sum as well
   (`decode_attention.row_sums`: a dot with ones, because a tl.sum's order depends on the warp layout,
   which differs between the 2-D decode tile and the 3-D batch);
 - a tile past row r's end (another row of the program is longer) is masked to -inf for row r: its
@@ -44,12 +50,14 @@ from kernels.decode_attention import (
     prefetch_enabled,
     row_sums,
     sink_sources,
+    sm_count,
     split_outputs,
 )
 from kernels.kv_blocks import LOG2E, _half_cols, _load_halves, interpreting, prefetch_rows
 from kernels.pdl import pdl_launch, wait_for_previous
 
-ROWS_PER_PROGRAM = 4  # rows of a program (one warp each); GPU sweep in kernels/README.md
+ROWS_PER_PROGRAM = 4  # warps of a program, one row each (GPU sweep in kernels/README.md)
+WARPS_PER_PROGRAM = 4  # at most, packed: a warp takes 16 (row, query head) pairs
 # The shapes checked bit-equal to the decode on the GPU (16-row head groups, head_dim up to 128). Larger ones
 # compile (a 64-row decode tile could become wgmma, which a 3-D dot never is) but spill and are unverified.
 MAX_GQA = 16
@@ -61,6 +69,16 @@ def shape_supported(gqa: int, head_dim: int) -> bool:
     return gqa <= MAX_GQA and head_dim <= MAX_HEAD_DIM
 
 
+def packs_heads(n_splits: int, hkv: int, device: torch.device) -> bool:
+    """Whether a launch packs (row, query head) pairs 16 a warp instead of giving each row a warp: when there
+    are at least as many (split, KV head) slabs as multiprocessors (long caches). H200, 16 rows, q4_0, us per
+    call (kernels/README.md): at 68 slabs (4K cache) a warp per row is faster (13.9 vs 15.5), at 132 (8K) and
+    260 (16K) packing is (24.2 -> 16.4, 40.6 -> 27.5): there the padding heads' work no longer hides behind
+    the latency of one wave. Without a GPU (the interpreter): a warp per row."""
+    sms = sm_count(device)
+    return sms is not None and n_splits * hkv >= sms
+
+
 def applies(n_rows: int, gqa: int, head_dim: int, window: int | None) -> bool:
     """Whether `verify_attention` takes these rows (else: decode_attention, one sequence per row)."""
     return n_rows > 1 and not window and shape_supported(gqa, head_dim)
@@ -68,27 +86,28 @@ def applies(n_rows: int, gqa: int, head_dim: int, window: int | None) -> bool:
 
 @triton.jit
 def _attend_rows_tile(
-    q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, row_end, tile_end,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, K_TYPE: tl.constexpr,
+    q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, pair_end, tile_end,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, K_TYPE: tl.constexpr,
     V_TYPE: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """`decode_attention._attend_tile` for BLOCK_R rows at once: cache rows [n0, n0 + BLOCK_N), loads
-    masked at tile_end (MASKED), positions >= row_end[r] absent for row r. q_* [BR, BH, D/2] fp16,
-    m_i [BR, BH], l_acc [BR, BH, 16], acc_* [BR, BH, D/2] fp32."""
+    """`decode_attention._attend_tile` for BLOCK_W x 16 (row, head) pairs at once: cache rows
+    [n0, n0 + BLOCK_N), loads masked at tile_end (MASKED), positions >= pair_end absent for each pair
+    (pair_end [BW, 16], or [BW, 1] for a warp per row). q_* [BW, 16, D/2] fp16, m_i [BW, 16],
+    l_acc [BW, 16, 16], acc_* [BW, 16, D/2] fp32."""
     DH: tl.constexpr = D // 2
     k_lo, k_hi = _load_halves(kq, kd, km, n0, tile_end, BLOCK_N, D, K_TYPE, FAST, MASKED)  # [BN, D/2] each
-    s = tl.dot(q_lo, tl.broadcast_to(tl.trans(k_lo)[None, :, :], (BLOCK_R, DH, BLOCK_N)))
-    s = tl.dot(q_hi, tl.broadcast_to(tl.trans(k_hi)[None, :, :], (BLOCK_R, DH, BLOCK_N)), s)  # [BR, BH, BN]
-    seen = (n0 + tl.arange(0, BLOCK_N))[None, None, :] < row_end[:, None, None]  # [BR, 1, BN]
+    s = tl.dot(q_lo, tl.broadcast_to(tl.trans(k_lo)[None, :, :], (BLOCK_W, DH, BLOCK_N)))
+    s = tl.dot(q_hi, tl.broadcast_to(tl.trans(k_hi)[None, :, :], (BLOCK_W, DH, BLOCK_N)), s)  # [BW, 16, BN]
+    seen = (n0 + tl.arange(0, BLOCK_N))[None, None, :] < pair_end[:, :, None]  # [BW, 16 or 1, BN]
     s = tl.where(seen, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=2))
-    alpha = tl.exp2(m_i - m_new)  # [BR, BH]
+    alpha = tl.exp2(m_i - m_new)  # [BW, 16]
     p16 = tl.exp2(s - m_new[:, :, None]).to(tl.float16)
-    l_acc = row_sums(p16, l_acc * alpha[:, :, None], BLOCK_N, BLOCK_R)
+    l_acc = row_sums(p16, l_acc * alpha[:, :, None], BLOCK_N, BLOCK_W)
     v_lo, v_hi = _load_halves(vq, vd, vm, n0, tile_end, BLOCK_N, D, V_TYPE, FAST, MASKED)  # [BN, D/2] each
     a = alpha[:, :, None]
-    acc_lo = tl.dot(p16, tl.broadcast_to(v_lo[None, :, :], (BLOCK_R, BLOCK_N, DH)), acc_lo * a)
-    acc_hi = tl.dot(p16, tl.broadcast_to(v_hi[None, :, :], (BLOCK_R, BLOCK_N, DH)), acc_hi * a)
+    acc_lo = tl.dot(p16, tl.broadcast_to(v_lo[None, :, :], (BLOCK_W, BLOCK_N, DH)), acc_lo * a)
+    acc_hi = tl.dot(p16, tl.broadcast_to(v_hi[None, :, :], (BLOCK_W, BLOCK_N, DH)), acc_hi * a)
     return m_new, l_acc, acc_lo, acc_hi
 
 
@@ -99,9 +118,10 @@ def _verify_split_kernel(
     vq_ptr, vd_ptr, vm_ptr, stride_vh, stride_vsh,
     lens_ptr, n_rows, length_all, o_ptr, ml_ptr, out_ptr, stride_or, stride_oh,
     qk_scale, split_size, n_splits, HKV, n_sink,
-    D: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    D: tl.constexpr, GQA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     K_TYPE: tl.constexpr, V_TYPE: tl.constexpr, FAST: tl.constexpr, SINKS: tl.constexpr, PDL: tl.constexpr,
     PREFETCH: tl.constexpr, PF_LINES: tl.constexpr, ROWS_MAX: tl.constexpr, DIRECT: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -111,7 +131,7 @@ def _verify_split_kernel(
     vq = vq_ptr + hkv * stride_vh
     vd = vd_ptr + hkv * stride_vsh
     vm = vm_ptr + hkv * stride_vsh
-    if PREFETCH:  # as decode_attention's split kernel, once per (split, KV head): the first row block asks
+    if PREFETCH:  # as decode_attention's split kernel, once per (split, KV head): the first pair block asks
         if tl.program_id(2) == 0:
             every = tl.arange(0, ROWS_MAX)
             pf_length = tl.max(tl.load(lens_ptr + every, mask=every < n_rows, other=0), axis=0)
@@ -119,71 +139,82 @@ def _verify_split_kernel(
             prefetch_rows(kq, kd, km, pid_s * split_size, pf_end, D, K_TYPE, PF_LINES)
             prefetch_rows(vq, vd, vm, pid_s * split_size, pf_end, D, V_TYPE, PF_LINES)
     wait_for_previous(PDL)  # PDL launch: wait for the kernel before (kernels/pdl.py)
-    r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] query rows
-    r_mask = r < n_rows
-    length = tl.load(lens_ptr + r, mask=r_mask, other=0)  # [BR]
+    # The (row, query head) pairs of this program, 16 a warp: the 16 rows of each warp's tensor-core tile.
+    warp = tl.arange(0, BLOCK_W)[:, None]  # [BW, 1]
+    lane_row = tl.arange(0, 16)[None, :]  # [1, 16]
+    if PACKED:  # pair p = row p // GQA, head p % GQA: no padding heads
+        pair = tl.program_id(2) * (BLOCK_W * 16) + warp * 16 + lane_row  # [BW, 16]
+        r = pair // GQA  # [BW, 16]
+        head = pair % GQA  # [BW, 16]
+        p_mask = r < n_rows
+    else:  # a warp per row, its GQA heads and 16 - GQA padding ones (the decode kernel's tile)
+        r = tl.program_id(2) * BLOCK_W + warp  # [BW, 1]
+        head = lane_row  # [1, 16]
+        p_mask = (r < n_rows) & (head < GQA)  # [BW, 16]
+    heads = hkv * GQA + head  # query head of each pair
+    length = tl.load(lens_ptr + r, mask=r < n_rows, other=0)  # [BW, 16] packed, [BW, 1] a warp per row
     split_start = pid_s * split_size
-    if split_start >= tl.max(length, axis=0) and not DIRECT:
+    if split_start >= tl.max(tl.max(length, axis=1), axis=0) and not DIRECT:
         return  # past every row's end: the merge never reads these splits (DIRECT: the one split, whose
         # output, zeros for empty rows, is written below)
-    heads = hkv * GQA + tl.arange(0, BLOCK_H)
-    h_mask = tl.arange(0, BLOCK_H) < GQA
     cols_lo = _half_cols(D, 0)  # [D/2], as in decode_attention
     cols_hi = _half_cols(D, 1)
-    q_rows = q_ptr + r.to(tl.int64)[:, None, None] * stride_qr + heads[None, :, None] * stride_qh  # [BR,BH,1]
-    q_mask = r_mask[:, None, None] & h_mask[None, :, None]
+    q_rows = q_ptr + (r.to(tl.int64) * stride_qr + heads * stride_qh)[:, :, None]  # [BW, 16, 1]
+    q_mask = p_mask[:, :, None]
     q_lo = tl.load(q_rows + cols_lo[None, None, :], mask=q_mask, other=0.0).to(tl.float32)
     q_hi = tl.load(q_rows + cols_hi[None, None, :], mask=q_mask, other=0.0).to(tl.float32)
-    q_lo = (q_lo * qk_scale).to(tl.float16)  # [BR, BH, D/2], softmax scale and log2(e) folded in
+    q_lo = (q_lo * qk_scale).to(tl.float16)  # [BW, 16, D/2], softmax scale and log2(e) folded in
     q_hi = (q_hi * qk_scale).to(tl.float16)
 
     start = split_start
     if SINKS:
         start = tl.maximum(start, n_sink)  # positions < n_sink: the merge reads their f16 copies
-    row_end = tl.minimum(split_start + split_size, length)  # [BR]
-    tile_end = tl.max(row_end, axis=0)
+    pair_end = tl.minimum(split_start + split_size, length)  # as length
+    tile_end = tl.max(tl.max(pair_end, axis=1), axis=0)
 
-    m_i = tl.full((BLOCK_R, BLOCK_H), -1.0e30, tl.float32)
-    l_acc = tl.zeros((BLOCK_R, BLOCK_H, 16), tl.float32)
-    acc_lo = tl.zeros((BLOCK_R, BLOCK_H, D // 2), tl.float32)
-    acc_hi = tl.zeros((BLOCK_R, BLOCK_H, D // 2), tl.float32)
+    m_i = tl.full((BLOCK_W, 16), -1.0e30, tl.float32)
+    l_acc = tl.zeros((BLOCK_W, 16, 16), tl.float32)
+    acc_lo = tl.zeros((BLOCK_W, 16, D // 2), tl.float32)
+    acc_hi = tl.zeros((BLOCK_W, 16, D // 2), tl.float32)
     n_full = start + (tl.maximum(tile_end - start, 0) // BLOCK_N) * BLOCK_N
     for n0 in range(start, n_full, BLOCK_N):
         m_i, l_acc, acc_lo, acc_hi = _attend_rows_tile(
-            q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, row_end, tile_end,
-            D, BLOCK_N, BLOCK_R, K_TYPE, V_TYPE, FAST, False)
+            q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, pair_end, tile_end,
+            D, BLOCK_N, BLOCK_W, K_TYPE, V_TYPE, FAST, False)
     if n_full < tile_end:
         m_i, l_acc, acc_lo, acc_hi = _attend_rows_tile(
-            q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, row_end, tile_end,
-            D, BLOCK_N, BLOCK_R, K_TYPE, V_TYPE, FAST, True)
+            q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, pair_end, tile_end,
+            D, BLOCK_N, BLOCK_W, K_TYPE, V_TYPE, FAST, True)
 
-    o_mask = r_mask[:, None] & h_mask[None, :]
-    if DIRECT:  # one split: `decode_attention.store_normalized` for each row (the merge's bits)
+    o_mask = p_mask[:, :, None]
+    if DIRECT:  # one split: `decode_attention.store_normalized` for each pair (the merge's bits)
         l_i = tl.max(l_acc, axis=2)
-        inv = tl.where(l_i > 0.0, l_i, 1.0)[:, :, None]  # [BR, BH, 1]
-        o_rows = out_ptr + r.to(tl.int64)[:, None, None] * stride_or + heads[None, :, None] * stride_oh
+        inv = tl.where(l_i > 0.0, l_i, 1.0)[:, :, None]  # [BW, 16, 1]
+        o_rows = out_ptr + (r.to(tl.int64) * stride_or + heads * stride_oh)[:, :, None]
         o_ty = out_ptr.dtype.element_ty
-        tl.store(o_rows + cols_lo[None, None, :], (acc_lo / inv).to(o_ty), mask=o_mask[:, :, None])
-        tl.store(o_rows + cols_hi[None, None, :], (acc_hi / inv).to(o_ty), mask=o_mask[:, :, None])
+        tl.store(o_rows + cols_lo[None, None, :], (acc_lo / inv).to(o_ty), mask=o_mask)
+        tl.store(o_rows + cols_hi[None, None, :], (acc_hi / inv).to(o_ty), mask=o_mask)
         return
-    part = (r[:, None] * (HKV * GQA) + heads[None, :]).to(tl.int64) * n_splits + pid_s  # [BR, BH]
-    tl.store(o_ptr + part[:, :, None] * D + cols_lo[None, None, :], acc_lo, mask=o_mask[:, :, None])
-    tl.store(o_ptr + part[:, :, None] * D + cols_hi[None, None, :], acc_hi, mask=o_mask[:, :, None])
-    tl.store(ml_ptr + part * 2, m_i, mask=o_mask)
-    tl.store(ml_ptr + part * 2 + 1, tl.max(l_acc, axis=2), mask=o_mask)
+    part = (r * (HKV * GQA) + heads).to(tl.int64) * n_splits + pid_s  # [BW, 16]
+    tl.store(o_ptr + part[:, :, None] * D + cols_lo[None, None, :], acc_lo, mask=o_mask)
+    tl.store(o_ptr + part[:, :, None] * D + cols_hi[None, None, :], acc_hi, mask=o_mask)
+    tl.store(ml_ptr + part * 2, m_i, mask=p_mask)
+    tl.store(ml_ptr + part * 2 + 1, tl.max(l_acc, axis=2), mask=p_mask)
 
 
 def verify_attention(
     q: torch.Tensor, k_store: KVStore, v_store: KVStore, lengths: torch.Tensor, *, max_length: int,
-    split_size: int, scale: float | None = None, block_n: int = 64, rows_per_program: int | None = None,
+    split_size: int, scale: float | None = None, block_n: int = 64, warps_per_program: int | None = None,
     fast: bool = True, out: torch.Tensor | None = None, k_sink: torch.Tensor | None = None,
-    v_sink: torch.Tensor | None = None,
+    v_sink: torch.Tensor | None = None, packed: bool | None = None,
 ) -> torch.Tensor:
     """Row r of q (R, Hq, D) attends to positions [0, lengths[r]) of one cache -> (R, Hq, D), equal bit for
     bit to `decode_attention` of that row with the same split_size and block_n. The stores (and sinks) are
     that cache as (1, Hkv, P, X) or already seen as R rows sharing it (batch stride 0). lengths: (R,) int32
-    on q's device (0: a padding row, output 0); max_length bounds them (no host read). Other arguments as
-    decode_attention (no window); `applies` says which shapes this path is for."""
+    on q's device (0: a padding row, output 0); max_length bounds them (no host read). packed: how warps take
+    the rows (None: `packs_heads` chooses; True: (row, head) pairs 16 a warp; False: a warp per row), with
+    warps_per_program warps a program at most (a power of two; default WARPS_PER_PROGRAM / ROWS_PER_PROGRAM).
+    Other arguments as decode_attention (no window); `applies` says which shapes this path is for."""
     n_rows, hq, dim = q.shape
     k_store, v_store, k_sink, v_sink = (
         x.shared_by(n_rows) if isinstance(x, KVStore) and x.qs.shape[0] == 1
@@ -199,25 +230,33 @@ def verify_attention(
                          f"{MAX_HEAD_DIM}, not {gqa} and {dim}")
     if split_size % block_n or block_n < 32:
         raise ValueError(f"split_size {split_size} must be a multiple of block_n {block_n} (>= 32)")
-    if rows_per_program is not None and (rows_per_program < 1 or rows_per_program & (rows_per_program - 1)):
-        raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program}")
+    wpp = warps_per_program
+    if wpp is not None and (wpp < 1 or wpp & (wpp - 1)):
+        raise ValueError(f"warps_per_program must be a power of two, got {warps_per_program}")
     lens = lengths.to(device=q.device, dtype=torch.int32)
     if q.stride(-1) != 1:
         q = q.contiguous()
     n_splits = max(1, triton.cdiv(max_length, split_size))
-    block_r = rows_per_program or ROWS_PER_PROGRAM
-    block_r = min(block_r, triton.next_power_of_2(n_rows))
+    if packed is None:
+        packed = packs_heads(n_splits, hkv, q.device)
+    if packed:  # (row, query head) pairs of a KV head, 16 a warp
+        n_pairs = n_rows * gqa
+        block_w = min(wpp or WARPS_PER_PROGRAM, triton.next_power_of_2(triton.cdiv(n_pairs, 16)))
+        n_blocks = triton.cdiv(n_pairs, 16 * block_w)
+    else:  # a warp per row
+        block_w = min(wpp or ROWS_PER_PROGRAM, triton.next_power_of_2(n_rows))
+        n_blocks = triton.cdiv(n_rows, block_w)
     qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
     n_sink, k_rows, v_rows = sink_sources(k_store, v_store, k_sink, v_sink, q)
     direct, out, o_part, ml = split_outputs(q, n_splits, n_sink, out)  # direct: no merge launch
-    _verify_split_kernel[(n_splits, hkv, triton.cdiv(n_rows, block_r))](
+    _verify_split_kernel[(n_splits, hkv, n_blocks)](
         q, q.stride(0), q.stride(1), *ka[:3], ka[4], ka[7], *va[:3], va[4], va[7], lens, n_rows, max_length,
         o_part, ml, out, out.stride(0), out.stride(1), qk_scale, split_size, n_splits, hkv, n_sink,
-        D=dim, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), BLOCK_N=block_n, BLOCK_R=block_r,
+        D=dim, GQA=gqa, BLOCK_N=block_n, BLOCK_W=block_w,
         K_TYPE=ka[9], V_TYPE=va[9],
-        FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0, num_warps=block_r, num_stages=2,
+        FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0, num_warps=block_w, num_stages=2,
         PREFETCH=prefetch_enabled(q.device, k_store, v_store, hkv, max_length),  # the rows share the slabs
-        PF_LINES=32 * block_r, ROWS_MAX=max(16, triton.next_power_of_2(n_rows)), DIRECT=direct,
+        PF_LINES=32 * block_w, ROWS_MAX=max(16, triton.next_power_of_2(n_rows)), DIRECT=direct, PACKED=packed,
         **pdl_launch(q.device),
     )
     if direct:

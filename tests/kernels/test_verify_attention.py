@@ -19,8 +19,8 @@ from tests.kernels._util import (
 )
 
 
-def _check_rows(k_type, v_type, lengths, *, dim, gqa, positions, split, block_n, rows_per_program, sinks,
-                seed=0):
+def _check_rows(k_type, v_type, lengths, *, dim, gqa, positions, split, block_n, warps_per_program, sinks,
+                packed, seed=0):
     gen = torch.Generator().manual_seed(seed)
     ks = random_store(k_type, (1, 2, positions), dim, gen)
     vs = random_store(v_type, (1, 2, positions), dim, gen)
@@ -32,8 +32,8 @@ def _check_rows(k_type, v_type, lengths, *, dim, gqa, positions, split, block_n,
     shared_sink = lambda t: None if t is None else t.expand(n_rows, *t.shape[1:])
     out = torch.full(q.shape, float("nan"), device=DEVICE)
     verify_attention(q, ks.shared_by(n_rows), vs.shared_by(n_rows), lens, max_length=positions,
-                     split_size=split, block_n=block_n, rows_per_program=rows_per_program, out=out,
-                     k_sink=shared_sink(k_sink), v_sink=shared_sink(v_sink))
+                     split_size=split, block_n=block_n, warps_per_program=warps_per_program, out=out,
+                     packed=packed, k_sink=shared_sink(k_sink), v_sink=shared_sink(v_sink))
     for r, n in enumerate(lengths):
         single = decode_attention(q[r : r + 1], ks, vs, lens[r : r + 1], max_length=positions,
                                   split_size=split, block_n=block_n, k_sink=k_sink, v_sink=v_sink)
@@ -49,23 +49,25 @@ def _check_rows(k_type, v_type, lengths, *, dim, gqa, positions, split, block_n,
 
 
 @pytest.mark.parametrize(
-    "k_type,v_type,split,rows_per_program,sinks",
+    "k_type,v_type,split,warps_per_program,sinks",
     [("q4_0", "q8_0", 32, 4, False), ("f16", "q4_1", 128, 2, True), ("q4_0", "q4_0", 128, 4, True),
      ("bf16", "bf16", 64, 1, False), ("q8_0", "f16", 32, 2, True)],
-    ids=["q4_0-q8_0-short", "f16-q4_1-sinks", "q4_0-sinks", "bf16-one-row-programs", "q8_0-f16-sinks"],
+    ids=["q4_0-q8_0-short", "f16-q4_1-sinks", "q4_0-sinks", "bf16-one-warp-programs", "q8_0-f16-sinks"],
 )
-def test_verify_rows_equal_decodes_bit_for_bit(k_type, v_type, split, rows_per_program, sinks):
+@pytest.mark.parametrize("packed", [False, True], ids=["warp-per-row", "packed-heads"])
+def test_verify_rows_equal_decodes_bit_for_bit(k_type, v_type, split, warps_per_program, sinks, packed):
     # consecutive verify positions ending inside, at and past tile and split boundaries; a padding row;
     # rows that end inside the sinks (2, 3) next to long ones
     lengths = [2, 3, 63, 64, 65, 127, 128, 129, 0, 261] if sinks else [61, 62, 63, 64, 65, 0, 129]
     _check_rows(k_type, v_type, lengths, dim=64, gqa=3, positions=300, split=split, block_n=32,
-                rows_per_program=rows_per_program, sinks=sinks)
+                warps_per_program=warps_per_program, sinks=sinks, packed=packed)
 
 
-@pytest.mark.parametrize("k_type,v_type,split,rows_per_program",
+@pytest.mark.parametrize("k_type,v_type,split,warps_per_program",
                          [("q4_0", "q8_0", 64, 4), ("f16", "q4_1", 128, 2), ("bf16", "bf16", 64, 1)])
+@pytest.mark.parametrize("packed", [False, True], ids=["warp-per-row", "packed-heads"])
 def test_verify_one_split_writes_the_merged_output_itself(monkeypatch, k_type, v_type, split,
-                                                          rows_per_program):
+                                                          warps_per_program, packed):
     # max_length within one split (the engine's short verify steps): no merge launch, the bits of the merged
     # launch and of each row's decode (which takes its own one-split path)
     import kernels.verify_attention as va
@@ -83,7 +85,8 @@ def test_verify_one_split_writes_the_merged_output_itself(monkeypatch, k_type, v
                 m.setattr(va, "launch_merge", lambda *a, **k: pytest.fail("one split launched the merge"))
             out = torch.full((n, 6, 64), float("nan"), dtype=torch.float16, device=DEVICE)
             verify_attention(q, ks.shared_by(n), vs.shared_by(n), lens, max_length=max_length,
-                             split_size=split, block_n=32, rows_per_program=rows_per_program, out=out)
+                             split_size=split, block_n=32, warps_per_program=warps_per_program, out=out,
+                             packed=packed)
         runs.append(out)
     direct, merged = runs
     assert torch.equal(direct, merged)
@@ -125,8 +128,8 @@ def test_verify_takes_a_one_sequence_cache_as_the_rows_shared_view():
 @pytest.mark.parametrize(
     "dim,gqa,kwargs,match",
     [(64, 17, {}, "query heads"), (256, 2, {}, "head_dim"), (64, 2, {"split_size": 48}, "multiple"),
-     (64, 2, {"rows_per_program": 3}, "power of two")],
-    ids=["gqa-17", "head-dim-256", "split-not-tiles", "rows-per-program-3"],
+     (64, 2, {"warps_per_program": 3}, "power of two")],
+    ids=["gqa-17", "head-dim-256", "split-not-tiles", "warps-per-program-3"],
 )
 def test_verify_refuses_what_it_was_not_checked_on(dim, gqa, kwargs, match):
     gen = torch.Generator().manual_seed(3)
@@ -148,14 +151,15 @@ def test_verify_applies_to_rows_without_a_window():
 @gpu
 @pytest.mark.parametrize("k_type,v_type", [p for p in itertools.product(KV_TYPES, KV_TYPES) if p[0] == p[1]]
                          + [("q4_0", "q8_0"), ("f16", "q4_0")])
-@pytest.mark.parametrize("split,rows_per_program", [(128, 4), (128, 8), (512, 2)],
-                         ids=["engine-split", "eight-row-programs", "one-warp-decode-split"])
-def test_verify_rows_equal_decodes_real_shapes_gpu(k_type, v_type, split, rows_per_program):
+@pytest.mark.parametrize("split,warps_per_program", [(128, 4), (128, 8), (512, 2)],
+                         ids=["engine-split", "eight-warp-programs", "one-warp-decode-split"])
+@pytest.mark.parametrize("packed", [False, True], ids=["warp-per-row", "packed-heads"])
+def test_verify_rows_equal_decodes_real_shapes_gpu(k_type, v_type, split, warps_per_program, packed):
     # Qwen2.5-1.5B's attention (Hq 12, Hkv 2, D 128), 16 verify rows at depth ~4096, the engine's block_n;
     # split 512 makes the decode run its one-warp launch, 128 its four-warp one
     lengths = [4090 + r for r in range(15)] + [0]
     _check_rows(k_type, v_type, lengths, dim=128, gqa=6, positions=4608, split=split, block_n=64,
-                rows_per_program=rows_per_program, sinks=True, seed=3)
+                warps_per_program=warps_per_program, sinks=True, packed=packed, seed=3)
 
 
 @gpu

@@ -182,13 +182,14 @@ def _kv_launches():
     on_cuda = {"FAST": True, "PREFETCH": True, **pdl}  # the inline-PTX dequantization and the L2 prefetch
     yield "decode split q4_0/q4_0 (sinks)", split.kernel, *split.calls[0], on_cuda
     yield "decode merge (sinks)", merge.kernel, *merge.calls[0], pdl
-    rows = 16  # a verify step: 16 rows over one cache, 4 per program (one warp each)
-    with recording(va, "_verify_split_kernel") as rec, recording(da, "_decode_reduce_kernel"):
-        va.verify_attention(torch.zeros(rows, hq, dim), k_store.shared_by(rows), v_store.shared_by(rows),
-                            torch.full((rows,), 100, dtype=torch.int32), max_length=cap, split_size=64,
-                            block_n=64, k_sink=sinks[0].expand(rows, -1, -1, -1),
-                            v_sink=sinks[1].expand(rows, -1, -1, -1))
-    yield "verify split q4_0/q4_0 (16 rows, sinks)", rec.kernel, *rec.calls[0], on_cuda
+    rows = 16  # a verify step: 16 rows over one cache, a warp per row (4 a program), or packed (long caches)
+    for packed, form in ((False, "warp/row"), (True, "packed")):
+        with recording(va, "_verify_split_kernel") as rec, recording(da, "_decode_reduce_kernel"):
+            va.verify_attention(torch.zeros(rows, hq, dim), k_store.shared_by(rows), v_store.shared_by(rows),
+                                torch.full((rows,), 100, dtype=torch.int32), max_length=cap, split_size=64,
+                                block_n=64, k_sink=sinks[0].expand(rows, -1, -1, -1),
+                                v_sink=sinks[1].expand(rows, -1, -1, -1), packed=packed)
+        yield f"verify split q4_0 (16 rows, sinks, {form})", rec.kernel, *rec.calls[0], on_cuda
     with recording(pa, "_prefill_attention_kernel") as rec:
         pa.prefill_attention(torch.zeros(1, hq, t, dim), k_store, v_store, 0, k_sink=sinks[0],
                              v_sink=sinks[1])
