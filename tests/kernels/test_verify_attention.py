@@ -179,3 +179,22 @@ def test_prefetch_changes_no_bit_gpu(monkeypatch, k_type, v_type):
         outs.append(verify_attention(q, ks.shared_by(16), vs.shared_by(16), lens, max_length=3072,
                                      split_size=256))
     assert torch.equal(*outs)
+
+
+def test_packing_follows_the_slabs_against_the_multiprocessors(monkeypatch):
+    # packed pairs once the launch has at least as many (split, KV head) slabs as SMs; never without a GPU
+    import kernels.verify_attention as va
+
+    assert not va.packs_heads(500, 2, torch.device("cpu"))
+    monkeypatch.setattr(va, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert not va.packs_heads(34, 2, cuda)  # a 4K cache on an H200 (68 slabs): a warp per row
+    assert va.packs_heads(66, 2, cuda) and va.packs_heads(130, 2, cuda)  # 8K, 16K: packed
+    seen = []
+    monkeypatch.setattr(va, "packs_heads", lambda splits, hkv, device: seen.append((splits, hkv)) or False)
+    gen = torch.Generator().manual_seed(4)
+    ks = random_store("q4_0", (1, 2, 128), 64, gen)
+    q = torch.randn(3, 4, 64, generator=gen).to(DEVICE)
+    lens = torch.tensor([40, 41, 42], dtype=torch.int32, device=DEVICE)
+    va.verify_attention(q, ks, ks, lens, max_length=128, split_size=32, block_n=32)
+    assert seen == [(4, 2)]  # asked with the launch's split count and KV heads when packed is not given
