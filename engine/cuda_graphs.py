@@ -14,16 +14,17 @@ to its bucket) is captured once per model and cache, on first use, and then repl
   kernel's launch overlaps the end of the one before it.
 - static outputs: logits (R, vocab) float32, each row's pick (R,) (its argmax, computed on the device; a
   sampled 1-row step's draw), and any captured hidden states; valid until the next replay. The 1-row step
-  also leaves the inputs of the step that follows it in plain decoding, [its pick; its position + 1]
-  (`following`).
+  feeds itself: its first launch copies its position out and advances the inputs' positions row, and its
+  pick is written into the inputs' token row, so the buffer ends holding the inputs of the step that
+  follows it in plain decoding, [its pick; its position + 1].
 Nothing inside a step reads the device from the host; the caller reads the picks once per step.
 
-Plain decoding runs one step ahead of the host (`StepGraphs.pick`): the step after token n is queued
-(its inputs copied on the device from the previous step's `following`) before the host waits for
-token n, so the host's turn-around (reading the pick, the next upload, the graph launch: ~80 us a
-token on the H200) overlaps the GPU's work instead of leaving it idle (tg128 730 -> 762 tok/s with an
-f16 cache, 671 -> 718 with q4_0: BENCHMARKS.md, GPU run 10). A step queued ahead that turns
-out not to be wanted (the answer ended) only wrote K/V at a position past the tokens the session keeps.
+Plain decoding runs one step ahead of the host (`StepGraphs.pick`): the step after token n is queued (a
+replay on the inputs the previous replay left in place) before the host waits for token n, so the host's
+turn-around (reading the pick, the next upload, the graph launch: ~80 us a token on the H200) overlaps
+the GPU's work instead of leaving it idle (tg128 730 -> 762 tok/s with an f16 cache, 671 -> 718 with
+q4_0: BENCHMARKS.md, GPU run 10). A step queued ahead that turns out not to be wanted (the answer ended)
+only wrote K/V at a position past the tokens the session keeps.
 Sampled decoding does the same with a 1-row step captured for the sampler's parameters: it runs the
 sampler's filters and its inverse-CDF draw (engine.sampling) on the device, with the uniform number the
 host's seeded generator gives that step, so it picks what the host would have picked from its logits
@@ -120,6 +121,7 @@ class StepGraph:
     def __init__(
         self, model, cache, rows: int, capture_layers: tuple[int, ...],
         sampling: SamplingParams | None = None, max_length: int | None = None,
+        pick_ring: torch.Tensor | None = None,
     ) -> None:
         self.model, self.cache, self.rows, self.capture_layers = model, cache, rows, capture_layers
         self.sampling = sampling  # 1-row steps: pick by these parameters instead of the argmax
@@ -131,8 +133,10 @@ class StepGraph:
         self.graph = None
         self.logits = self.picks = None
         self.hidden: list[torch.Tensor] = []
-        # 1-row steps: [pick; position + 1], the inputs of the next step (filled by the step)
-        self.following = torch.zeros(2, 1, dtype=torch.long, device=device) if rows == 1 else None
+        # 1-row steps leave [pick; position + 1] in `inputs`: the inputs of the next step
+        self.feeds_itself = rows == 1
+        # and store the pick, tagged, into the host's ring (kernels.pick_ring) when it maps one
+        self.pick_ring = pick_ring if self.feeds_itself else None
         # a sampled step's uniform number in [0, 1), set before each replay
         self.uniform = None if sampling is None else torch.zeros(1, dtype=torch.float64, device=device)
 
@@ -145,8 +149,8 @@ class StepGraph:
             self.uploaded.record()
 
     def _body(self) -> None:
-        next_positions = None if self.following is None else self.following[1]  # (1,): position + 1
-        step = self.model.step_rows(self.inputs, self.max_length, next_positions)
+        step = self.model.step_rows(self.inputs, self.max_length, advance=self.feeds_itself)
+        pick_into = self.inputs[0] if self.feeds_itself else None  # (1,): the next step's token
         fused = self.sampling is None and fused_argmax_enabled() and self.model.device.type == "cuda"
         logits, hidden = self.model.run_rows(
             step, self.cache, None, "all", self.capture_layers, widen=not fused
@@ -155,25 +159,32 @@ class StepGraph:
             from kernels.argmax import argmax_rows
 
             wide = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-            self.picks = argmax_rows(logits, wide, None if self.following is None else self.following[0])
+            self.picks = argmax_rows(logits, wide, pick_into)
             logits = wide
-        elif self.following is None:
+        elif pick_into is None:
             self.picks = logits.argmax(-1)  # (R,)
         elif self.sampling is None:
-            self.picks = torch.argmax(logits, -1, out=self.following[0])  # (1,)
+            self.picks = torch.argmax(logits, -1, out=pick_into)  # (1,)
         else:  # the pick the host's sampler would draw from these logits with this uniform number
             from engine.sampling import draw_with, probabilities
 
-            self.picks = self.following[0]  # (1,)
+            self.picks = pick_into  # (1,)
             self.picks.copy_(draw_with(probabilities(logits[0], self.sampling, []), self.uniform))
+        if self.pick_ring is not None:
+            from kernels.pick_ring import publish_pick
+
+            publish_pick(self.picks, step.positions, self.pick_ring)
         self.logits, self.hidden = logits, hidden
 
     def capture(self) -> None:
-        """Record the step (inputs must be set). Without CUDA (tests of this logic on the CPU) nothing is
-        recorded and `replay` runs the step eagerly."""
+        """Record the step (inputs must be set, and are again afterwards: the eager run before the capture
+        advances a 1-row step's). Without CUDA (tests of this logic on the CPU) nothing is recorded and
+        `replay` runs the step eagerly."""
         if self.model.device.type != "cuda":
             return
+        inputs = self.inputs.clone()
         self.graph = record_graph(self._body, self.model.device)
+        self.inputs.copy_(inputs)
         log.info("captured a %d-row step graph (capture layers %s)", self.rows, self.capture_layers)
 
     def replay(self) -> None:
@@ -182,10 +193,20 @@ class StepGraph:
         else:
             self.graph.replay()
 
+    def rewind(self) -> None:
+        """Set the inputs back to those `set_inputs` gave last (a 1-row step advances them each replay):
+        for tools that replay one step many times at one position."""
+        if self.uploaded is not None:
+            self.uploaded.synchronize()
+        self.inputs.copy_(self.host, non_blocking=True)
+        if self.uploaded is not None:
+            self.uploaded.record()
+
     def replay_following(self, uniform: float | None = None) -> None:
-        """Replay the 1-row step on the inputs the previous replay left (its pick, one position on); a
-        sampled step draws with `uniform`."""
-        self.inputs.copy_(self.following)
+        """Replay the 1-row step on the inputs the previous replay left in place (its pick, one position
+        on); a sampled step draws with `uniform`."""
+        if not self.feeds_itself:
+            raise RuntimeError("only the 1-row step leaves the inputs of the step after it")
         self.replay_with(uniform)
 
     def replay_with(self, uniform: float | None) -> None:
@@ -202,38 +223,50 @@ class QueuedPick:
     token: int | None  # the token it ran on, once the host knows it
     key: tuple  # its graph's key in StepGraphs.graphs (greedy or sampled, which parameters)
     sampler: Sampler | None  # whose stream gave its uniform number
-    slot: int  # its index in the pinned pick slots
-    done: torch.cuda.Event | None  # recorded after the pick's copy (None without CUDA)
+    slot: int  # its index in the pinned pick slots (copied picks)
+    done: torch.cuda.Event | None  # recorded after the step (and the pick's copy); None without CUDA
+    published: bool = False  # the step stored its pick in the ring itself (kernels.pick_ring)
 
 
 class PickReader:
-    """Picks copied to the host without waiting for them: two pinned slots, each a copy of a step's
-    pick and an event the host waits on when it needs that pick. The host reads a slot's pick before it
-    queues the copy after next into that slot (it waits for one step while one more is queued). Copies
-    of steps dropped unread (StepGraphs.forget_queued) may still be on their way into the slots new steps
-    use: they are on the same stream, before the new copy, and the host waits on the event recorded
-    last."""
+    """Picks brought to the host without waiting for them, in two pinned slots, with an event per queued
+    step the host waits on when it needs that pick. On CUDA the slots are the ring the 1-row graphs write
+    their tagged picks into themselves (`ring`, kernels.pick_ring: slot = position % 2); elsewhere (or if
+    the pinned memory cannot be mapped) each pick is copied into slot count % 2 after its step. Either
+    way the host reads a slot's pick before it queues the step after next, its next writer (it waits for
+    one step while one more is queued). Steps dropped unread (StepGraphs.forget_queued) may still write a
+    slot new steps use: they are on the same stream, before the new step, and the host waits on the event
+    recorded last."""
 
     def __init__(self, device: torch.device) -> None:
+        from kernels.pick_ring import RING, mapped_ring
+
         cuda = device.type == "cuda"
-        self.slots = torch.zeros(2, dtype=torch.long, pin_memory=cuda)
+        self.slots = torch.zeros(RING, dtype=torch.long, pin_memory=cuda)
+        self.ring = mapped_ring(self.slots, device) if cuda else None  # the slots as the GPU sees them
         self.events = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self.count = 0
 
     def queue(
         self, graph: StepGraph, key: tuple, sampler: Sampler | None, pos: int, token: int | None
     ) -> QueuedPick:
-        slot = self.count % 2
+        index = self.count % 2
         self.count += 1
-        self.slots[slot : slot + 1].copy_(graph.picks, non_blocking=True)
-        done = self.events[slot]
+        published = graph.pick_ring is not None
+        if not published:
+            self.slots[index : index + 1].copy_(graph.picks, non_blocking=True)
+        done = self.events[index]
         if done is not None:
             done.record()
-        return QueuedPick(pos, token, key, sampler, slot, done)
+        return QueuedPick(pos, token, key, sampler, index, done, published)
 
     def read(self, queued: QueuedPick) -> int:
+        from kernels.pick_ring import read_pick
+
         if queued.done is not None:
             queued.done.synchronize()
+        if queued.published:
+            return read_pick(self.slots, queued.pos)
         return int(self.slots[queued.slot])
 
 
@@ -279,7 +312,7 @@ class StepGraphs:
             if sampling is not None:  # one parameter set's sampled steps kept (they change rarely)
                 for other in [k for k in self.graphs if k[2] is not None and k[2] != key[2]]:
                     del self.graphs[other]
-            graph = StepGraph(self.model, cache, key[0], capture, sampling, key[3])
+            graph = StepGraph(self.model, cache, key[0], capture, sampling, key[3], self.picks.ring)
             graph.set_inputs(ids, pos)
             graph.capture()
             self.graphs[key] = graph

@@ -235,21 +235,22 @@ class CudaTransformer(torch.nn.Module):
         if ids and (max(ids) >= self.config.vocab_size or min(ids) < 0):
             raise ValueError("token id outside the vocabulary")
 
-    def step_rows(
-        self, inputs: torch.Tensor, max_length: int | None, next_positions: torch.Tensor | None
-    ) -> StepInputs:
+    def step_rows(self, inputs: torch.Tensor, max_length: int | None, advance: bool = False) -> StepInputs:
         """StepInputs of a captured step from its (2, R) int64 [tokens; positions] buffer, embedded rows
-        included; next_positions ((R,) int64, or None) receives positions + 1. On CUDA one launch
-        (kernels.step_inputs) unless TANDEM_FUSED_STEP_INPUTS is "0"; else torch, the same values."""
+        included. advance: the step's positions are a copy and the buffer's positions row becomes
+        positions + 1 (the 1-row decode graph's next inputs; its pick goes into the tokens row at the end).
+        On CUDA one launch (kernels.step_inputs) unless TANDEM_FUSED_STEP_INPUTS is "0"; else torch, the
+        same values."""
         if self.device.type == "cuda" and os.environ.get("TANDEM_FUSED_STEP_INPUTS", "1") != "0":
             from kernels.step_inputs import step_inputs
 
-            x, lengths = step_inputs(inputs, self.embedding, self.config.embed_scale, next_positions)
-            return StepInputs(inputs[0], inputs[1], lengths, max_length, x)
-        lengths = (inputs[1] + 1).to(torch.int32)  # (R,), 0 for padding rows
-        if next_positions is not None:
-            torch.add(inputs[1], 1, out=next_positions)
-        return StepInputs(inputs[0], inputs[1], lengths, max_length)
+            x, lengths, positions = step_inputs(inputs, self.embedding, self.config.embed_scale, advance)
+            return StepInputs(inputs[0], positions, lengths, max_length, x)
+        positions = inputs[1].clone() if advance else inputs[1]  # (R,)
+        lengths = (positions + 1).to(torch.int32)  # (R,), 0 for padding rows
+        if advance:
+            inputs[1] += 1
+        return StepInputs(inputs[0], positions, lengths, max_length)
 
     def inputs_for(self, ids: list[int], pos: int) -> StepInputs:
         """Eager inputs for rows ids at positions [pos, pos + len(ids))."""

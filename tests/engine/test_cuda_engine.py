@@ -234,12 +234,13 @@ class PrefixModel:
     def __init__(self) -> None:
         self.ran: list[tuple[int, int]] = []
 
-    def step_rows(self, inputs, max_length, next_positions):
+    def step_rows(self, inputs, max_length, advance=False):
         from engine.models.cuda_transformer import StepInputs
 
-        if next_positions is not None:
-            next_positions.copy_(inputs[1] + 1)
-        return StepInputs(inputs[0], inputs[1], (inputs[1] + 1).to(torch.int32), max_length)
+        positions = inputs[1].clone() if advance else inputs[1]
+        if advance:
+            inputs[1] += 1
+        return StepInputs(inputs[0], positions, (positions + 1).to(torch.int32), max_length)
 
     def run_rows(self, inputs, cache, first_pos, logits_rows, capture, widen=True):
         picks = []  # (logits float32 either way)
@@ -605,6 +606,7 @@ def test_cuda_greedy_ahead_equals_waiting_and_fills_the_context(models, kv):
     waiting for every pick, also when the answer runs into the end of the context (no step queued past
     it) and when a second answer follows the first in the same cache."""
     s = cuda_session(models["qwen2"], (kv, kv))
+    assert s.model.graphs.picks.ring is not None  # the steps publish their picks into mapped host memory
     with torch.inference_mode():
         chains = []
         for ahead in (False, True):

@@ -50,12 +50,15 @@ def _captured(session, step_ids: list[int], depth: int):
     graph = model.graphs.graphs[model.graphs.key(len(step_ids), depth, session.cache)]
     for _ in range(5):
         graph.replay()
+    graph.rewind()
     torch.cuda.synchronize()
     return graph
 
 
 def _wall_us(graph, steps: int) -> float:
+    """Us a step over `steps` replays from the graph's position (a 1-row step advances one a replay)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.rewind()
     start.record()
     for _ in range(steps):
         graph.replay()
@@ -74,6 +77,7 @@ def profile(model_path: str, ctk: str, ctv: str, depth: int, steps: int, rows: i
         model = session.model
         graph = _captured(session, step_ids, depth)
         wall_us = _wall_us(graph, steps)
+        graph.rewind()
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 graph.replay()
