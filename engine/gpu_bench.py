@@ -177,6 +177,17 @@ def measure(
         result["verify_ms"] = verify_ms
         if 1 in verify_ms:
             result["verify_ratio"] = {rows: ms / verify_ms[1] for rows, ms in verify_ms.items()}
+        # -- the same steps as the GPU runs them: each row count's graph replayed back to back -----------
+        # (without the host's upload and read of each step above, whose time varies from run to run)
+        if model.graphs is not None and torch.cuda.is_available():
+            gpu_ms = {}
+            for rows in verify_sizes:
+                model.step(tokens[start : start + rows], start, cache)  # its graph, captured if new
+                g = model.graphs.graphs[model.graphs.key(rows, start, cache)]
+                # 20 replays each repeat, from `start` (a 1-row step advances its own inputs)
+                times = _cuda_ms(lambda g=g: [g.rewind()] + [g.replay() for _ in range(20)], repeats)
+                gpu_ms[rows] = statistics.median(times) / 20
+            result["verify_gpu_ms"] = gpu_ms
     session.close()  # the model and cache go with this frame; measure() loads afresh each time
     return result
 

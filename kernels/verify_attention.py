@@ -79,9 +79,16 @@ def packs_heads(n_splits: int, hkv: int, device: torch.device) -> bool:
     return sms is not None and n_splits * hkv >= sms
 
 
-def applies(n_rows: int, gqa: int, head_dim: int, window: int | None) -> bool:
-    """Whether `verify_attention` takes these rows (else: decode_attention, one sequence per row)."""
-    return n_rows > 1 and not window and shape_supported(gqa, head_dim)
+def applies(n_rows: int, gqa: int, head_dim: int, window: int | None, n_splits: int) -> bool:
+    """Whether `verify_attention` takes these rows (else: decode_attention, one sequence per row; the same
+    bits). n_splits: the splits of the launch's max_length. Within one split (the short steps of
+    engine.cuda_graphs) the decode's programs, one per (row, KV head), are more and shorter, and re-reading a
+    split of at most ~128 positions per row costs less than they gain: H200, random-weight Qwen2.5-1.5B
+    layout, depth 1, `profile_decode_gpu --pdl --ab TANDEM_VERIFY_ATTENTION`, us a step with this kernel /
+    with the decode's: q4_0 16 rows 1559 / 1434, 4 rows 1389 / 1302, f16 16 rows 1331 / 1290; at depth
+    4096 (34 splits) this kernel wins: q4_0 16 rows 1749 / 1858, f16 1640 / 2005 (BENCHMARKS.md, session
+    12)."""
+    return n_rows > 1 and not window and shape_supported(gqa, head_dim) and n_splits > 1
 
 
 @triton.jit

@@ -56,12 +56,12 @@ def biased_inputs(seed: int, n: int = 30) -> tuple[torch.Tensor, torch.Tensor, t
     return k, v, q
 
 
-def make_caches(kv_k: str, kv_v: str) -> tuple[KVCache, CudaKVCache]:
+def make_caches(kv_k: str, kv_v: str, capacity: int = CAPACITY) -> tuple[KVCache, CudaKVCache]:
     """The CPU cache and the kernels' cache, both with the defaults' recipe for these types."""
     equalize = resolve_k_equalize("auto", kv_k, DEVICE)
     recipe = dict(k_smooth=resolve_k_smooth("auto", kv_k), k_equalize=equalize)
-    cpu = KVCache(1, N_KV, DIM, CAPACITY, kv_k, kv_v, **recipe)
-    gpu = CudaKVCache(1, N_KV, DIM, CAPACITY, kv_k, kv_v, device=DEVICE, **recipe)
+    cpu = KVCache(1, N_KV, DIM, capacity, kv_k, kv_v, **recipe)
+    gpu = CudaKVCache(1, N_KV, DIM, capacity, kv_k, kv_v, device=DEVICE, **recipe)
     return cpu, gpu
 
 
@@ -167,7 +167,8 @@ def test_verify_rows_take_the_verify_kernel_where_it_applies(monkeypatch):
     import kernels.verify_attention as verify
 
     k, v, q = biased_inputs(4)
-    _, gpu = make_caches("q4_0", "q8_0")
+    _, gpu = make_caches("q4_0", "q8_0", capacity=200)  # two splits of 128 positions
+    assert gpu.max_len > gpu.split_size
     run_blocks(gpu, k, v, q, [20], None)
     calls = []
     original = verify.verify_attention
@@ -181,6 +182,9 @@ def test_verify_rows_take_the_verify_kernel_where_it_applies(monkeypatch):
     batched = out.clone()
     gpu.attend_rows(0, rows, lengths, 0.125, 6, out)  # a window: one decode per row
     gpu.attend_rows(0, rows[:1], lengths[:1], 0.125, None, out[:1])  # one row: the decode kernel
+    gpu.attend_rows(0, rows, lengths, 0.125, None, out, gpu.split_size)  # a short step: one decode per row
+    assert len(calls) == 1
+    assert torch.equal(out, batched), "the two paths give the same bits"
     monkeypatch.setenv("TANDEM_VERIFY_ATTENTION", "0")
     gpu.attend_rows(0, rows, lengths, 0.125, None, out)  # switched off: one decode per row
     assert len(calls) == 1

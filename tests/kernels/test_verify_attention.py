@@ -141,11 +141,12 @@ def test_verify_refuses_what_it_was_not_checked_on(dim, gqa, kwargs, match):
 
 
 def test_verify_applies_to_rows_without_a_window():
-    assert applies(16, 6, 128, None) and applies(2, 16, 64, 0)
-    assert not applies(1, 6, 128, None)  # one row: the decode kernel
-    assert not applies(16, 6, 128, 512)  # a window: each row's tiles start elsewhere
-    assert not applies(16, 32, 128, None)  # a 32-row head group: not checked on the GPU
-    assert not applies(16, 2, 256, None)  # head_dim 256 (Gemma 3): spills, not checked on the GPU
+    assert applies(16, 6, 128, None, 2) and applies(2, 16, 64, 0, 34)
+    assert not applies(1, 6, 128, None, 2)  # one row: the decode kernel
+    assert not applies(16, 6, 128, 512, 2)  # a window: each row's tiles start elsewhere
+    assert not applies(16, 32, 128, None, 2)  # a 32-row head group: not checked on the GPU
+    assert not applies(16, 2, 256, None, 2)  # head_dim 256 (Gemma 3): spills, not checked on the GPU
+    assert not applies(16, 6, 128, None, 1)  # within one split: the decode's programs (faster there)
 
 
 @gpu

@@ -83,6 +83,7 @@ def fake_results() -> dict:
                 "decode_tok_s": 1000.0,
                 "prefill_tok_s": 27000.0,
                 "verify_ms": {"1": 1.0, "4": 1.05, "8": 1.1, "16": 1.2, "7": 1.08},
+                "verify_gpu_ms": {"1": 0.9, "4": 0.95, "8": 1.0, "16": 1.17},
             },
             "q4_0/q4_0": {"decode_depth_tok_s": 800.0},
         }
@@ -103,6 +104,8 @@ def test_table_ratios_and_projection():
 
     verify = {(r["cache"], r["depth"], r["rows"]): r for r in bench_gpu.verify_table(res, 4096)}
     assert verify[("f16/f16", 0, 16)]["ours_x_step"] == pytest.approx(1.2)
+    assert verify[("f16/f16", 0, 16)]["ours_gpu_x_step"] == pytest.approx(1.3)  # GPU time: 1.17 / 0.9
+    assert verify[("f16/f16", 4096, 16)]["ours_gpu_x_step"] is None
     # llama.cpp: pp16 at 4000 tok/s = 4 ms, pp1 at 500 tok/s = 2 ms -> 2x one step
     assert verify[("f16/f16", 0, 16)]["llama_x_step"] == pytest.approx(2.0)
     assert verify[("f16/f16", 4096, 16)]["ours_x_step"] is None  # not measured at depth here
@@ -162,6 +165,7 @@ def test_our_engine_results_are_read_from_gpu_bench_measure(monkeypatch):
             "prefill_tok_per_s": 30000.0 if n_prompt else None,
             "decode_tok_per_s": 1000.0 / scale,
             "verify_ms": {r: scale * (1 + r / 100) for r in verify_sizes},
+            "verify_gpu_ms": {r: scale * (0.9 + r / 100) for r in verify_sizes},
         }
 
     monkeypatch.setitem(sys.modules, "engine.gpu_bench", types.SimpleNamespace(measure=measure))
@@ -180,3 +184,4 @@ def test_our_engine_results_are_read_from_gpu_bench_measure(monkeypatch):
     assert (f16["prefill_tok_s"], f16["decode_tok_s"], f16["decode_depth_tok_s"]) == (30000.0, 1000.0, 500.0)
     assert bench_gpu.our_verify_ms(res, "q4_0", 16) == pytest.approx(1.16)
     assert bench_gpu.our_verify_ms(res, "q4_0", 16, "verify_depth_ms") == pytest.approx(2.32)
+    assert bench_gpu.our_verify_ms(res, "q4_0", 16, "verify_depth_gpu_ms") == pytest.approx(2.12)
