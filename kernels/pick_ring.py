@@ -93,4 +93,7 @@ def mapped_ring(host: torch.Tensor, device: torch.device) -> torch.Tensor | None
     except (RuntimeError, TypeError, ValueError) as error:
         log.info("picks are copied back: torch does not take the pinned buffer as device memory (%s)", error)
         return None
+    if ring.data_ptr() != host.data_ptr():  # torch copied it (e.g. to another device than the buffer's)
+        log.info("picks are copied back: the pinned buffer is not addressed as itself on %s", device)
+        return None
     return ring

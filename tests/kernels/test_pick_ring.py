@@ -37,6 +37,10 @@ def test_mapped_ring_only_on_cuda(monkeypatch):
     if HAS_CUDA:
         host = torch.zeros(RING, dtype=torch.int64, pin_memory=True)
         assert mapped_ring(host, torch.device("cuda")) is not None
+        monkeypatch.setattr(torch, "as_tensor", lambda obj, device: torch.zeros(RING, dtype=torch.int64,
+                                                                                device=device))
+        assert mapped_ring(host, torch.device("cuda")) is None  # torch made a copy: not the host buffer
+        monkeypatch.undo()
         monkeypatch.setenv("TANDEM_MAPPED_PICKS", "0")
         assert mapped_ring(host, torch.device("cuda")) is None
 
