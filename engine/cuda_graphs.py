@@ -38,8 +38,8 @@ graph, BENCHMARKS.md "GPU runs 11 and 12"):
   instead of split + merge (kernels/decode_attention.py, `DIRECT`; the same bits). The key of a graph
   includes its bound; a step queued ahead must use the same graph, so the one step that crosses the bound
   is not queued ahead. TANDEM_SHORT_STEPS=0 turns it off. 1280 -> 1221 us a step (q4_0, whose sinks keep
-  the merge: 1364 -> 1345). Verify steps (several rows) get the same bound since session 10
-  (kernels/verify_attention.py writes a single split's output itself too).
+  the merge: 1364 -> 1345). Verify steps (several rows) get the same bound since session 10 (their
+  attention within one split runs as the decode's, a row a sequence: kernels/verify_attention.py).
 - greedy steps widen the LM head's float16 logits and take the argmax in two launches chained by PDL
   (kernels/argmax.py) instead of torch's copy and one-pass argmax (7.8 us for a 152k vocabulary);
   TANDEM_FUSED_ARGMAX=0 keeps torch's. 1214 -> 1209 us a step.
@@ -327,8 +327,8 @@ class StepGraphs:
         """The key of the graph that runs n_rows rows at [pos, pos + n_rows) in this cache: (row bucket,
         captured layers, sampling, attention bound). sampling: None for the argmax, else the parameters a
         1-row step samples with. bound: the cache's `length_bound` for the rows' longest attention (decode
-        and verify attention in one launch while the context fits one split: their direct paths), None (the
-        cache's room) past it or with TANDEM_SHORT_STEPS=0."""
+        attention in one launch, for verify rows too, while the context fits one split: its direct path),
+        None (the cache's room) past it or with TANDEM_SHORT_STEPS=0."""
         bound = cache.length_bound(pos + n_rows) if short_steps_enabled() else None
         if sampling is None:
             return bucket_for(n_rows), capture, None, bound

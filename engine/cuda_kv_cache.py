@@ -275,17 +275,16 @@ class CudaKVCache(KVCache):
     ) -> None:
         """Each row of q (R, Hq, D) (float32, in K's basis) attends to cache positions [0, lengths[r])
         (lengths: (R,) int32 on the device; 0 = a padding row, max_length: a bound on them, None: the
-        capacity) -> out (R, Hq, D). Several rows of a shape and length `verify_attention.applies` takes (no
-        window, up to 16 query heads per KV head, head_dim up to 128, max_length past the first split), unless
-        `verify_attention_enabled()` says no: kernels.verify_attention (each tile read once for all rows);
-        otherwise one decode per row. The same bits either way."""
+        capacity) -> out (R, Hq, D). Several rows of a shape `verify_attention.applies` takes (no window, up
+        to 16 query heads per KV head, head_dim up to 128), unless `verify_attention_enabled()` says no:
+        kernels.verify_attention (each tile read once for all rows, past the first split); otherwise one
+        decode per row. The same bits either way."""
         from kernels import verify_attention as verify
         from kernels.decode_attention import decode_attention
 
         k_stores, v_stores, k_sinks, v_sinks = self._views_for_rows(q.shape[0])
-        n_splits = -(-(max_length or self.max_len) // self.split_size)
         batched = verify_attention_enabled() and verify.applies(
-            q.shape[0], q.shape[1] // self.n_kv_heads, self.head_dim, window, n_splits)
+            q.shape[0], q.shape[1] // self.n_kv_heads, self.head_dim, window)
         attend = verify.verify_attention if batched else functools.partial(decode_attention, window=window)
         attend(
             q,

@@ -46,6 +46,7 @@ import triton.language as tl
 from engine.kv_quant import KVStore
 from kernels.decode_attention import (
     check_attention_args,
+    decode_attention,
     launch_merge,
     prefetch_enabled,
     row_sums,
@@ -79,16 +80,9 @@ def packs_heads(n_splits: int, hkv: int, device: torch.device) -> bool:
     return sms is not None and n_splits * hkv >= sms
 
 
-def applies(n_rows: int, gqa: int, head_dim: int, window: int | None, n_splits: int) -> bool:
-    """Whether `verify_attention` takes these rows (else: decode_attention, one sequence per row; the same
-    bits). n_splits: the splits of the launch's max_length. Within one split (the short steps of
-    engine.cuda_graphs) the decode's programs, one per (row, KV head), are more and shorter, and re-reading a
-    split of at most ~128 positions per row costs less than they gain: H200, random-weight Qwen2.5-1.5B
-    layout, depth 1, `profile_decode_gpu --pdl --ab TANDEM_VERIFY_ATTENTION`, us a step with this kernel /
-    with the decode's: q4_0 16 rows 1559 / 1434, 4 rows 1389 / 1302, f16 16 rows 1331 / 1290; at depth
-    4096 (34 splits) this kernel wins: q4_0 16 rows 1749 / 1858, f16 1640 / 2005 (BENCHMARKS.md, session
-    12)."""
-    return n_rows > 1 and not window and shape_supported(gqa, head_dim) and n_splits > 1
+def applies(n_rows: int, gqa: int, head_dim: int, window: int | None) -> bool:
+    """Whether `verify_attention` takes these rows (else: decode_attention, one sequence per row)."""
+    return n_rows > 1 and not window and shape_supported(gqa, head_dim)
 
 
 @triton.jit
@@ -123,12 +117,11 @@ def _verify_split_kernel(
     q_ptr, stride_qr, stride_qh,
     kq_ptr, kd_ptr, km_ptr, stride_kh, stride_ksh,
     vq_ptr, vd_ptr, vm_ptr, stride_vh, stride_vsh,
-    lens_ptr, n_rows, length_all, o_ptr, ml_ptr, out_ptr, stride_or, stride_oh,
+    lens_ptr, n_rows, length_all, o_ptr, ml_ptr,
     qk_scale, split_size, n_splits, HKV, n_sink,
     D: tl.constexpr, GQA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     K_TYPE: tl.constexpr, V_TYPE: tl.constexpr, FAST: tl.constexpr, SINKS: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr, PF_LINES: tl.constexpr, ROWS_MAX: tl.constexpr, DIRECT: tl.constexpr,
-    PACKED: tl.constexpr,
+    PREFETCH: tl.constexpr, PF_LINES: tl.constexpr, ROWS_MAX: tl.constexpr, PACKED: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -161,9 +154,8 @@ def _verify_split_kernel(
     heads = hkv * GQA + head  # query head of each pair
     length = tl.load(lens_ptr + r, mask=r < n_rows, other=0)  # [BW, 16] packed, [BW, 1] a warp per row
     split_start = pid_s * split_size
-    if split_start >= tl.max(tl.max(length, axis=1), axis=0) and not DIRECT:
-        return  # past every row's end: the merge never reads these splits (DIRECT: the one split, whose
-        # output, zeros for empty rows, is written below)
+    if split_start >= tl.max(tl.max(length, axis=1), axis=0):
+        return  # past every row's end: the merge never reads these splits
     cols_lo = _half_cols(D, 0)  # [D/2], as in decode_attention
     cols_hi = _half_cols(D, 1)
     q_rows = q_ptr + (r.to(tl.int64) * stride_qr + heads * stride_qh)[:, :, None]  # [BW, 16, 1]
@@ -194,14 +186,6 @@ def _verify_split_kernel(
             D, BLOCK_N, BLOCK_W, K_TYPE, V_TYPE, FAST, True)
 
     o_mask = p_mask[:, :, None]
-    if DIRECT:  # one split: `decode_attention.store_normalized` for each pair (the merge's bits)
-        l_i = tl.max(l_acc, axis=2)
-        inv = tl.where(l_i > 0.0, l_i, 1.0)[:, :, None]  # [BW, 16, 1]
-        o_rows = out_ptr + (r.to(tl.int64) * stride_or + heads * stride_oh)[:, :, None]
-        o_ty = out_ptr.dtype.element_ty
-        tl.store(o_rows + cols_lo[None, None, :], (acc_lo / inv).to(o_ty), mask=o_mask)
-        tl.store(o_rows + cols_hi[None, None, :], (acc_hi / inv).to(o_ty), mask=o_mask)
-        return
     part = (r * (HKV * GQA) + heads).to(tl.int64) * n_splits + pid_s  # [BW, 16]
     tl.store(o_ptr + part[:, :, None] * D + cols_lo[None, None, :], acc_lo, mask=o_mask)
     tl.store(o_ptr + part[:, :, None] * D + cols_hi[None, None, :], acc_hi, mask=o_mask)
@@ -221,7 +205,14 @@ def verify_attention(
     on q's device (0: a padding row, output 0); max_length bounds them (no host read). packed: how warps take
     the rows (None: `packs_heads` chooses; True: (row, head) pairs 16 a warp; False: a warp per row), with
     warps_per_program warps a program at most (a power of two; default WARPS_PER_PROGRAM / ROWS_PER_PROGRAM).
-    Other arguments as decode_attention (no window); `applies` says which shapes this path is for."""
+    Other arguments as decode_attention (no window); `applies` says which shapes this path is for.
+
+    A launch within one split (max_length <= split_size: the engine's short steps, the first 128 positions
+    on an H200) runs `decode_attention` with the rows as sequences instead: its programs, one per (row, KV
+    head), are 4x as many and re-read at most one split each. H200, random-weight Qwen2.5-1.5B layout, depth
+    1, `profile_decode_gpu --pdl --ab TANDEM_VERIFY_ATTENTION`, us a step with this kernel / the decode's:
+    q4_0 16 rows 1559 / 1434, 4 rows 1389 / 1302, f16 16 rows 1331 / 1290; at depth 4096 (34 splits) this
+    kernel wins, 1749 / 1858 and 1640 / 2005 (BENCHMARKS.md, session 12)."""
     n_rows, hq, dim = q.shape
     k_store, v_store, k_sink, v_sink = (
         x.shared_by(n_rows) if isinstance(x, KVStore) and x.qs.shape[0] == 1
@@ -244,6 +235,10 @@ def verify_attention(
     if q.stride(-1) != 1:
         q = q.contiguous()
     n_splits = max(1, triton.cdiv(max_length, split_size))
+    if n_splits == 1:  # within one split: the decode kernel, a row a sequence (the same bits), is faster
+        return decode_attention(q, k_store, v_store, lens, scale=scale, max_length=max_length,
+                                split_size=split_size, block_n=block_n, fast=fast, out=out, k_sink=k_sink,
+                                v_sink=v_sink)
     if packed is None:
         packed = packs_heads(n_splits, hkv, q.device)
     if packed:  # (row, query head) pairs of a KV head, 16 a warp
@@ -255,19 +250,17 @@ def verify_attention(
         n_blocks = triton.cdiv(n_rows, block_w)
     qk_scale = (scale if scale is not None else dim**-0.5) * LOG2E
     n_sink, k_rows, v_rows = sink_sources(k_store, v_store, k_sink, v_sink, q)
-    direct, out, o_part, ml = split_outputs(q, n_splits, n_sink, out)  # direct: no merge launch
+    _, out, o_part, ml = split_outputs(q, n_splits, n_sink, out)  # two splits or more: partials, a merge
     _verify_split_kernel[(n_splits, hkv, n_blocks)](
         q, q.stride(0), q.stride(1), *ka[:3], ka[4], ka[7], *va[:3], va[4], va[7], lens, n_rows, max_length,
-        o_part, ml, out, out.stride(0), out.stride(1), qk_scale, split_size, n_splits, hkv, n_sink,
+        o_part, ml, qk_scale, split_size, n_splits, hkv, n_sink,
         D=dim, GQA=gqa, BLOCK_N=block_n, BLOCK_W=block_w,
         K_TYPE=ka[9], V_TYPE=va[9],
         FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0, num_warps=block_w, num_stages=2,
         PREFETCH=prefetch_enabled(q.device, k_store, v_store, hkv, max_length),  # the rows share the slabs
-        PF_LINES=32 * block_w, ROWS_MAX=max(16, triton.next_power_of_2(n_rows)), DIRECT=direct, PACKED=packed,
+        PF_LINES=32 * block_w, ROWS_MAX=max(16, triton.next_power_of_2(n_rows)), PACKED=packed,
         **pdl_launch(q.device),
     )
-    if direct:
-        return out
     return launch_merge(o_part, ml, q, lens, max_length, split_size, n_splits, qk_scale, None, gqa, n_sink,
                         k_rows, v_rows, out)
 

@@ -439,8 +439,8 @@ def test_pick_next_ahead_equals_steps_up_to_a_full_cache_interpreted(models, fas
 @pytest.mark.slow
 def test_short_steps_equal_full_steps_interpreted(models, fast_qmatmul):
     """The kernel path (graphs run eagerly) on a 512-position f16 cache: the 3-row verify block and 1-row
-    steps within the first split run with the length bound (verify and decode attention in one launch,
-    their direct paths), the same logits as the unbounded steps (split + merge attention) bit for bit."""
+    steps within the first split run with the length bound (decode attention in one launch for both, its
+    direct path), the same logits as the unbounded steps (split + merge attention) bit for bit."""
     from engine.cuda_graphs import StepGraphs
     from engine.cuda_kv_cache import CudaKVCache
 

@@ -66,10 +66,12 @@ def test_verify_rows_equal_decodes_bit_for_bit(k_type, v_type, split, warps_per_
 @pytest.mark.parametrize("k_type,v_type,split,warps_per_program",
                          [("q4_0", "q8_0", 64, 4), ("f16", "q4_1", 128, 2), ("bf16", "bf16", 64, 1)])
 @pytest.mark.parametrize("packed", [False, True], ids=["warp-per-row", "packed-heads"])
-def test_verify_one_split_writes_the_merged_output_itself(monkeypatch, k_type, v_type, split,
-                                                          warps_per_program, packed):
-    # max_length within one split (the engine's short verify steps): no merge launch, the bits of the merged
-    # launch and of each row's decode (which takes its own one-split path)
+def test_verify_within_one_split_takes_the_decode_kernel(monkeypatch, k_type, v_type, split,
+                                                         warps_per_program, packed):
+    # max_length within one split (the engine's short verify steps): the decode kernel with the rows as
+    # sequences, no verify launch and no merge; the bits of the two-split verify launch and of each row's
+    # decode
+    import kernels.decode_attention as da
     import kernels.verify_attention as va
 
     gen = torch.Generator().manual_seed(11)
@@ -82,7 +84,8 @@ def test_verify_one_split_writes_the_merged_output_itself(monkeypatch, k_type, v
     for max_length in (split, split + 32):
         with monkeypatch.context() as m:
             if max_length == split:
-                m.setattr(va, "launch_merge", lambda *a, **k: pytest.fail("one split launched the merge"))
+                m.setattr(va, "_verify_split_kernel", None)  # launching it would fail
+                m.setattr(da, "_decode_reduce_kernel", None)
             out = torch.full((n, 6, 64), float("nan"), dtype=torch.float16, device=DEVICE)
             verify_attention(q, ks.shared_by(n), vs.shared_by(n), lens, max_length=max_length,
                              split_size=split, block_n=32, warps_per_program=warps_per_program, out=out,
@@ -141,12 +144,11 @@ def test_verify_refuses_what_it_was_not_checked_on(dim, gqa, kwargs, match):
 
 
 def test_verify_applies_to_rows_without_a_window():
-    assert applies(16, 6, 128, None, 2) and applies(2, 16, 64, 0, 34)
-    assert not applies(1, 6, 128, None, 2)  # one row: the decode kernel
-    assert not applies(16, 6, 128, 512, 2)  # a window: each row's tiles start elsewhere
-    assert not applies(16, 32, 128, None, 2)  # a 32-row head group: not checked on the GPU
-    assert not applies(16, 2, 256, None, 2)  # head_dim 256 (Gemma 3): spills, not checked on the GPU
-    assert not applies(16, 6, 128, None, 1)  # within one split: the decode's programs (faster there)
+    assert applies(16, 6, 128, None) and applies(2, 16, 64, 0)
+    assert not applies(1, 6, 128, None)  # one row: the decode kernel
+    assert not applies(16, 6, 128, 512)  # a window: each row's tiles start elsewhere
+    assert not applies(16, 32, 128, None)  # a 32-row head group: not checked on the GPU
+    assert not applies(16, 2, 256, None)  # head_dim 256 (Gemma 3): spills, not checked on the GPU
 
 
 @gpu
