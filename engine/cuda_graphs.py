@@ -141,9 +141,14 @@ class StepGraph:
         self.uniform = None if sampling is None else torch.zeros(1, dtype=torch.float64, device=device)
 
     def set_inputs(self, ids: list[int], pos: int) -> None:
+        self._upload(ids, pos)
+
+    def _upload(self, ids: list[int] | None = None, pos: int = 0) -> None:
+        """Copy the pinned inputs to the device, refilled first with rows ids at pos when given."""
         if self.uploaded is not None:
             self.uploaded.synchronize()  # the previous upload has read the pinned buffer (long done)
-        fill_step_inputs(self.host, ids, pos)
+        if ids is not None:
+            fill_step_inputs(self.host, ids, pos)
         self.inputs.copy_(self.host, non_blocking=True)
         if self.uploaded is not None:
             self.uploaded.record()
@@ -196,11 +201,7 @@ class StepGraph:
     def rewind(self) -> None:
         """Set the inputs back to those `set_inputs` gave last (a 1-row step advances them each replay):
         for tools that replay one step many times at one position."""
-        if self.uploaded is not None:
-            self.uploaded.synchronize()
-        self.inputs.copy_(self.host, non_blocking=True)
-        if self.uploaded is not None:
-            self.uploaded.record()
+        self._upload()
 
     def replay_following(self, uniform: float | None = None) -> None:
         """Replay the 1-row step on the inputs the previous replay left in place (its pick, one position

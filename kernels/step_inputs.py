@@ -21,20 +21,25 @@ import triton.language as tl
 from kernels.pdl import pdl_launch, wait_for_previous
 
 
+def step_positions(inputs: torch.Tensor, advance: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """inputs: (2, R) int64 [token ids; positions (-1: padding)] -> (lengths (R,) int32 = positions + 1,
+    positions (R,) int64). advance: positions is a copy and inputs[1] becomes positions + 1 (in place).
+    The torch path of the engine's steps and the reference below."""
+    positions = inputs[1].clone() if advance else inputs[1]
+    if advance:
+        inputs[1] += 1
+    return (positions + 1).to(torch.int32), positions
+
+
 def step_inputs_reference(
     inputs: torch.Tensor, table: torch.Tensor, scale: float, advance: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """inputs: (2, R) int64 [token ids; positions (-1: padding)], table: (V, D) float16 -> (x (R, D)
-    float32 = table[tokens] * scale, lengths (R,) int32 = positions + 1, positions (R,) int64). advance:
-    positions is a copy and inputs[1] becomes positions + 1 (in place)."""
+    float32 = table[tokens] * scale, lengths, positions as `step_positions`)."""
     x = table.index_select(0, inputs[0]).to(torch.float32)
     if scale != 1.0:
         x = x * scale
-    positions = inputs[1].clone() if advance else inputs[1]
-    lengths = (positions + 1).to(torch.int32)
-    if advance:
-        inputs[1] += 1
-    return x, lengths, positions
+    return x, *step_positions(inputs, advance)
 
 
 @triton.jit

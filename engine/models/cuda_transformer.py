@@ -241,15 +241,12 @@ class CudaTransformer(torch.nn.Module):
         positions + 1 (the 1-row decode graph's next inputs; its pick goes into the tokens row at the end).
         On CUDA one launch (kernels.step_inputs) unless TANDEM_FUSED_STEP_INPUTS is "0"; else torch, the
         same values."""
-        if self.device.type == "cuda" and os.environ.get("TANDEM_FUSED_STEP_INPUTS", "1") != "0":
-            from kernels.step_inputs import step_inputs
+        from kernels.step_inputs import step_inputs, step_positions
 
+        if self.device.type == "cuda" and os.environ.get("TANDEM_FUSED_STEP_INPUTS", "1") != "0":
             x, lengths, positions = step_inputs(inputs, self.embedding, self.config.embed_scale, advance)
             return StepInputs(inputs[0], positions, lengths, max_length, x)
-        positions = inputs[1].clone() if advance else inputs[1]  # (R,)
-        lengths = (positions + 1).to(torch.int32)  # (R,), 0 for padding rows
-        if advance:
-            inputs[1] += 1
+        lengths, positions = step_positions(inputs, advance)  # (R,) each, lengths 0 for padding rows
         return StepInputs(inputs[0], positions, lengths, max_length)
 
     def inputs_for(self, ids: list[int], pos: int) -> StepInputs:

@@ -236,11 +236,10 @@ class PrefixModel:
 
     def step_rows(self, inputs, max_length, advance=False):
         from engine.models.cuda_transformer import StepInputs
+        from kernels.step_inputs import step_positions
 
-        positions = inputs[1].clone() if advance else inputs[1]
-        if advance:
-            inputs[1] += 1
-        return StepInputs(inputs[0], positions, (positions + 1).to(torch.int32), max_length)
+        lengths, positions = step_positions(inputs, advance)
+        return StepInputs(inputs[0], positions, lengths, max_length)
 
     def run_rows(self, inputs, cache, first_pos, logits_rows, capture, widen=True):
         picks = []  # (logits float32 either way)
