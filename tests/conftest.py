@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _row_independent_interpreter_dot():
+    """Under the Triton interpreter, tl.dot with the mma's row independence (tests/interpreter_dot.py).
+    Test modules set TRITON_INTERPRET before importing triton, at collection; this runs after it."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from tests import interpreter_dot
+
+        interpreter_dot.install()
 
 
 def _real_model(key: str):
