@@ -7,8 +7,9 @@ previous path), at Qwen2.5-Coder-1.5B attention shapes (Hq 12, Hkv 2, D 128):
 
 Each call is timed in a CUDA graph cycling through copies of the cache until 256 MiB were read (cold L2,
 as a verify step finds it), with the split the engine uses for a cache of --capacity positions (32768 unless
-given), both kernels (split and merge); verify_attention as it chooses for that launch, then each of its two
-forms (a warp per row; (row, head) pairs packed 16 a warp, with 2, 4 and 8 warps a program). Every
+given), both kernels (split and merge); verify_attention as it chooses for that launch, then each of its
+forms ((row, head) pairs 32 or 16 a program in one 2-D tile; packed 16 a warp, with 2, 4 and 8 warps a
+program). Every
 configuration is timed twice, in the order A, B, ..., then reversed; the table shows both. The one-row
 decode at the same depth is timed too (what a verify step is compared with).
 """
@@ -80,9 +81,10 @@ def time_variants(k_type: str, v_type: str, depth: int, n_rows: int, capacity: i
 
     variants = {"decode 1 row": decode_one, f"rows as sequences ({n_rows})": decode_rows}
     variants["verify_attention, its choice"] = verify()
-    variants["verify_attention, a warp a row"] = verify(packed=False)
+    for tile in (32, 16):
+        variants[f"verify_attention, tile {tile}"] = verify(form="tile", tile_rows=tile)
     for warps in (2, 4, 8):
-        variants[f"verify_attention packed, {warps} warps"] = verify(packed=True, warps_per_program=warps)
+        variants[f"verify_attention packed, {warps} warps"] = verify(form="packed", warps_per_program=warps)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for order in (list(variants), list(reversed(variants))):
         for name in order:

@@ -92,19 +92,23 @@ def _lengths_list(lengths: int | torch.Tensor, batch: int) -> list[int]:
 
 
 @triton.jit
-def _attend_tile(
-    q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, end,
+def attend_tile(
+    q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, end, row_end,
     D: tl.constexpr, BLOCK_N: tl.constexpr, K_TYPE: tl.constexpr, V_TYPE: tl.constexpr,
-    FAST: tl.constexpr, MASKED: tl.constexpr,
+    FAST: tl.constexpr, MASKED: tl.constexpr, ROW_ENDS: tl.constexpr,
 ):
-    """Online-softmax step over cache rows [n0, n0 + BLOCK_N) (MASKED: rows >= end count as absent).
+    """Online-softmax step over cache rows [n0, n0 + BLOCK_N) (MASKED: rows >= end count as absent, and
+    are not loaded). ROW_ENDS (verify_attention's tile form, whose tile rows end at different positions):
+    rows >= row_end ([BLOCK_H, 1]) count as absent for each tile row, in every tile; else row_end is unused.
 
     The softmax sum is accumulated by the tensor cores like the output (`row_sums`), not by a reduction
     whose order would depend on how the warps share the tile (see verify_attention)."""
     k_lo, k_hi = _load_halves(kq, kd, km, n0, end, BLOCK_N, D, K_TYPE, FAST, MASKED)  # [BLOCK_N, D/2] each
     s = tl.dot(q_lo, tl.trans(k_lo))
     s = tl.dot(q_hi, tl.trans(k_hi), s)  # [BLOCK_H, BLOCK_N] fp32
-    if MASKED:
+    if ROW_ENDS:
+        s = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] < row_end, s, float("-inf"))
+    elif MASKED:
         s = tl.where((n0 + tl.arange(0, BLOCK_N) < end)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
@@ -218,13 +222,13 @@ def attend_range(
     # whole tiles without masks, then the partial last tile (if any) with them
     n_full = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
     for n0 in range(start, n_full, BLOCK_N):
-        m_i, l_acc, acc_lo, acc_hi = _attend_tile(
-            q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, end,
-            D, BLOCK_N, K_TYPE, V_TYPE, FAST, False)
+        m_i, l_acc, acc_lo, acc_hi = attend_tile(
+            q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, end, end,
+            D, BLOCK_N, K_TYPE, V_TYPE, FAST, False, False)
     if n_full < end:
-        m_i, l_acc, acc_lo, acc_hi = _attend_tile(
-            q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, end,
-            D, BLOCK_N, K_TYPE, V_TYPE, FAST, True)
+        m_i, l_acc, acc_lo, acc_hi = attend_tile(
+            q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, end, end,
+            D, BLOCK_N, K_TYPE, V_TYPE, FAST, True, False)
     return m_i, l_acc, acc_lo, acc_hi
 
 
@@ -353,7 +357,7 @@ def launch_config(split_size: int, block_n: int, tile_bytes: int) -> tuple[int, 
     return 1, (3 if tile_bytes <= STAGED_TILE_BYTES_MAX else 2)
 
 
-def _position_bytes(store: KVStore) -> int:
+def position_bytes(store: KVStore) -> int:
     """Bytes of one position of one head: values, scales, mins."""
     return sum(t.shape[-1] * t.element_size() for t in (store.qs, store.d, store.m) if t is not None)
 
@@ -423,7 +427,7 @@ def decode_attention(
     if split_size % block_n:
         raise ValueError(f"split_size {split_size} must be a multiple of block_n {block_n}")
     n_splits = max(1, triton.cdiv(max_len, split_size))
-    tile_bytes = block_n * (_position_bytes(k_store) + _position_bytes(v_store))
+    tile_bytes = block_n * (position_bytes(k_store) + position_bytes(v_store))
     auto_warps, auto_stages = launch_config(split_size, block_n, tile_bytes)
     num_warps = num_warps or auto_warps
     num_stages = num_stages or auto_stages
@@ -465,7 +469,7 @@ def prefetch_enabled(device: torch.device, k_store: KVStore, v_store: KVStore, s
     kernel alone (`kernels.bench_kv_attention --engine`, cold copies) at 16K positions: q4_0, 1 sequence
     (4.7 MB) 9.8 -> 9.0 us, but f16, 1 sequence (16.8 MB) 11.4 -> 12.6 and 16 sequences 37.5 -> 43.0 (q4_0)
     and 94 -> 120 (f16): past a few MB the requests only crowd the loads that follow."""
-    kv_bytes = slabs * max_length * (_position_bytes(k_store) + _position_bytes(v_store))
+    kv_bytes = slabs * max_length * (position_bytes(k_store) + position_bytes(v_store))
     return (pdl_supported(device) and os.environ.get("TANDEM_ATTN_PREFETCH", "1") != "0"
             and kv_bytes <= _PREFETCH_MAX_BYTES)
 

@@ -180,7 +180,8 @@ def test_verify_rows_take_the_verify_kernel_where_it_applies(monkeypatch):
             calls.append(grid)
             return self.kernel[grid]
 
-    monkeypatch.setattr(verify, "_verify_split_kernel", Counted(verify._verify_split_kernel))
+    for kernel in ("_tile_split_kernel", "_packed_split_kernel"):
+        monkeypatch.setattr(verify, kernel, Counted(getattr(verify, kernel)))
     rows = q[20:24].to(DEVICE)  # (4, Hq, D)
     gpu.write_rows(0, k[20:24].to(DEVICE), v[20:24].to(DEVICE), torch.arange(20, 24, device=DEVICE), None)
     lengths = torch.arange(21, 25, dtype=torch.int32, device=DEVICE)

@@ -27,7 +27,7 @@ def test_cuda_kernels_compile_for_sm90():
     assert run.returncode == 0, table + run.stderr[-3000:]
     for name in ("qmatmul GEMV Q4_K", "qmatmul GEMV Q6_K", "k_write q4_0", "v_write q4_0", "decode split",
                  "decode merge", "prefill attention", "rope_heads", "add_rms_norm", "gated_activation",
-                 "k_scales partial", "k_scales finalize", "verify split q4_0 (16 rows, sinks, warp/row)",
+                 "k_scales partial", "k_scales finalize", "verify split q4_0 (16 rows, sinks, tile)",
                  "verify split q4_0 (16 rows, sinks, packed)"):
         assert name in table, f"{name} missing from:\n{table}"
     assert "FAILED" not in table and "SPILLS" not in table, table

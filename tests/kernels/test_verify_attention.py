@@ -20,7 +20,7 @@ from tests.kernels._util import (
 
 
 def _check_rows(k_type, v_type, lengths, *, dim, gqa, positions, split, block_n, warps_per_program, sinks,
-                packed, seed=0):
+                form, seed=0, tile_rows=None):
     gen = torch.Generator().manual_seed(seed)
     ks = random_store(k_type, (1, 2, positions), dim, gen)
     vs = random_store(v_type, (1, 2, positions), dim, gen)
@@ -33,7 +33,7 @@ def _check_rows(k_type, v_type, lengths, *, dim, gqa, positions, split, block_n,
     out = torch.full(q.shape, float("nan"), device=DEVICE)
     verify_attention(q, ks.shared_by(n_rows), vs.shared_by(n_rows), lens, max_length=positions,
                      split_size=split, block_n=block_n, warps_per_program=warps_per_program, out=out,
-                     packed=packed, k_sink=shared_sink(k_sink), v_sink=shared_sink(v_sink))
+                     form=form, tile_rows=tile_rows, k_sink=shared_sink(k_sink), v_sink=shared_sink(v_sink))
     for r, n in enumerate(lengths):
         single = decode_attention(q[r : r + 1], ks, vs, lens[r : r + 1], max_length=positions,
                                   split_size=split, block_n=block_n, k_sink=k_sink, v_sink=v_sink)
@@ -54,20 +54,26 @@ def _check_rows(k_type, v_type, lengths, *, dim, gqa, positions, split, block_n,
      ("bf16", "bf16", 64, 1, False), ("q8_0", "f16", 32, 2, True)],
     ids=["q4_0-q8_0-short", "f16-q4_1-sinks", "q4_0-sinks", "bf16-one-warp-programs", "q8_0-f16-sinks"],
 )
-@pytest.mark.parametrize("packed", [False, True], ids=["warp-per-row", "packed-heads"])
-def test_verify_rows_equal_decodes_bit_for_bit(k_type, v_type, split, warps_per_program, sinks, packed):
+@pytest.mark.parametrize("form", ["tile", "packed"])
+def test_verify_rows_equal_decodes_bit_for_bit(k_type, v_type, split, warps_per_program, sinks, form):
     # consecutive verify positions ending inside, at and past tile and split boundaries; a padding row;
     # rows that end inside the sinks (2, 3) next to long ones
     lengths = [2, 3, 63, 64, 65, 127, 128, 129, 0, 261] if sinks else [61, 62, 63, 64, 65, 0, 129]
     _check_rows(k_type, v_type, lengths, dim=64, gqa=3, positions=300, split=split, block_n=32,
-                warps_per_program=warps_per_program, sinks=sinks, packed=packed)
+                warps_per_program=warps_per_program, sinks=sinks, form=form)
+
+
+def test_verify_tiles_of_16_pairs_equal_decodes():
+    # the tile form with 16-row tiles: a row's heads across two programs
+    _check_rows("q4_0", "q4_0", [61, 62, 63, 64, 65, 0, 129], dim=64, gqa=3, positions=300, split=128,
+                block_n=32, warps_per_program=None, sinks=True, form="tile", tile_rows=16)
 
 
 @pytest.mark.parametrize("k_type,v_type,split,warps_per_program",
                          [("q4_0", "q8_0", 64, 4), ("f16", "q4_1", 128, 2), ("bf16", "bf16", 64, 1)])
-@pytest.mark.parametrize("packed", [False, True], ids=["warp-per-row", "packed-heads"])
+@pytest.mark.parametrize("form", ["tile", "packed"])
 def test_verify_within_one_split_takes_the_decode_kernel(monkeypatch, k_type, v_type, split,
-                                                         warps_per_program, packed):
+                                                         warps_per_program, form):
     # max_length within one split (the engine's short verify steps): the decode kernel with the rows as
     # sequences, no verify launch and no merge; the bits of the two-split verify launch and of each row's
     # decode
@@ -84,12 +90,13 @@ def test_verify_within_one_split_takes_the_decode_kernel(monkeypatch, k_type, v_
     for max_length in (split, split + 32):
         with monkeypatch.context() as m:
             if max_length == split:
-                m.setattr(va, "_verify_split_kernel", None)  # launching it would fail
+                m.setattr(va, "_packed_split_kernel", None)  # launching either would fail
+                m.setattr(va, "_tile_split_kernel", None)
                 m.setattr(da, "_decode_reduce_kernel", None)
             out = torch.full((n, 6, 64), float("nan"), dtype=torch.float16, device=DEVICE)
             verify_attention(q, ks.shared_by(n), vs.shared_by(n), lens, max_length=max_length,
                              split_size=split, block_n=32, warps_per_program=warps_per_program, out=out,
-                             packed=packed)
+                             form=form)
         runs.append(out)
     direct, merged = runs
     assert torch.equal(direct, merged)
@@ -156,13 +163,13 @@ def test_verify_applies_to_rows_without_a_window():
                          + [("q4_0", "q8_0"), ("f16", "q4_0")])
 @pytest.mark.parametrize("split,warps_per_program", [(128, 4), (128, 8), (512, 2)],
                          ids=["engine-split", "eight-warp-programs", "one-warp-decode-split"])
-@pytest.mark.parametrize("packed", [False, True], ids=["warp-per-row", "packed-heads"])
-def test_verify_rows_equal_decodes_real_shapes_gpu(k_type, v_type, split, warps_per_program, packed):
+@pytest.mark.parametrize("form", ["tile", "packed"])
+def test_verify_rows_equal_decodes_real_shapes_gpu(k_type, v_type, split, warps_per_program, form):
     # Qwen2.5-1.5B's attention (Hq 12, Hkv 2, D 128), 16 verify rows at depth ~4096, the engine's block_n;
     # split 512 makes the decode run its one-warp launch, 128 its four-warp one
     lengths = [4090 + r for r in range(15)] + [0]
     _check_rows(k_type, v_type, lengths, dim=128, gqa=6, positions=4608, split=split, block_n=64,
-                warps_per_program=warps_per_program, sinks=True, packed=packed, seed=3)
+                warps_per_program=warps_per_program, sinks=True, form=form, seed=3)
 
 
 @gpu
@@ -184,20 +191,33 @@ def test_prefetch_changes_no_bit_gpu(monkeypatch, k_type, v_type):
     assert torch.equal(*outs)
 
 
-def test_packing_follows_the_slabs_against_the_multiprocessors(monkeypatch):
-    # packed pairs once the launch has at least as many (split, KV head) slabs as SMs; never without a GPU
+def test_form_follows_the_slabs_against_the_multiprocessors(monkeypatch):
+    # the 2-D tile, but for an unquantized cache whose launch has at least as many (split, KV head) slabs as
+    # SMs: packed pairs; never packed without a GPU; TANDEM_VERIFY_FORM overrides the choice when it names
+    # a form
     import kernels.verify_attention as va
 
-    assert not va.packs_heads(500, 2, torch.device("cpu"))
+    monkeypatch.delenv("TANDEM_VERIFY_FORM", raising=False)
+    assert va.choose_form(500, 2, torch.device("cpu"), False) == "tile"
     monkeypatch.setattr(va, "sm_count", lambda device: 132)
     cuda = torch.device("cuda")
-    assert not va.packs_heads(34, 2, cuda)  # a 4K cache on an H200 (68 slabs): a warp per row
-    assert va.packs_heads(66, 2, cuda) and va.packs_heads(130, 2, cuda)  # 8K, 16K: packed
+    assert va.choose_form(34, 2, cuda, False) == "tile"  # a 4K cache on an H200 (68 slabs)
+    assert va.choose_form(66, 2, cuda, False) == va.choose_form(130, 2, cuda, False) == "packed"  # 8K, 16K
+    assert va.choose_form(130, 2, cuda, True) == "tile"  # quantized K and V
+    monkeypatch.setenv("TANDEM_VERIFY_FORM", "tile")
+    assert va.choose_form(130, 2, cuda, False) == "tile"
+    monkeypatch.setenv("TANDEM_VERIFY_FORM", "rows")  # not a form (any more): the choice stands
+    assert va.choose_form(130, 2, cuda, False) == "packed"
+    monkeypatch.delenv("TANDEM_VERIFY_FORM")
     seen = []
-    monkeypatch.setattr(va, "packs_heads", lambda splits, hkv, device: seen.append((splits, hkv)) or False)
+    monkeypatch.setattr(va, "choose_form", lambda *args: seen.append(args[:2] + args[3:]) or "tile")
     gen = torch.Generator().manual_seed(4)
     ks = random_store("q4_0", (1, 2, 128), 64, gen)
     q = torch.randn(3, 4, 64, generator=gen).to(DEVICE)
     lens = torch.tensor([40, 41, 42], dtype=torch.int32, device=DEVICE)
     va.verify_attention(q, ks, ks, lens, max_length=128, split_size=32, block_n=32)
-    assert seen == [(4, 2)]  # asked with the launch's split count and KV heads when packed is not given
+    assert seen == [(4, 2, True)]  # asked with the launch's splits, KV heads and types when form is not given
+    with pytest.raises(ValueError, match="form must be one of"):
+        va.verify_attention(q, ks, ks, lens, max_length=128, split_size=32, block_n=32, form="rows")
+    with pytest.raises(ValueError, match="tile_rows must be 16 or 32"):
+        va.verify_attention(q, ks, ks, lens, max_length=128, split_size=32, block_n=32, tile_rows=64)

@@ -182,13 +182,13 @@ def _kv_launches():
     on_cuda = {"FAST": True, "PREFETCH": True, **pdl}  # the inline-PTX dequantization and the L2 prefetch
     yield "decode split q4_0/q4_0 (sinks)", split.kernel, *split.calls[0], on_cuda
     yield "decode merge (sinks)", merge.kernel, *merge.calls[0], pdl
-    rows = 16  # a verify step: 16 rows over one cache, a warp per row (4 a program), or packed (long caches)
-    for packed, form in ((False, "warp/row"), (True, "packed")):
-        with recording(va, "_verify_split_kernel") as rec, recording(da, "_decode_reduce_kernel"):
+    rows = 16  # a verify step: 16 rows over one cache, 32 (row, head) pairs a program, or packed (long ones)
+    for form, kernel in (("tile", "_tile_split_kernel"), ("packed", "_packed_split_kernel")):
+        with recording(va, kernel) as rec, recording(da, "_decode_reduce_kernel"):
             va.verify_attention(torch.zeros(rows, hq, dim), k_store.shared_by(rows), v_store.shared_by(rows),
                                 torch.full((rows,), 100, dtype=torch.int32), max_length=cap, split_size=64,
                                 block_n=64, k_sink=sinks[0].expand(rows, -1, -1, -1),
-                                v_sink=sinks[1].expand(rows, -1, -1, -1), packed=packed)
+                                v_sink=sinks[1].expand(rows, -1, -1, -1), form=form)
         yield f"verify split q4_0 (16 rows, sinks, {form})", rec.kernel, *rec.calls[0], on_cuda
     with recording(pa, "_prefill_attention_kernel") as rec:
         pa.prefill_attention(torch.zeros(1, hq, t, dim), k_store, v_store, 0, k_sink=sinks[0],
