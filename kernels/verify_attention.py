@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kv_quant import KVStore
+from engine.kv_quant import KVStore, kv_type
 from kernels.decode_attention import (
     attend_tile,
     check_attention_args,
@@ -65,7 +65,6 @@ from kernels.kv_blocks import LOG2E, _half_cols, _load_halves, interpreting, pre
 from kernels.pdl import pdl_launch, wait_for_previous
 
 FORMS = ("tile", "packed")
-UNQUANTIZED = ("f16", "bf16")
 TILE_ROWS = 32  # pairs a program in the tile form: a 32-row 2-D tile (64 rows would compile to wgmma)
 WARPS_PER_PROGRAM = 4  # at most, packed: a warp takes 16 (row, query head) pairs
 # The shapes checked bit-equal to the decode on the GPU (16-row head groups, head_dim up to 128). Larger ones
@@ -337,7 +336,7 @@ def verify_attention(
         return decode_attention(q, k_store, v_store, lens, scale=scale, max_length=max_length,
                                 split_size=split_size, block_n=block_n, fast=fast, out=out, k_sink=k_sink,
                                 v_sink=v_sink)
-    quantized = k_store.kv_type not in UNQUANTIZED and v_store.kv_type not in UNQUANTIZED
+    quantized = kv_type(k_store.kv_type).quantized and kv_type(v_store.kv_type).quantized
     form = form or choose_form(n_splits, hkv, q.device, quantized)
     if form not in FORMS:
         raise ValueError(f"verify_attention form must be one of {FORMS}, got {form!r}")
