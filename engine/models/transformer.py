@@ -19,13 +19,15 @@ import torch.nn.functional as F
 from engine.config import ModelConfig
 from engine.errors import ModelFileError
 from engine.linear import make_linear
+from engine.lm_head import make_lm_head
 from engine.quants import dequantize, dequantize_rows
 
 log = logging.getLogger(__name__)
 
 # EngineConfig.cpu_weights -> engine.linear mode. "fast": 4-bit weights repacked for torch's int4 kernel with
 # bf16 activations (1.2 GB instead of 6.2 GB for Qwen2.5-1.5B, 1.6-1.8x faster decode, ~3e-3 relative
-# error per layer); "exact": weights dequantized to float32, bit-exact with gguf-py (the oracle tests).
+# error per layer; the LM head's near-top logits re-scored in float32, engine/lm_head.py); "exact": weights
+# dequantized to float32, bit-exact with gguf-py (the oracle tests).
 CPU_WEIGHT_MODES = {"fast": "int4-bf16", "exact": "dense"}
 
 
@@ -150,7 +152,7 @@ class Transformer(torch.nn.Module):
         if norm is None:
             raise ModelFileError("Tensor output_norm.weight is missing; the model file is incomplete.")
         self.output_norm = dequantize(norm.data, norm.qtype, norm.shape).to(device)
-        self.lm_head = make_linear(
+        self.lm_head = make_lm_head(
             weights.get("output.weight", self.embedding), device=device, mode=CPU_WEIGHT_MODES[cpu_weights]
         )  # tied to the embedding if absent
         factors = weights.get("rope_freqs.weight")
