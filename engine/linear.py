@@ -19,6 +19,14 @@ Three CPU modes (`CPU_LINEAR_MODES`), chosen per call; see tests/tools/bench_lin
   The LM head in this mode re-scores each row's near-top logits in float32 (engine/lm_head.py), so a
   greedy pick is not decided by bfloat16 rounding.
 
+On CPUs whose best torch kernel level is AVX2 (no AVX512: most laptops and desktops), "int4-bf16" keeps the
+types the repack splits in two int4 planes (Q5_0, Q5_1, Q8_0, Q6_K: the input widened to 2K columns, twice
+the op's work) as bfloat16 weights through F.linear instead (`Bf16Linear`; `two_plane_as_bf16`). Measured on
+a 2-core AMD EPYC (AVX2) VM (BENCHMARKS.md, session 15): at one row FFN-down Q6_K 1536x8960 2.17 -> 1.35 ms,
+the Q6_K LM head 36 -> 25 ms; `python -m engine bench` decode Qwen2.5-Coder-1.5B 4.7-4.9 -> 5.3-5.4 tok/s,
+0.5B (mostly Q5_0) 8.6-9.1 -> 10.2-11.8, SmolLM2 22.5-23.9 -> 24.6-27.0. Costs 2 bytes a weight instead of
+~1.1 for those types: +0.34 GiB resident for the 1.5B model, +0.41 GiB for the 0.5B.
+
 Types without an int4 repacking (Q2_K, Q3_K, Q5_K, F16, BF16, F32) always use "dense".
 
 On CUDA every weight stays in its GGUF blocks on the device and goes through `kernels.qmatmul`
@@ -31,16 +39,18 @@ verification stays exactly equal to decoding.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as QT
 
 from engine.api import VERIFY_ROWS_MAX
 from engine.errors import ModelFileError
 from engine.gguf_file import TensorInfo
 from engine.int4_repack import INT4_TYPES, PackedInt4, int4_matmul, repack_int4
-from engine.quants import dequantize
+from engine.quants import dequantize, dequantize_rows
 
 if TYPE_CHECKING:
     from kernels.split_output import SplitOutput
@@ -78,6 +88,26 @@ class DenseLinear(torch.nn.Module):
 DENSE_FROM_ROWS = 128
 
 
+# Types the int4 repack splits in two planes (engine.int4_repack: the input widened to 2K columns).
+TWO_PLANE_TYPES = frozenset({QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q6_K})
+
+
+def two_plane_as_bf16() -> bool:
+    """Whether "int4-bf16" keeps TWO_PLANE_TYPES as bfloat16 weights on this CPU: yes where torch's best
+    kernel level is AVX2 (measured faster there, module docstring); elsewhere the int4 op, measured on an
+    AVX512 VM only. TANDEM_CPU_TWO_PLANE=int4|bf16 overrides (A/B runs, tests)."""
+    choice = os.environ.get("TANDEM_CPU_TWO_PLANE", "auto")
+    if choice in ("int4", "bf16"):
+        return choice == "bf16"
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+def _exact_dense(info: TensorInfo, x2: torch.Tensor) -> torch.Tensor:
+    """(M, K) -> (M, N) float32 through the exact float32 weight, dequantized for this call."""
+    w = dequantize(info.data, info.qtype, info.shape)  # (N, K) float32, exact
+    return torch.nn.functional.linear(x2.to(torch.float32), w)
+
+
 class Int4Linear(torch.nn.Module):
     """A GGUF weight repacked for `_weight_int4pack_mm_for_cpu`; computes in the packed dtype."""
 
@@ -96,13 +126,51 @@ class Int4Linear(torch.nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.dense_from_rows is not None and x2.shape[0] >= self.dense_from_rows:
-            w = dequantize(self.info.data, self.info.qtype, self.info.shape)  # (N, K) float32, exact
-            y = torch.nn.functional.linear(x2.to(torch.float32), w)  # (M, N)
+            y = _exact_dense(self.info, x2)  # (M, N)
         else:
             y = int4_matmul(x2, self.weight).to(torch.float32)  # (M, N)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)  # (..., N)
+
+
+class Bf16Linear(torch.nn.Module):
+    """A GGUF weight dequantized once and rounded to bfloat16; bfloat16 inputs, float32 outputs.
+
+    Blocks of 2..VERIFY_ROWS_MAX rows run row by row (a batched call takes another BLAS kernel, another
+    summation order), so a verify block's rows equal single-row decoding bit for bit; from
+    `dense_from_rows` rows on, the exact float32 weight as in Int4Linear."""
+
+    def __init__(self, info: TensorInfo, bias: torch.Tensor | None, dense_from_rows: int) -> None:
+        super().__init__()
+        self.info = info  # the GGUF bytes (a memory-map view), for large batches and exact rows
+        self.bias = bias  # (out_features,) float32 or None
+        self.out_features, self.in_features = (int(s) for s in info.shape)
+        self.dense_from_rows = dense_from_rows
+        self.weight = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16)  # (N, K)
+        for r0 in range(0, self.out_features, _BF16_CHUNK_ROWS):  # bounded float32 scratch
+            rows = torch.arange(r0, min(r0 + _BF16_CHUNK_ROWS, self.out_features))
+            self.weight[r0 : r0 + len(rows)] = dequantize_rows(info, rows).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if x2.shape[0] >= self.dense_from_rows:
+            y = _exact_dense(self.info, x2)  # (M, N)
+        else:
+            xb = x2.to(torch.bfloat16)
+            if 1 < xb.shape[0] <= VERIFY_ROWS_MAX:
+                rows = [torch.nn.functional.linear(xb[i : i + 1], self.weight) for i in range(len(xb))]
+                y = torch.cat(rows)  # (M, N)
+            else:
+                y = torch.nn.functional.linear(xb, self.weight)  # (M, N)
+            y = y.to(torch.float32)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)  # (..., N)
+
+
+_BF16_CHUNK_ROWS = 8192  # rows dequantized at a time while building a Bf16Linear (LM head: 50 MB of float32)
 
 
 class GpuLinear(torch.nn.Module):
@@ -188,6 +256,8 @@ def make_linear(
         raise ValueError(f"{info.name}: a linear weight must be 2-D, got shape {info.shape}")
     bias32 = None if bias is None else bias.to(device=device, dtype=torch.float32)
     on_cpu = torch.device(device).type == "cpu"
+    if on_cpu and mode == "int4-bf16" and info.qtype in TWO_PLANE_TYPES and two_plane_as_bf16():
+        return Bf16Linear(info, bias32, DENSE_FROM_ROWS)
     if on_cpu and mode != "dense" and info.qtype in INT4_TYPES:
         compute_dtype = torch.bfloat16 if mode == "int4-bf16" else torch.float32
         out_features, in_features = (int(s) for s in info.shape)

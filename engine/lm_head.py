@@ -1,6 +1,7 @@
 """The CPU LM head, whose near-ties are settled in float32 on the fast path.
 
-The fast path ("int4-bf16", engine.linear) rounds the head's input, scales and output to bfloat16: a logit
+The fast path ("int4-bf16", engine.linear: the int4 op, or bfloat16 weights for two-plane types on AVX2
+CPUs) rounds the head's input, weights or scales, and output to bfloat16: a logit
 near 25 can only be a multiple of 0.125, and the head's error against float32 dots of the same input with
 the exactly dequantized rows reached 1.2 % of the top logit (measured: SmolLM2-135M 0.20 at ~25, Qwen2.5-
 Coder-0.5B/1.5B 0.5 %, 300 rows of README and code each). So the greedy pick was often a coin toss the CPU
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.linear import Int4Linear, make_linear
+from engine.linear import Bf16Linear, Int4Linear, make_linear
 from engine.quants import dequantize_rows
 
 MARGIN = 1 / 16  # of max(|top logit|, 1)
@@ -32,7 +33,7 @@ _BLOCK = 256  # vocabulary entries a block in near_top
 
 
 class RescoredHead(torch.nn.Module):
-    def __init__(self, linear: Int4Linear) -> None:
+    def __init__(self, linear: Int4Linear | Bf16Linear) -> None:
         super().__init__()
         self.linear = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -80,8 +81,9 @@ def near_top(logits: torch.Tensor, margin: float) -> torch.Tensor:
 
 
 def make_lm_head(info, device, mode: str) -> torch.nn.Module:
-    """The LM head over the GGUF weight `info`: a RescoredHead where the linear layer is the bf16 int4 one."""
+    """The LM head over the GGUF weight `info`: a RescoredHead where the linear layer computes in bfloat16."""
     linear = make_linear(info, device=device, mode=mode)
-    if isinstance(linear, Int4Linear) and linear.dense_from_rows is not None:
+    bf16_int4 = isinstance(linear, Int4Linear) and linear.dense_from_rows is not None
+    if bf16_int4 or isinstance(linear, Bf16Linear):
         return RescoredHead(linear)
     return linear

@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as QT
 from engine import int4_repack, linear
 from engine.gguf_file import GGUFModelFile, TensorInfo
 from engine.int4_repack import INT4_TYPES, to_int4_planes
-from engine.linear import DenseLinear, Int4Linear, make_linear
+from engine.linear import TWO_PLANE_TYPES, Bf16Linear, DenseLinear, Int4Linear, make_linear
 from tests.engine.gguf_builders import random_blocks
 
 ALL_TYPES = (
@@ -89,7 +89,8 @@ def test_planes_rebuild_gguf_weights(qtype: QT) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
-def test_make_linear_matches_oracle(qtype: QT, mode: str) -> None:
+def test_make_linear_matches_oracle(qtype: QT, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANDEM_CPU_TWO_PLANE", "int4")  # the bfloat16 weights of two-plane types: below
     info = weight_info(qtype, (OUT_FEATURES, IN_FEATURES), seed=1)
     gen = torch.Generator().manual_seed(2)
     bias = torch.randn(OUT_FEATURES, generator=gen) * 0.01
@@ -104,6 +105,37 @@ def test_make_linear_matches_oracle(qtype: QT, mode: str) -> None:
         want = torch.nn.functional.linear(x.double(), weight, bias.double())  # (..., N)
         err = rel_rms(y, want)
         assert err <= TOLERANCE[mode], f"{qtype.name} {mode} rows {lead}: relative RMS {err:.3g}"
+
+
+@pytest.mark.parametrize("qtype", sorted(TWO_PLANE_TYPES), ids=lambda t: t.name)
+def test_two_plane_types_as_bf16_weights_match_oracle(qtype: QT, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANDEM_CPU_TWO_PLANE", "bf16")
+    info = weight_info(qtype, (OUT_FEATURES, IN_FEATURES), seed=1)
+    gen = torch.Generator().manual_seed(2)
+    bias = torch.randn(OUT_FEATURES, generator=gen) * 0.01
+    layer = make_linear(info, bias, mode="int4-bf16")
+    assert isinstance(layer, Bf16Linear)
+    weight = oracle_weight(info).double()  # (N, K)
+    for lead in ((1,), (7,), (2, 3), (20,)):
+        x = torch.randn(*lead, IN_FEATURES, generator=gen)  # (..., K)
+        y = layer(x)
+        assert y.shape == (*lead, OUT_FEATURES) and y.dtype == torch.float32
+        err = rel_rms(y, torch.nn.functional.linear(x.double(), weight, bias.double()))
+        assert 1e-5 < err <= TOLERANCE["int4-bf16"], f"{qtype.name} rows {lead}: relative RMS {err:.3g}"
+    block = torch.randn(16, IN_FEATURES, generator=gen)  # a verify block: each row as decoded alone
+    assert torch.equal(layer(block), torch.cat([layer(block[i : i + 1]) for i in range(16)]))
+
+
+def test_two_plane_choice_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    info = weight_info(QT.Q6_K, (8, 256), seed=3)
+    for capability, want in (("AVX2", Bf16Linear), ("AVX512", Int4Linear), ("DEFAULT", Int4Linear)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert isinstance(make_linear(info, mode="int4-bf16"), want), capability
+        assert isinstance(make_linear(info, mode="dense"), DenseLinear)
+        assert isinstance(make_linear(weight_info(QT.Q4_K, (8, 256)), mode="int4-bf16"), Int4Linear)
+    monkeypatch.setenv("TANDEM_CPU_TWO_PLANE", "bf16")
+    assert isinstance(make_linear(info, mode="int4-bf16"), Bf16Linear)
+    assert isinstance(make_linear(info, mode="int4"), Int4Linear)  # the exact float32 op stays what it is
 
 
 def test_bf16_mode_is_lossy_and_int4_mode_is_not() -> None:
@@ -169,9 +201,13 @@ def test_real_model_rows(name: str) -> None:
         assert err <= TOLERANCE[mode], f"{name} {mode}: relative RMS {err:.3g}"
 
 
+@pytest.mark.parametrize("two_plane", ["int4", "bf16"])
 @pytest.mark.parametrize("qtype", [QT.Q6_K, QT.Q8_0], ids=lambda t: t.name)
-def test_split_types_go_dense_for_large_batches(qtype: QT) -> None:
+def test_split_types_go_dense_for_large_batches(
+    qtype: QT, two_plane: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """int4-bf16 hands prefill-sized batches of two-plane types to the exact dense path."""
+    monkeypatch.setenv("TANDEM_CPU_TWO_PLANE", two_plane)
     info = weight_info(qtype, (OUT_FEATURES, IN_FEATURES), seed=11)
     layer = make_linear(info, mode="int4-bf16")
     gen = torch.Generator().manual_seed(12)

@@ -28,7 +28,14 @@ def oracle_logits(info: TensorInfo, x: torch.Tensor) -> torch.Tensor:
     return x.double() @ weight.reshape(info.shape).T
 
 
-def test_a_bfloat16_tie_goes_to_the_float32_winner():
+@pytest.fixture(params=["int4", "bf16"])
+def two_plane(request, monkeypatch):
+    """Both fast heads of a two-plane type (Q8_0, Q6_K): the int4 op and bfloat16 weights (engine.linear)."""
+    monkeypatch.setenv("TANDEM_CPU_TWO_PLANE", request.param)
+    return request.param
+
+
+def test_a_bfloat16_tie_goes_to_the_float32_winner(two_plane):
     # Rows 0 and 1 are all 1.0 (Q8_0 code 127) but row 0 has one code 126: with x = 0.05 everywhere their
     # logits are ~25.6 and differ by d * 0.05 ~ 4e-4, far under bfloat16's step of 0.125 there.
     values = np.random.default_rng(0).normal(0.0, 0.02, (40, IN_FEATURES)).astype(np.float32)
@@ -50,7 +57,7 @@ def test_a_bfloat16_tie_goes_to_the_float32_winner():
 
 
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q6_K, QT.Q4_K])
-def test_greedy_picks_match_float32_on_random_rows(qtype):
+def test_greedy_picks_match_float32_on_random_rows(qtype, two_plane):
     rng = np.random.default_rng(1)
     n_out = 300
     info = info_of(random_blocks(qtype, (n_out, IN_FEATURES), rng, max_abs=0.05), qtype, (n_out, IN_FEATURES))
@@ -64,7 +71,7 @@ def test_greedy_picks_match_float32_on_random_rows(qtype):
     assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
 
 
-def test_rows_settle_alone_bit_for_bit():
+def test_rows_settle_alone_bit_for_bit(two_plane):
     # A speculative verify block of 16 rows must give each row the logits decoding it alone gives.
     rng = np.random.default_rng(2)
     info = info_of(random_blocks(QT.Q6_K, (200, IN_FEATURES), rng, max_abs=0.05), QT.Q6_K, (200, IN_FEATURES))
@@ -75,7 +82,7 @@ def test_rows_settle_alone_bit_for_bit():
         assert torch.equal(block[i : i + 1], head(x[i : i + 1]))
 
 
-def test_prefill_sized_blocks_keep_the_exact_gemm():
+def test_prefill_sized_blocks_keep_the_exact_gemm(two_plane):
     rng = np.random.default_rng(3)
     info = info_of(random_blocks(QT.Q8_0, (50, IN_FEATURES), rng, max_abs=0.05), QT.Q8_0, (50, IN_FEATURES))
     head = make_lm_head(info, "cpu", "int4-bf16")
