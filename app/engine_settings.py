@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from PySide6.QtCore import QSettings
@@ -36,7 +36,7 @@ def snapshot_directory() -> str:
 @dataclass
 class EngineSettings:
     model_path: str = ""  # "" = default target
-    draft_mode: str = "draft-model"  # none | draft-model | dflash | ngram
+    draft_mode: str = "auto"  # auto | none | draft-model | dflash | ngram (auto: `resolved`)
     draft_path: str = ""  # "" with draft-model = default draft
     max_draft: int = 8
     kv_k: str = "f16"
@@ -54,6 +54,17 @@ class EngineSettings:
     repeat_penalty: float = 1.0
     seed: int = -1  # -1 = random
     max_tokens: int = 1024
+
+    def resolved(self, on_gpu: bool) -> EngineSettings:
+        """These settings with draft mode "auto" made concrete for the device the engine will run on.
+
+        auto = the default draft model on a GPU, no speculation on the CPU: there every speculative mode
+        was measured slower than plain decoding of the default target (BENCHMARKS.md, "Speculative
+        decoding": draft model 0.49-0.76x, n-gram lookup 0.43-0.66x on an AVX2 VM, 0.89-1.07x and
+        0.65-0.74x on code and chat before), since the CPU verify step costs nearly a decode step a row."""
+        if self.draft_mode != "auto":
+            return self
+        return replace(self, draft_mode="draft-model" if on_gpu else "none")
 
     def to_engine_config(self, model: str, draft_path: str | None) -> EngineConfig:
         """The engine config for resolved paths; raises SettingsError for a bad combination."""
@@ -106,8 +117,9 @@ class EngineSettings:
                 f"({self.context_length}); lower max tokens or raise the context length."
             )
         placeholder = "placeholder.gguf"
-        draft = self.draft_path or (placeholder if self.draft_mode in ("draft-model", "dflash") else None)
-        self.to_engine_config(self.model_path or placeholder, draft)
+        concrete = self.resolved(on_gpu=False)  # auto on a GPU (the default draft) is valid as well
+        draft = self.draft_path or (placeholder if concrete.draft_mode in ("draft-model", "dflash") else None)
+        concrete.to_engine_config(self.model_path or placeholder, draft)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(

@@ -32,6 +32,7 @@ from engine.api import DEVICES, K_EQUALIZE_MODES, K_SMOOTH_MODES, KV_TYPES
 from engine.errors import TandemError
 
 DRAFT_MODE_LABELS = {
+    "auto": "Automatic (draft model on a GPU, none on the CPU)",
     "none": "None",
     "draft-model": "Draft model file",
     "ngram": "N-gram (prompt lookup)",
@@ -254,7 +255,7 @@ class SettingsPanel(QScrollArea):
             if mode == "dflash"
             else ""
         )
-        self.max_draft.setEnabled(mode in ("draft-model", "ngram"))
+        self.max_draft.setEnabled(mode in ("auto", "draft-model", "ngram"))
         q4_0 = self.kv_k.currentData() == "q4_0"
         self.skip_wht.setEnabled(q4_0)
         if not q4_0:

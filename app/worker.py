@@ -32,6 +32,7 @@ COALESCE_S = 1 / 30
 
 EngineLoader = Callable[..., object]  # (EngineConfig, progress=callable) -> session
 ModelLocator = Callable[..., object]  # (catalogue name, progress=callable) -> Path
+GpuProbe = Callable[[str], bool]  # (device setting) -> whether the engine will run on a GPU
 
 
 class _LoadCancelled(Exception):
@@ -63,6 +64,16 @@ def _default_loader(config, progress):  # noqa: ANN001, ANN202
     from engine.session import Engine  # torch comes in here, on the worker thread
 
     return Engine.load(config, progress=progress)
+
+
+def _default_gpu_probe(device: str) -> bool:
+    """Whether the engine will run on a GPU for this device setting (for draft mode "auto")."""
+    from engine.session import pick_device  # torch comes in here, on the worker thread
+
+    try:
+        return pick_device(device)[0] == "cuda"
+    except TandemError:
+        return False  # device "cuda" without a usable GPU: the load itself will say so
 
 
 def _default_locator(name: str, progress):  # noqa: ANN001, ANN202
@@ -114,10 +125,12 @@ class EngineWorker(QObject):
         engine_loader: EngineLoader | None = None,
         model_locator: ModelLocator | None = None,
         coalesce_s: float = COALESCE_S,
+        gpu_probe: GpuProbe | None = None,
     ) -> None:
         super().__init__()
         self._load_engine = engine_loader or _default_loader
         self._locate = model_locator or _default_locator
+        self._on_gpu = gpu_probe or _default_gpu_probe
         self._coalesce_s = coalesce_s
         self._session = None
         self.closing = threading.Event()  # set by the GUI thread before shutdown
@@ -144,6 +157,7 @@ class EngineWorker(QObject):
 
         try:
             settings.check()
+            settings = settings.resolved(on_gpu=self._on_gpu(settings.device))
             model = settings.model_path
             if not model:
                 progress("Locating the default model", 0.0)

@@ -131,5 +131,28 @@ def test_k_equalization_setting_reaches_the_engine_config(qtbot):
     assert panel.k_equalize.currentData() == "off"
     panel.k_equalize.setCurrentIndex(panel.k_equalize.findData("on"))
     s = panel.settings()
-    assert s.k_equalize == "on" and s.to_engine_config("m.gguf", "d.gguf").k_equalize == "on"
-    assert EngineSettings().to_engine_config("m.gguf", "d.gguf").k_equalize == "auto"
+    on_gpu = s.resolved(on_gpu=True)  # draft mode "auto" made concrete, as the worker does
+    assert s.k_equalize == "on" and on_gpu.to_engine_config("m.gguf", "d.gguf").k_equalize == "on"
+    assert EngineSettings().resolved(on_gpu=True).to_engine_config("m.gguf", "d.gguf").k_equalize == "auto"
+
+
+def test_automatic_draft_mode_is_the_default_and_resolves_by_device():
+    settings = EngineSettings()
+    assert settings.draft_mode == "auto"
+    settings.check()  # valid without a GPU probe (checked as its CPU resolution)
+    assert settings.resolved(on_gpu=False).draft_mode == "none"
+    assert settings.resolved(on_gpu=True).draft_mode == "draft-model"
+    chosen = EngineSettings(draft_mode="ngram")
+    assert chosen.resolved(on_gpu=False) is chosen and chosen.resolved(on_gpu=True) is chosen
+
+
+def test_panel_offers_and_round_trips_automatic_draft_mode(qtbot):
+    from app.settings_panel import SettingsPanel
+
+    panel = SettingsPanel()
+    qtbot.addWidget(panel)
+    panel.set_settings(EngineSettings(draft_mode="none"))
+    panel.set_settings(EngineSettings())
+    assert panel.draft_mode.currentData() == "auto"
+    assert not panel.draft_path.isEnabled() and panel.max_draft.isEnabled()
+    assert panel.settings().draft_mode == "auto"

@@ -83,3 +83,26 @@ def test_describe_error():
     assert describe_error(MemoryError()).startswith("Out of memory.")
     assert describe_error(RuntimeError("CUDA out of memory. Tried to allocate")).startswith("Out of memory.")
     assert "ValueError" in describe_error(ValueError("x"))
+
+
+@pytest.mark.parametrize(("on_gpu", "mode", "draft"), [(False, "none", False), (True, "draft-model", True)])
+def test_automatic_draft_mode_follows_the_device(qtbot, tmp_path, on_gpu, mode, draft):
+    engine = FakeEngine()
+    probed = []
+    thread = QThread()
+    worker = EngineWorker(engine.load, fake_locator(tmp_path), gpu_probe=lambda d: probed.append(d) or on_gpu)
+    worker.moveToThread(thread)
+    driver = Driver()
+    driver.load.connect(worker.load)
+    driver.shutdown.connect(worker.shutdown)
+    thread.start()
+    try:
+        with qtbot.waitSignal(worker.loaded, timeout=10000):
+            driver.load.emit(EngineSettings(device="auto"))  # draft mode "auto" is the default
+        assert probed == ["auto"]
+        config = engine.configs[-1]
+        assert config.draft.mode == mode
+        assert (config.draft.path or "").endswith("qwen2.5-coder-0.5b.gguf") == draft
+    finally:
+        driver.shutdown.emit()
+        assert thread.wait(5000)
