@@ -15,7 +15,8 @@ Three CPU modes (`CPU_LINEAR_MODES`), chosen per call; see tests/tools/bench_lin
   512 rows. Not lossless. From `DENSE_FROM_ROWS` rows on (prefill chunks) every type switches to an
   exact dequantize (from the memory-mapped GGUF bytes) + float32 F.linear: Qwen2.5-Coder-1.5B pp512
   went from 46 to 57 tok/s (BENCHMARKS.md, run 6). Blocks of up to 16 rows (decode, speculative
-  verify) always take the int4 kernel, whose rows are independent of the block size bit for bit.
+  verify) always take the int4 kernel (or, below, Bf16Linear's row-by-row calls), whose rows are
+  independent of the block size bit for bit.
   The LM head in this mode re-scores each row's near-top logits in float32 (engine/lm_head.py), so a
   greedy pick is not decided by bfloat16 rounding.
 

@@ -1,13 +1,13 @@
 """The CPU LM head, whose near-ties are settled in float32 on the fast path.
 
 The fast path ("int4-bf16", engine.linear: the int4 op, or bfloat16 weights for two-plane types on AVX2
-CPUs) rounds the head's input, weights or scales, and output to bfloat16: a logit
-near 25 can only be a multiple of 0.125, and the head's error against float32 dots of the same input with
-the exactly dequantized rows reached 1.2 % of the top logit (measured: SmolLM2-135M 0.20 at ~25, Qwen2.5-
-Coder-0.5B/1.5B 0.5 %, 300 rows of README and code each). So the greedy pick was often a coin toss the CPU
-decided: on those rows 9/300 (SmolLM2), 3/300 and 1/300 (Qwen) picks differed from the float32 argmax of
-the same hidden state, and on "What is the capital of France?" SmolLM2's first pick tied "The" and "L" at
-25.375 on an AMD EPYC (AVX2) machine and the answer went French.
+CPUs) rounds the head's input, its weights or scales, and its output to bfloat16: a logit near 25 can only
+be a multiple of 0.125, and the head's error against float32 dots of the same input with the exactly
+dequantized rows reached 1.2 % of the top logit (measured with the int4 op: SmolLM2-135M 0.20 at ~25,
+Qwen2.5-Coder-0.5B/1.5B 0.5 %, 300 rows of README and code each). So the greedy pick was often a coin
+toss the CPU decided: on those rows 9/300 (SmolLM2), 3/300 and 1/300 (Qwen) picks differed from the
+float32 argmax of the same hidden state, and on "What is the capital of France?" SmolLM2's first pick
+tied "The" and "L" at 25.375 on an AMD EPYC (AVX2) machine and the answer went French.
 
 `RescoredHead` keeps the fast head and, row by row, recomputes every logit within `MARGIN` of the row's top
 (at most `MAX_RESCORED` of them) as a float32 dot of the input row with the exact rows of the GGUF weight.
