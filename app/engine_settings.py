@@ -58,13 +58,16 @@ class EngineSettings:
     def resolved(self, on_gpu: bool) -> EngineSettings:
         """These settings with draft mode "auto" made concrete for the device the engine will run on.
 
-        auto = the default draft model on a GPU, no speculation on the CPU: there every speculative mode
-        was measured slower than plain decoding of the default target (BENCHMARKS.md, "Speculative
-        decoding": draft model 0.49-0.76x, n-gram lookup 0.43-0.66x on an AVX2 VM, 0.89-1.07x and
-        0.65-0.74x on code and chat before), since the CPU verify step costs nearly a decode step a row."""
+        auto = n-gram lookup on a GPU, no speculation on the CPU (BENCHMARKS.md, "Speculative decoding",
+        session 15). On the CPU every mode measured slower than plain decoding of the default target on
+        code and chat prompts (draft model 0.49-0.76x, n-gram lookup 0.92x at best on an AVX2 VM): a verify
+        row costs nearly a decode step there. On a GPU a 16-row verify costs ~1.15x a step and lookup
+        drafts cost nothing, so lookup wins big on edits (projected 7.55x llama.cpp, GPU run 19) and loses
+        little elsewhere, while the 0.5B draft model's step costs about the target's (projected 1.19x
+        llama.cpp against plain decoding's 1.52x)."""
         if self.draft_mode != "auto":
             return self
-        return replace(self, draft_mode="draft-model" if on_gpu else "none")
+        return replace(self, draft_mode="ngram" if on_gpu else "none")
 
     def to_engine_config(self, model: str, draft_path: str | None) -> EngineConfig:
         """The engine config for resolved paths; raises SettingsError for a bad combination."""
@@ -117,7 +120,7 @@ class EngineSettings:
                 f"({self.context_length}); lower max tokens or raise the context length."
             )
         placeholder = "placeholder.gguf"
-        concrete = self.resolved(on_gpu=False)  # auto on a GPU (the default draft) is valid as well
+        concrete = self.resolved(on_gpu=False)  # auto on a GPU (n-gram lookup) is valid as well
         draft = self.draft_path or (placeholder if concrete.draft_mode in ("draft-model", "dflash") else None)
         concrete.to_engine_config(self.model_path or placeholder, draft)
 

@@ -32,7 +32,7 @@ from engine.api import DEVICES, K_EQUALIZE_MODES, K_SMOOTH_MODES, KV_TYPES
 from engine.errors import TandemError
 
 DRAFT_MODE_LABELS = {
-    "auto": "Automatic (draft model on a GPU, none on the CPU)",
+    "auto": "Automatic (n-gram lookup on a GPU, none on the CPU)",
     "none": "None",
     "draft-model": "Draft model file",
     "ngram": "N-gram (prompt lookup)",

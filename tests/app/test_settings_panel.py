@@ -141,7 +141,7 @@ def test_automatic_draft_mode_is_the_default_and_resolves_by_device():
     assert settings.draft_mode == "auto"
     settings.check()  # valid without a GPU probe (checked as its CPU resolution)
     assert settings.resolved(on_gpu=False).draft_mode == "none"
-    assert settings.resolved(on_gpu=True).draft_mode == "draft-model"
+    assert settings.resolved(on_gpu=True).draft_mode == "ngram"
     chosen = EngineSettings(draft_mode="ngram")
     assert chosen.resolved(on_gpu=False) is chosen and chosen.resolved(on_gpu=True) is chosen
 

@@ -85,8 +85,8 @@ def test_describe_error():
     assert "ValueError" in describe_error(ValueError("x"))
 
 
-@pytest.mark.parametrize(("on_gpu", "mode", "draft"), [(False, "none", False), (True, "draft-model", True)])
-def test_automatic_draft_mode_follows_the_device(qtbot, tmp_path, on_gpu, mode, draft):
+@pytest.mark.parametrize(("on_gpu", "mode"), [(False, "none"), (True, "ngram")])
+def test_automatic_draft_mode_follows_the_device(qtbot, tmp_path, on_gpu, mode):
     engine = FakeEngine()
     probed = []
     thread = QThread()
@@ -102,7 +102,7 @@ def test_automatic_draft_mode_follows_the_device(qtbot, tmp_path, on_gpu, mode, 
         assert probed == ["auto"]
         config = engine.configs[-1]
         assert config.draft.mode == mode
-        assert (config.draft.path or "").endswith("qwen2.5-coder-0.5b.gguf") == draft
+        assert config.draft.path is None  # no draft model is located or loaded
     finally:
         driver.shutdown.emit()
         assert thread.wait(5000)

@@ -122,12 +122,15 @@ def test_ngram_drafter_proposes_what_followed_the_latest_match():
     from engine.drafters import NgramDrafter
 
     sampler = Sampler(SamplingParams())
-    drafter = NgramDrafter(max_ngram=3)
+    drafter = NgramDrafter(max_ngram=3, min_ngram=1)
     context = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 6, 1, 2, 3]
     # "1 2 3" occurs at 0 (followed by 4 5 9) — the 3-gram wins over the later "2 3" (followed by 7 8)
     assert drafter.propose(context, 3, sampler).tokens == [4, 5, 9]
     assert drafter.propose([5, 2, 3, 7, 0, 2, 3], 2, sampler).tokens == [7, 0]
     assert drafter.propose([1, 2, 3], 4, sampler).tokens == []
+    # the default needs 3 matching tokens: "2 3" alone proposes nothing, "6 2 3" does
+    assert NgramDrafter().propose([5, 2, 3, 7, 0, 2, 3], 2, sampler).tokens == []
+    assert NgramDrafter().propose([6, 2, 3, 7, 0, 6, 2, 3], 2, sampler).tokens == [7, 0]
 
 
 # -- rejection sampling --------------------------------------------------------------------------------
