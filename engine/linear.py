@@ -73,14 +73,18 @@ class DenseLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if 1 < x2.shape[0] <= VERIFY_ROWS_MAX:
-            # BLAS picks another kernel (another summation order) for 2+ rows than for 1, so a
-            # speculative verify block would not reproduce single-token decoding bit for bit.
-            rows = [
-                torch.nn.functional.linear(x2[i : i + 1], self.weight, self.bias) for i in range(x2.shape[0])
-            ]
-            return torch.cat(rows).reshape(*lead, self.out_features)
-        return torch.nn.functional.linear(x, self.weight, self.bias)  # (..., out_features)
+        return linear_rows_alone(x2, self.weight, self.bias).reshape(*lead, self.out_features)
+
+
+def linear_rows_alone(
+    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.linear of (M, K) rows, each of a block of 2..VERIFY_ROWS_MAX rows on its own: BLAS picks another
+    kernel (another summation order) for 2+ rows than for 1, so a speculative verify block would not
+    reproduce single-token decoding bit for bit. -> (M, N)."""
+    if 1 < x2.shape[0] <= VERIFY_ROWS_MAX:
+        return torch.cat([torch.nn.functional.linear(x2[i : i + 1], weight, bias) for i in range(len(x2))])
+    return torch.nn.functional.linear(x2, weight, bias)
 
 
 # From this many rows on (prefill chunks), an int4 weight is dequantized from the memory-mapped GGUF
@@ -138,8 +142,8 @@ class Int4Linear(torch.nn.Module):
 class Bf16Linear(torch.nn.Module):
     """A GGUF weight dequantized once and rounded to bfloat16; bfloat16 inputs, float32 outputs.
 
-    Blocks of 2..VERIFY_ROWS_MAX rows run row by row (a batched call takes another BLAS kernel, another
-    summation order), so a verify block's rows equal single-row decoding bit for bit; from
+    Blocks of 2..VERIFY_ROWS_MAX rows run row by row (`linear_rows_alone`), so a verify block's rows equal
+    single-row decoding bit for bit; from
     `dense_from_rows` rows on, the exact float32 weight as in Int4Linear."""
 
     def __init__(self, info: TensorInfo, bias: torch.Tensor | None, dense_from_rows: int) -> None:
@@ -159,13 +163,7 @@ class Bf16Linear(torch.nn.Module):
         if x2.shape[0] >= self.dense_from_rows:
             y = _exact_dense(self.info, x2)  # (M, N)
         else:
-            xb = x2.to(torch.bfloat16)
-            if 1 < xb.shape[0] <= VERIFY_ROWS_MAX:
-                rows = [torch.nn.functional.linear(xb[i : i + 1], self.weight) for i in range(len(xb))]
-                y = torch.cat(rows)  # (M, N)
-            else:
-                y = torch.nn.functional.linear(xb, self.weight)  # (M, N)
-            y = y.to(torch.float32)
+            y = linear_rows_alone(x2.to(torch.bfloat16), self.weight).to(torch.float32)  # (M, N)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)  # (..., N)
