@@ -71,6 +71,18 @@ SETS: dict[str, dict[str, dict]] = {
         "lm 4 stages": {"gemv": {"lm": dict(num_stages=4)}},
         "lm bn32": {"gemv": {"lm": dict(block_n=32)}},
     },
+    "gemv-stages": {  # session 16: deeper pipelines for the GEMVs whose programs walk several K-tiles
+        # (gate/up 4, Q6_K FFN-down 7; Q/K/V/O and Q4_K FFN-down programs walk 1-2: stages change nothing).
+        # Stages alone keep every bit; the pps variants change the K split (so the bits).
+        "defaults": {},
+        "gate/up 3 stages": {"gemv": {"gu": dict(num_stages=3)}},
+        "gate/up 4 stages": {"gemv": {"gu": dict(num_stages=4)}},
+        "gate/up pps4 4 stages (unsplit)": {"gemv": {"gu": dict(programs_per_sm=4, num_stages=4)}},
+        "down Q6_K 4 stages": {"gemv": {"down": dict(only="Q6_K", num_stages=4)}},
+        "down Q4_K pps4 4 stages": {"gemv": {"down": dict(only="Q4_K", programs_per_sm=4, num_stages=4)}},
+        "gate/up + down Q6_K 4 stages": {"gemv": {"gu": dict(num_stages=4),
+                                                  "down": dict(only="Q6_K", num_stages=4)}},
+    },
     "q4k-scales": {  # session 6, call 5: Q4_K scales precomputed at load vs computed in every K-tile
         "precomputed (default)": {},
         "per K-tile": {"q4k_scales": False},
