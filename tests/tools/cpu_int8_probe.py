@@ -15,7 +15,10 @@ the share of greedy picks equal to the float32 model's (`cpu_weights="exact"`). 
   on the other rows, as verify blocks need); int8-gG: the same per group of G input columns, summed;
 - w8, a7, a8 (float32 emulations, to tell the two roundings apart): per-channel int8 weights alone;
   exact weights with each row's input quantized as FBGEMM does (affine over [min(x, 0), max(x, 0)], 127
-  levels); the same with 255 levels.
+  levels); the same with 255 levels;
+- a8bB: exact weights, each row's input as symmetric int8 per block of B columns with fp16 block scales
+  (llama.cpp's activation rounding for its integer dot products at B = 32), for the quality such a kernel
+  would have.
 Results: BENCHMARKS.md, "An int8 path through FBGEMM".
 """
 
@@ -127,7 +130,11 @@ class EmulatedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.k).float()  # (M, K)
-        if self.what in ("a7", "a8"):
+        if self.what.startswith("a8b"):  # symmetric int8 per block of B columns, fp16 block scales
+            blocks = x2.reshape(x2.shape[0], -1, int(self.what[3:]))  # (M, K / B, B)
+            d = (blocks.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30).to(torch.float16).float()
+            x2 = (torch.round(blocks / d).clamp(-127, 127) * d).reshape_as(x2)
+        elif self.what in ("a7", "a8"):
             levels = 127 if self.what == "a7" else 255
             lo = x2.amin(1, keepdim=True).clamp_max(0)
             hi = x2.amax(1, keepdim=True).clamp_min(0)
@@ -141,7 +148,7 @@ class EmulatedLinear(torch.nn.Module):
 
 
 def _linear_factory(variant: str):
-    if variant in ("w8", "a7", "a8"):
+    if variant in ("w8", "a7", "a8") or variant.startswith("a8b"):
         return lambda info, bias=None, device="cpu", mode=None: EmulatedLinear(info, bias, variant)
     if variant == "int8" or variant.startswith("int8-g"):
         group = int(variant.split("-g")[1]) if "-g" in variant else 0
