@@ -21,10 +21,12 @@ nibbles into K order. Two dequantizers: inline PTX on fp16 pairs for fp16 activa
 (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K; `_ASM_Q4_SYM` explains it), a portable float32 one otherwise.
 
 Two launch shapes:
-- GEMV (M <= 16: decode, speculative verify): always BLOCK_M = 16 with the rows beyond M masked
-  to zero, and a split of K chosen from (N, K) and the device alone. So every M in 1..16 runs the
-  same compiled kernel with the same K order, and a tensor-core row's result does not depend on
-  the other rows: row i of a 16-row call is bit for bit the 1-row call of x[i]. Split partial sums
+- GEMV (M <= 16: decode, speculative verify): 16 rows a program with the rows beyond M masked to
+  zero (as one 16-row tensor-core tile, or for 2-warp launches as one or two 8-row tiles on the same
+  dequantized weight tile: `_row_tiles`), and a split of K chosen from (N, K) and the device alone.
+  So every row of every M in 1..16 goes through the same product in the same K order, and a
+  tensor-core row's result does not depend on the other rows: row i of a 16-row call is bit for bit
+  the 1-row call of x[i]. Split partial sums
   go to a float32 workspace; the last program of a column tile to finish (an atomic counter)
   adds them in split order 0, 1, 2..., so the sum does not depend on which program was last.
 - GEMM (M > 16: prefill): 2-D grid of (BLOCK_M, BLOCK_N) tiles, no split; the weight tile is
@@ -75,6 +77,7 @@ log = logging.getLogger(__name__)
 KERNEL_TYPES = tuple(FIELDS)  # read directly: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 DENSE_TYPES = (QT.Q2_K, QT.Q3_K, QT.F16, QT.BF16, QT.F32)  # dequantized (or kept) at load
 GEMV_ROWS_MAX = 16  # M <= this takes the row-independent GEMV launch
+GEMV_ROW_TILE = 8  # rows of one tensor-core tile in a GEMV program (see _row_tiles)
 _DENSE = -1  # QTYPE code of a dense (f16/bf16/f32) weight in the kernel
 _DENSE_GROUP = 128  # elements per dense "group" (two halves of 64)
 _COUNTER_TILE_MIN = 16  # smallest BLOCK_N: one semaphore per tile of at least this many columns
@@ -311,14 +314,15 @@ def _qmatmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_IN_F32: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     PF_LINES: tl.constexpr, PF_META_LINES: tl.constexpr, PF_META_COLS: tl.constexpr, USE_GDC: tl.constexpr,
-    VEC_META: tl.constexpr, DEFER: tl.constexpr, PRESCALED: tl.constexpr,
+    VEC_META: tl.constexpr, DEFER: tl.constexpr, PRESCALED: tl.constexpr, ROW_TILES: tl.constexpr,
+    WS_ROWS: tl.constexpr,
 ):
     _matmul_tile(
         tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, stride_xm, y_ptr, stride_ym, bias_ptr,
         q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, ws_ptr, cnt_ptr,
         M, N, K, n_groups, n_k_tiles, tiles_per_split,
         SPLIT_K, QTYPE, G, NG, BLOCK_M, BLOCK_N, HAS_BIAS, DOT_IN_F32, FAST, EVEN_N, EVEN_K,
-        PF_LINES, PF_META_LINES, PF_META_COLS, USE_GDC, VEC_META, DEFER, PRESCALED,
+        PF_LINES, PF_META_LINES, PF_META_COLS, USE_GDC, VEC_META, DEFER, PRESCALED, ROW_TILES, WS_ROWS,
     )
 
 
@@ -331,7 +335,7 @@ def _qmatmul_pair_kernel(
     b_N, b_n_groups, b_n_k_tiles, b_tiles_per_split,
     M, K,
     A_TILES: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_IN_F32: tl.constexpr, USE_GDC: tl.constexpr,
+    DOT_IN_F32: tl.constexpr, USE_GDC: tl.constexpr, ROW_TILES: tl.constexpr, WS_ROWS: tl.constexpr,
     A_QTYPE: tl.constexpr, A_G: tl.constexpr, A_NG: tl.constexpr, A_FAST: tl.constexpr,
     A_EVEN_N: tl.constexpr, A_EVEN_K: tl.constexpr, A_PF_LINES: tl.constexpr, A_PF_META_LINES: tl.constexpr,
     A_PF_META_COLS: tl.constexpr, A_VEC_META: tl.constexpr, A_PRESCALED: tl.constexpr,
@@ -349,6 +353,7 @@ def _qmatmul_pair_kernel(
             M, a_N, K, a_n_groups, a_n_k_tiles, a_tiles_per_split,
             SPLIT_K, A_QTYPE, A_G, A_NG, BLOCK_M, BLOCK_N, False, DOT_IN_F32, A_FAST, A_EVEN_N, A_EVEN_K,
             A_PF_LINES, A_PF_META_LINES, A_PF_META_COLS, USE_GDC, A_VEC_META, True, A_PRESCALED,
+            ROW_TILES, WS_ROWS,
         )
     else:
         _matmul_tile(
@@ -357,6 +362,7 @@ def _qmatmul_pair_kernel(
             M, b_N, K, b_n_groups, b_n_k_tiles, b_tiles_per_split,
             SPLIT_K, B_QTYPE, B_G, B_NG, BLOCK_M, BLOCK_N, False, DOT_IN_F32, B_FAST, B_EVEN_N, B_EVEN_K,
             B_PF_LINES, B_PF_META_LINES, B_PF_META_COLS, USE_GDC, B_VEC_META, True, B_PRESCALED,
+            ROW_TILES, WS_ROWS,
         )
 
 
@@ -370,9 +376,12 @@ def _matmul_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_IN_F32: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     PF_LINES: tl.constexpr, PF_META_LINES: tl.constexpr, PF_META_COLS: tl.constexpr, USE_GDC: tl.constexpr,
-    VEC_META: tl.constexpr, DEFER: tl.constexpr, PRESCALED: tl.constexpr,
+    VEC_META: tl.constexpr, DEFER: tl.constexpr, PRESCALED: tl.constexpr, ROW_TILES: tl.constexpr,
+    WS_ROWS: tl.constexpr,
 ):
-    """The program (pid_m, pid_n, pid_s) of a matmul: rows tile pid_m, column tile pid_n, K split pid_s."""
+    """The program (pid_m, pid_n, pid_s) of a matmul: rows pid_m * ROW_TILES * BLOCK_M + [0, ROW_TILES *
+    BLOCK_M) (ROW_TILES tiles of BLOCK_M rows, each its own tensor-core product on the same dequantized
+    weight tile), column tile pid_n, K split pid_s. WS_ROWS: rows a split takes in the workspace."""
     BKH: tl.constexpr = NG * G
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     if EVEN_N:  # an all-true constant mask: the compiler drops it from every load
@@ -387,11 +396,15 @@ def _matmul_tile(
                               t_start, t_stop, n_k_tiles, QTYPE, PF_LINES, PF_META_LINES, VEC_META,
                               pid_n * BLOCK_N, N, PF_META_COLS, BLOCK_N, FAST and PRESCALED)
     wait_for_previous(USE_GDC)  # launched as a programmatic dependent: nothing above reads x or writes
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    m = pid_m * (BLOCK_M * ROW_TILES) + tl.arange(0, BLOCK_M)  # [BM] the first row tile
     m_mask = m < M
     x_rows = x_ptr + m.to(tl.int64)[None, :] * stride_xm  # [1, BM]
+    m2 = m + BLOCK_M  # the second row tile (ROW_TILES 2)
+    m2_mask = m2 < M
+    x_rows2 = x_ptr + m2.to(tl.int64)[None, :] * stride_xm
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y.T tile
+    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y.T tile of the second row tile
     for t in range(t_start, t_stop):
         gi = t * NG + tl.arange(0, NG)  # groups of this tile  [NG]
         if EVEN_K:
@@ -408,6 +421,11 @@ def _matmul_tile(
             acc = _dot_x(acc, w1, x_rows, k0 + 32, m_mask, K, DOT_IN_F32, EVEN_K)
             acc = _dot_x(acc, w2, x_rows, k0 + 64, m_mask, K, DOT_IN_F32, EVEN_K)
             acc = _dot_x(acc, w3, x_rows, k0 + 96, m_mask, K, DOT_IN_F32, EVEN_K)
+            if ROW_TILES == 2:
+                acc2 = _dot_x(acc2, w0, x_rows2, k0, m2_mask, K, DOT_IN_F32, EVEN_K)
+                acc2 = _dot_x(acc2, w1, x_rows2, k0 + 32, m2_mask, K, DOT_IN_F32, EVEN_K)
+                acc2 = _dot_x(acc2, w2, x_rows2, k0 + 64, m2_mask, K, DOT_IN_F32, EVEN_K)
+                acc2 = _dot_x(acc2, w3, x_rows2, k0 + 96, m2_mask, K, DOT_IN_F32, EVEN_K)
         else:
             w_lo, w_hi = dequant_tile(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, n_mask,
                                       gi, g_mask, K, pid_n * BLOCK_N, N, QTYPE, BLOCK_N, BKH, FAST, VEC_META,
@@ -415,27 +433,54 @@ def _matmul_tile(
             k_lo = k_index(t, NG, G)  # [BKH]
             acc = _dot_x(acc, w_lo, x_rows, k_lo, m_mask, K, DOT_IN_F32, EVEN_K)
             acc = _dot_x(acc, w_hi, x_rows, k_lo + G, m_mask, K, DOT_IN_F32, EVEN_K)
+            if ROW_TILES == 2:
+                acc2 = _dot_x(acc2, w_lo, x_rows2, k_lo, m2_mask, K, DOT_IN_F32, EVEN_K)
+                acc2 = _dot_x(acc2, w_hi, x_rows2, k_lo + G, m2_mask, K, DOT_IN_F32, EVEN_K)
 
     if DEFER:  # the reader adds the splits (kernels/split_output.py): park this split's sums, done
-        ws_tile = ws_ptr + m[None, :] * N + n[:, None]  # [BN, BM] of a (SPLIT_K, BLOCK_M, N) workspace
-        tl.store(ws_tile + pid_s * (BLOCK_M * N), acc, mask=n_mask[:, None] & m_mask[None, :])
+        _park_split(acc, ws_ptr, m, m_mask, n, n_mask, N, pid_s, WS_ROWS)
+        if ROW_TILES == 2:
+            _park_split(acc2, ws_ptr, m2, m2_mask, n, n_mask, N, pid_s, WS_ROWS)
     elif SPLIT_K == 1:
         _store_output(acc, y_ptr, stride_ym, bias_ptr, n, n_mask, m, m_mask, HAS_BIAS)
+        if ROW_TILES == 2:
+            _store_output(acc2, y_ptr, stride_ym, bias_ptr, n, n_mask, m2, m2_mask, HAS_BIAS)
     else:
         # Park this split's partial sums, then the last program of the column tile adds all splits
-        # in order 0..SPLIT_K-1 (deterministic whichever program finishes last). The loop over the
-        # splits is unrolled so their loads are all in flight at once (a rolled loop waited for each).
-        ws_tile = ws_ptr + m[None, :] * N + n[:, None]  # [BN, BM] of a (SPLIT_K, BLOCK_M, N) workspace
-        ws_mask = n_mask[:, None] & m_mask[None, :]  # padding rows are neither written nor read
-        tl.store(ws_tile + pid_s * (BLOCK_M * N), acc, mask=ws_mask)
+        # in order 0..SPLIT_K-1 (deterministic whichever program finishes last).
+        _park_split(acc, ws_ptr, m, m_mask, n, n_mask, N, pid_s, WS_ROWS)
+        if ROW_TILES == 2:
+            _park_split(acc2, ws_ptr, m2, m2_mask, n, n_mask, N, pid_s, WS_ROWS)
         tl.debug_barrier()  # every thread's stores are issued before the release below
         done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if done == SPLIT_K - 1:
-            total = tl.load(ws_tile, mask=ws_mask, other=0.0, cache_modifier=".cg")
-            for s in tl.static_range(1, SPLIT_K):
-                total += tl.load(ws_tile + s * (BLOCK_M * N), mask=ws_mask, other=0.0, cache_modifier=".cg")
-            _store_output(total, y_ptr, stride_ym, bias_ptr, n, n_mask, m, m_mask, HAS_BIAS)
+            _add_splits(ws_ptr, y_ptr, stride_ym, bias_ptr, m, m_mask, n, n_mask, N, SPLIT_K, WS_ROWS,
+                        HAS_BIAS)
+            if ROW_TILES == 2:
+                _add_splits(ws_ptr, y_ptr, stride_ym, bias_ptr, m2, m2_mask, n, n_mask, N, SPLIT_K, WS_ROWS,
+                            HAS_BIAS)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next call (and the next graph replay)
+
+
+@triton.jit
+def _park_split(acc, ws_ptr, m, m_mask, n, n_mask, N, pid_s, WS_ROWS: tl.constexpr):
+    """Store split pid_s's partial sums acc [BN, BM] of rows m in a (SPLIT_K, WS_ROWS, N) workspace
+    (padding rows are neither written nor read)."""
+    ws_tile = ws_ptr + m[None, :] * N + n[:, None]  # [BN, BM]
+    tl.store(ws_tile + pid_s * (WS_ROWS * N), acc, mask=n_mask[:, None] & m_mask[None, :])
+
+
+@triton.jit
+def _add_splits(ws_ptr, y_ptr, stride_ym, bias_ptr, m, m_mask, n, n_mask, N, SPLIT_K: tl.constexpr,
+                WS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y[m, n] = the splits' partial sums added in order 0..SPLIT_K-1 (+ bias). The loop is unrolled so
+    the loads are all in flight at once (a rolled loop waited for each)."""
+    ws_tile = ws_ptr + m[None, :] * N + n[:, None]  # [BN, BM]
+    ws_mask = n_mask[:, None] & m_mask[None, :]
+    total = tl.load(ws_tile, mask=ws_mask, other=0.0, cache_modifier=".cg")
+    for s in tl.static_range(1, SPLIT_K):
+        total += tl.load(ws_tile + s * (WS_ROWS * N), mask=ws_mask, other=0.0, cache_modifier=".cg")
+    _store_output(total, y_ptr, stride_ym, bias_ptr, n, n_mask, m, m_mask, HAS_BIAS)
 
 
 @triton.jit
@@ -540,17 +585,38 @@ def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
         ws = y
     y_arg = ws if defer else y  # the kernel's y pointer (unread when deferred)
     gdc = cfg.pdl and pdl_supported(x.device)
-    grid = (triton.cdiv(m, cfg.block_m), plan.n_tiles, split)
+    block_m, row_tiles = _row_tiles(cfg, m)
+    grid = (triton.cdiv(m, block_m * row_tiles), plan.n_tiles, split)
     _qmatmul_kernel[grid](
         x, x.stride(0), y_arg, n, bias if bias is not None else y_arg,
         *plan.wargs, ws, w.counters,
         m, n, k, plan.n_groups, plan.n_k_tiles, plan.tiles_per_split,
-        SPLIT_K=split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         HAS_BIAS=bias is not None, DOT_IN_F32=_INTERPRETED and x.dtype == torch.bfloat16,
         USE_GDC=gdc, DEFER=defer, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **plan.flags,
-        **({"launch_pdl": True} if gdc else {}),
+        ROW_TILES=row_tiles, WS_ROWS=cfg.block_m, **({"launch_pdl": True} if gdc else {}),
     )
     return SplitOutput(ws, bias, m, x.dtype) if defer else y
+
+
+def _row_tiles(cfg: KernelConfig, m: int) -> tuple[int, int]:
+    """(rows of a tensor-core tile, tiles a program) for m rows; depends on the launch and on m only
+    through how many tiles, so every row of a weight is computed by the same product whatever m is and
+    row i of an m-row call keeps the bits of the 1-row call.
+
+    GEMV launches (block_m 16, m <= 16) of 2 warps (mma.sync, whose instruction is 8 rows wide) take
+    GEMV_ROW_TILE-row tiles, two of them on the same dequantized weight tile for 9..16 rows; 4-warp
+    launches (wgmma, where two 8-row products cost more than one of 16) keep one 16-row tile. H200, session
+    16 (`profile_decode_gpu --pdl --ab`, us a step, f16 cache): decode at depth 2048 1214 -> 1186, 16-row
+    verify at 4096 1588 -> 1584; 8-row tiles for every launch (TANDEM_GEMV_NARROW_ALL=1) gave 1173 and
+    1624. TANDEM_GEMV_WIDE_TILE=1: one 16-row tile everywhere, as before session 16."""
+    if cfg.block_m == GEMV_ROWS_MAX and m <= GEMV_ROWS_MAX:
+        wide = os.environ.get("TANDEM_GEMV_WIDE_TILE") == "1"  # one 16-row tile everywhere (A/Bs)
+        narrow = os.environ.get("TANDEM_GEMV_NARROW_ALL") == "1"  # 8-row tiles everywhere (A/Bs)
+        if wide or (cfg.num_warps != 2 and not narrow):
+            return GEMV_ROWS_MAX, 1
+        return GEMV_ROW_TILE, 1 if m <= GEMV_ROW_TILE else GEMV_ROWS_MAX // GEMV_ROW_TILE
+    return cfg.block_m, 1
 
 
 def pair_config(a: QuantizedWeight, b: QuantizedWeight) -> KernelConfig | None:
@@ -583,13 +649,15 @@ def qmatmul_pair(
     ws = [torch.empty((p.split, cfg.block_m, p.n), dtype=torch.float32, device=x.device) for p in (pa, pb)]
     gdc = cfg.pdl and pdl_supported(x.device)
     flags = {f"A_{key}": v for key, v in pa.flags.items()} | {f"B_{key}": v for key, v in pb.flags.items()}
+    block_m, row_tiles = _row_tiles(cfg, m)
     _qmatmul_pair_kernel[(1, pa.n_tiles + pb.n_tiles, pa.split)](
         x, x.stride(0),
         *pa.wargs, ws[0], pa.n, pa.n_groups, pa.n_k_tiles, pa.tiles_per_split,
         *pb.wargs, ws[1], pb.n, pb.n_groups, pb.n_k_tiles, pb.tiles_per_split,
-        m, k, A_TILES=pa.n_tiles, SPLIT_K=pa.split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        DOT_IN_F32=_INTERPRETED and x.dtype == torch.bfloat16, USE_GDC=gdc, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **flags, **({"launch_pdl": True} if gdc else {}),
+        m, k, A_TILES=pa.n_tiles, SPLIT_K=pa.split, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+        DOT_IN_F32=_INTERPRETED and x.dtype == torch.bfloat16, USE_GDC=gdc, ROW_TILES=row_tiles,
+        WS_ROWS=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+        **({"launch_pdl": True} if gdc else {}),
     )
     return SplitOutput(ws[0], bias_a, m, x.dtype), SplitOutput(ws[1], bias_b, m, x.dtype)
 
