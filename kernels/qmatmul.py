@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 KERNEL_TYPES = tuple(FIELDS)  # read directly: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 DENSE_TYPES = (QT.Q2_K, QT.Q3_K, QT.F16, QT.BF16, QT.F32)  # dequantized (or kept) at load
 GEMV_ROWS_MAX = 16  # M <= this takes the row-independent GEMV launch
-GEMV_ROW_TILE = 8  # rows of one tensor-core tile in a GEMV program (see _row_tiles)
+GEMV_ROW_TILE = 8  # the narrow tile of a GEMV program (KernelConfig.row_tile, see _row_tiles)
 _DENSE = -1  # QTYPE code of a dense (f16/bf16/f32) weight in the kernel
 _DENSE_GROUP = 128  # elements per dense "group" (two halves of 64)
 _COUNTER_TILE_MIN = 16  # smallest BLOCK_N: one semaphore per tile of at least this many columns
@@ -114,6 +114,7 @@ class KernelConfig:
     fast: bool = True  # inline-PTX dequantization where it applies (False: always the float32 path)
     prefetch: bool = False  # ask L2 for the program's whole weight slice first (kernels/qmatmul_prefetch.py)
     pdl: bool = False  # launch as a programmatic dependent of the previous kernel (CUDA sm_90+)
+    row_tile: int = GEMV_ROWS_MAX  # GEMV (block_m 16): rows of one tensor-core tile, 16 or 8 (`_row_tiles`)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,12 +260,17 @@ def _gemv_tuning(qtype: QT, n: int, k: int, n_sm: int) -> tuple[int, int, int, i
 
 def default_gemv_config(qtype: QT, shape: tuple[int, int], device: torch.device | str, *,
                         block_n: int | None = None, block_k: int = 128, programs_per_sm: int | None = None,
-                        num_warps: int | None = None, num_stages: int | None = None) -> KernelConfig:
+                        num_warps: int | None = None, num_stages: int | None = None,
+                        row_tile: int | None = None) -> KernelConfig:
     """GEMV launch for (N, K): split K until there are about `programs_per_sm` programs per multiprocessor.
 
     Depends on (qtype, N, K, device) only, never on M. Unset arguments come from `_gemv_tuning`.
     block_k 128: with block_k 256 the float32 path spilled registers for Q6_K (ptxas, sm_90) and the
     fp16 path measured 10-25% slower.
+    row_tile: 8-row tensor-core tiles for 2-warp launches (mma.sync, whose instruction is 8 rows wide), one
+    16-row tile for the others (wgmma, where two 8-row products cost more than one of 16). H200, session
+    16 (`profile_decode_gpu --pdl --ab`, us a step, f16 cache): decode at depth 2048 1214 -> 1186, 16-row
+    verify at 4096 1588 -> 1584; 8-row tiles for every launch (TANDEM_GEMV_NARROW_ALL=1) gave 1173 and 1624.
     """
     n, k = shape
     n_sm = _multiprocessors(torch.device(device))
@@ -279,8 +285,10 @@ def default_gemv_config(qtype: QT, shape: tuple[int, int], device: torch.device 
     k_tiles = triton.cdiv(k, block_k)
     split = max(1, min(k_tiles, programs_per_sm * n_sm // n_tiles))
     prefetch = qtype in KERNEL_TYPES and quants.tensor_nbytes(qtype, shape) <= _PREFETCH_MAX_BYTES
+    row_tile = row_tile or (GEMV_ROW_TILE if num_warps == 2 else GEMV_ROWS_MAX)
     return KernelConfig(block_n=block_n, block_m=GEMV_ROWS_MAX, block_k=block_k, split_k=split,
-                        num_warps=num_warps, num_stages=num_stages, prefetch=prefetch, pdl=True)
+                        num_warps=num_warps, num_stages=num_stages, prefetch=prefetch, pdl=True,
+                        row_tile=row_tile)
 
 
 def default_gemm_config(qtype: QT, m: int) -> KernelConfig:
@@ -600,23 +608,20 @@ def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
 
 
 def _row_tiles(cfg: KernelConfig, m: int) -> tuple[int, int]:
-    """(rows of a tensor-core tile, tiles a program) for m rows; depends on the launch and on m only
-    through how many tiles, so every row of a weight is computed by the same product whatever m is and
-    row i of an m-row call keeps the bits of the 1-row call.
-
-    GEMV launches (block_m 16, m <= 16) of 2 warps (mma.sync, whose instruction is 8 rows wide) take
-    GEMV_ROW_TILE-row tiles, two of them on the same dequantized weight tile for 9..16 rows; 4-warp
-    launches (wgmma, where two 8-row products cost more than one of 16) keep one 16-row tile. H200, session
-    16 (`profile_decode_gpu --pdl --ab`, us a step, f16 cache): decode at depth 2048 1214 -> 1186, 16-row
-    verify at 4096 1588 -> 1584; 8-row tiles for every launch (TANDEM_GEMV_NARROW_ALL=1) gave 1173 and
-    1624. TANDEM_GEMV_WIDE_TILE=1: one 16-row tile everywhere, as before session 16."""
-    if cfg.block_m == GEMV_ROWS_MAX and m <= GEMV_ROWS_MAX:
-        wide = os.environ.get("TANDEM_GEMV_WIDE_TILE") == "1"  # one 16-row tile everywhere (A/Bs)
-        narrow = os.environ.get("TANDEM_GEMV_NARROW_ALL") == "1"  # 8-row tiles everywhere (A/Bs)
-        if wide or (cfg.num_warps != 2 and not narrow):
-            return GEMV_ROWS_MAX, 1
-        return GEMV_ROW_TILE, 1 if m <= GEMV_ROW_TILE else GEMV_ROWS_MAX // GEMV_ROW_TILE
-    return cfg.block_m, 1
+    """(rows of a tensor-core tile, tiles a program) for m rows. A GEMV launch (block_m 16, m <= 16) takes
+    cfg.row_tile-row tiles, two on the same dequantized weight tile for 9..16 rows when that is 8: every
+    row of a weight goes through the same product whatever m (an 8-row tile gives other bits than a 16-row
+    one), so row i of an m-row call keeps the bits of the 1-row call. TANDEM_GEMV_WIDE_TILE=1 /
+    TANDEM_GEMV_NARROW_ALL=1 make every launch's tile 16 / 8 rows (read at each launch: A/Bs)."""
+    if cfg.block_m != GEMV_ROWS_MAX or m > GEMV_ROWS_MAX:
+        return cfg.block_m, 1
+    if os.environ.get("TANDEM_GEMV_WIDE_TILE") == "1":
+        tile = GEMV_ROWS_MAX
+    elif os.environ.get("TANDEM_GEMV_NARROW_ALL") == "1":
+        tile = GEMV_ROW_TILE
+    else:
+        tile = cfg.row_tile
+    return tile, 1 if m <= tile else GEMV_ROWS_MAX // tile
 
 
 def pair_config(a: QuantizedWeight, b: QuantizedWeight) -> KernelConfig | None:

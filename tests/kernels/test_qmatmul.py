@@ -236,16 +236,20 @@ def test_gemv_rows_bitwise_independent(qtype):
 
 
 def test_gemv_row_tiles(monkeypatch):
-    """2-warp GEMV launches compute rows in tiles of 8 (two for 9..16 rows), 4-warp ones in one tile of 16;
-    TANDEM_GEMV_WIDE_TILE=1 / TANDEM_GEMV_NARROW_ALL=1 make every launch wide / narrow (A/Bs)."""
-    from kernels.qmatmul import _row_tiles
+    """GEMV launches compute rows in tiles of their row_tile (8: two for 9..16 rows); the engine's 2-warp
+    launches take 8, the others 16; TANDEM_GEMV_WIDE_TILE=1 / TANDEM_GEMV_NARROW_ALL=1 make every launch
+    wide / narrow (A/Bs)."""
+    from kernels.qmatmul import _row_tiles, default_gemv_config
 
-    two = KernelConfig(block_n=64, block_m=16, block_k=128, split_k=2, num_warps=2)
+    two = KernelConfig(block_n=64, block_m=16, block_k=128, split_k=2, num_warps=2, row_tile=8)
     four = KernelConfig(block_n=64, block_m=16, block_k=128, split_k=2, num_warps=4)
     assert [_row_tiles(two, m) for m in (1, 8, 9, 16)] == [(8, 1), (8, 1), (8, 2), (8, 2)]
     assert [_row_tiles(four, m) for m in (1, 9, 16)] == [(16, 1)] * 3
     assert _row_tiles(two, 17) == (16, 1)  # not a GEMV: the config's tile
     assert _row_tiles(KernelConfig(block_n=128, block_m=64, block_k=128, split_k=1), 5) == (64, 1)
+    for warps in (2, 4):
+        cfg = default_gemv_config(QT.Q4_K, (1536, 8960), "cpu", num_warps=warps)
+        assert cfg.row_tile == (8 if warps == 2 else 16)
     monkeypatch.setenv("TANDEM_GEMV_NARROW_ALL", "1")
     assert _row_tiles(four, 1) == (8, 1) and _row_tiles(four, 16) == (8, 2)
     monkeypatch.setenv("TANDEM_GEMV_WIDE_TILE", "1")
@@ -253,15 +257,15 @@ def test_gemv_row_tiles(monkeypatch):
 
 
 @pytest.mark.parametrize("switch", ["", "TANDEM_GEMV_WIDE_TILE", "TANDEM_GEMV_NARROW_ALL"])
-@pytest.mark.parametrize("warps", [2, 4])
-def test_rows_of_one_and_two_row_tiles_keep_their_bits(monkeypatch, switch, warps):
+@pytest.mark.parametrize("row_tile", [8, 16])
+def test_rows_of_one_and_two_row_tiles_keep_their_bits(monkeypatch, switch, row_tile):
     """Rows 0..15 of a 16-row call (two 8-row tiles, or one of 16) equal 1-row calls, as do rows of a 9-row
     call, with the K split done in the kernel and left to the reader, under either A/B switch."""
     if switch:
         monkeypatch.setenv(switch, "1")
     _, w, want_w = _weight(QT.Q4_K, 40, 768, seed=21)
     x = _x(16, 768, torch.float16, seed=21)
-    cfg = KernelConfig(block_n=16, block_m=16, block_k=256, split_k=3, num_warps=warps)
+    cfg = KernelConfig(block_n=16, block_m=16, block_k=256, split_k=3, row_tile=row_tile)
     y16 = qmatmul(x, w, config=cfg)
     assert_close_rms("16 rows", y16, _oracle(x, want_w, None), TOL[torch.float16])
     for i in (0, 7, 8, 15):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 import warnings
 
 import torch
@@ -36,15 +35,11 @@ SHAPES = [(1536, 1536), (8960, 1536), (1536, 8960), (17920, 1536), (151936, 1536
 
 
 def _per_call_us(fn, reps: int) -> float:
-    fn()
-    fn()
-    rounds = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        rounds.append((time.perf_counter() - start) / reps * 1e6)
-    return statistics.median(rounds)
+    """us a call: the median of 5 rounds of `reps` calls (one round untimed first)."""
+    from engine.gpu_bench import timed_seconds
+
+    rounds = timed_seconds(lambda: [fn() for _ in range(reps)], repeats=5, warmup=1, device="cpu")
+    return statistics.median(rounds) / reps * 1e6
 
 
 def _pack_int8(w: torch.Tensor):
