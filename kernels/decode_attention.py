@@ -95,11 +95,12 @@ def _lengths_list(lengths: int | torch.Tensor, batch: int) -> list[int]:
 def attend_tile(
     q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, end, row_end,
     D: tl.constexpr, BLOCK_N: tl.constexpr, K_TYPE: tl.constexpr, V_TYPE: tl.constexpr,
-    FAST: tl.constexpr, MASKED: tl.constexpr, ROW_ENDS: tl.constexpr,
+    FAST: tl.constexpr, MASKED: tl.constexpr, ROW_ENDS: tl.constexpr, V_AT_OPERAND: tl.constexpr,
 ):
     """Online-softmax step over cache rows [n0, n0 + BLOCK_N) (MASKED: rows >= end count as absent, and
     are not loaded). ROW_ENDS (verify_attention's tile form, whose tile rows end at different positions):
     rows >= row_end ([BLOCK_H, 1]) count as absent for each tile row, in every tile; else row_end is unused.
+    V_AT_OPERAND: where V's tile is dequantized (`kv_blocks._load_halves` AT_OPERAND; the same values).
 
     The softmax sum is accumulated by the tensor cores like the output (`row_sums`), not by a reduction
     whose order would depend on how the warps share the tile (see verify_attention)."""
@@ -114,7 +115,8 @@ def attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p16 = tl.exp2(s - m_new[:, None]).to(tl.float16)
     l_acc = row_sums(p16, l_acc * alpha[:, None], BLOCK_N, 0)
-    v_lo, v_hi = _load_halves(vq, vd, vm, n0, end, BLOCK_N, D, V_TYPE, FAST, MASKED)  # [BLOCK_N, D/2] each
+    v_lo, v_hi = _load_halves(vq, vd, vm, n0, end, BLOCK_N, D, V_TYPE, FAST, MASKED,  # [BLOCK_N, D/2] each
+                              V_AT_OPERAND)
     acc_lo = tl.dot(p16, v_lo, acc_lo * alpha[:, None])
     acc_hi = tl.dot(p16, v_hi, acc_hi * alpha[:, None])
     return m_new, l_acc, acc_lo, acc_hi
@@ -143,7 +145,7 @@ def _decode_split_kernel(
     D: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     K_TYPE: tl.constexpr, V_TYPE: tl.constexpr, PER_SEQ_LENGTH: tl.constexpr, FAST: tl.constexpr,
     SINKS: tl.constexpr, PDL: tl.constexpr, DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
-    PF_LINES: tl.constexpr,
+    PF_LINES: tl.constexpr, V_AT_OPERAND: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -188,7 +190,8 @@ def _decode_split_kernel(
         start = tl.maximum(start, n_sink)  # positions < n_sink: the merge reads their f16 copies
     end = tl.minimum(pid_s * split_size + split_size, length)
     m_i, l_acc, acc_lo, acc_hi = attend_range(
-        q_row, hmask, qk_scale, kq, kd, km, vq, vd, vm, start, end, D, BLOCK_H, BLOCK_N, K_TYPE, V_TYPE, FAST)
+        q_row, hmask, qk_scale, kq, kd, km, vq, vd, vm, start, end, D, BLOCK_H, BLOCK_N, K_TYPE, V_TYPE, FAST,
+        V_AT_OPERAND)
     if DIRECT:
         o_row = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh  # [BLOCK_H, 1]
         store_normalized(acc_lo, acc_hi, l_acc, o_row, hmask, D)
@@ -204,7 +207,7 @@ def _decode_split_kernel(
 def attend_range(
     q_row, hmask, qk_scale, kq, kd, km, vq, vd, vm, start, end,
     D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, K_TYPE: tl.constexpr,
-    V_TYPE: tl.constexpr, FAST: tl.constexpr,
+    V_TYPE: tl.constexpr, FAST: tl.constexpr, V_AT_OPERAND: tl.constexpr,
 ):
     """The GQA query heads at q_row ([BLOCK_H, 1] pointers to float rows of D, `hmask` the real ones) over
     cache rows [start, end) of one (sequence, KV head) slab: (max, sum [BLOCK_H, 16], unnormalised output
@@ -224,11 +227,11 @@ def attend_range(
     for n0 in range(start, n_full, BLOCK_N):
         m_i, l_acc, acc_lo, acc_hi = attend_tile(
             q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, end, end,
-            D, BLOCK_N, K_TYPE, V_TYPE, FAST, False, False)
+            D, BLOCK_N, K_TYPE, V_TYPE, FAST, False, False, V_AT_OPERAND)
     if n_full < end:
         m_i, l_acc, acc_lo, acc_hi = attend_tile(
             q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, end, end,
-            D, BLOCK_N, K_TYPE, V_TYPE, FAST, True, False)
+            D, BLOCK_N, K_TYPE, V_TYPE, FAST, True, False, V_AT_OPERAND)
     return m_i, l_acc, acc_lo, acc_hi
 
 
@@ -441,7 +444,7 @@ def decode_attention(
         K_TYPE=ka[9], V_TYPE=va[9], PER_SEQ_LENGTH=not isinstance(lengths, int),
         FAST=fast and q.is_cuda and not interpreting(), SINKS=n_sink > 0, DIRECT=direct,
         PREFETCH=prefetch_enabled(q.device, k_store, v_store, bsz * hkv, max_len),
-        PF_LINES=32 * num_warps, num_warps=num_warps,
+        PF_LINES=32 * num_warps, V_AT_OPERAND=v_at_operand(auto_warps), num_warps=num_warps,
         num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         **pdl_launch(q.device),
     )
@@ -472,6 +475,25 @@ def prefetch_enabled(device: torch.device, k_store: KVStore, v_store: KVStore, s
     kv_bytes = slabs * max_length * (position_bytes(k_store) + position_bytes(v_store))
     return (pdl_supported(device) and os.environ.get("TANDEM_ATTN_PREFETCH", "1") != "0"
             and kv_bytes <= _PREFETCH_MAX_BYTES)
+
+
+def v_at_operand(split_warps: int) -> bool:
+    """Where the attention kernels dequantize V's tiles for a split whose decode launch has split_warps
+    warps (`launch_config`; every launch over that split, decode or verify, asks with the same number, so
+    they keep the same bits): in the tensor-core operand layout for the one-warp launches, whose eight
+    programs an SM an fp16 tile in shared memory would cut to five; where the bytes are loaded, the fp16
+    tile then converted through shared memory, for the others (`kv_blocks._load_halves` AT_OPERAND).
+    The two place the products in other slots of the tensor-core instruction, so their outputs differ in
+    the last bits (GPU tests). TANDEM_ATTN_V_AT_OPERAND=1 / =0 (read at each launch) puts every launch on
+    one of them, for an A/B.
+
+    H200, 2026-11-28 (BENCHMARKS.md, session 17): at load, the engine's four-warp launches take 2-5 %
+    less time (q4_0, one sequence at 4K and 16K) and the engine's steps 0.7-1.4 % less; the one-warp
+    16-sequence 16K launch takes 6 % more for q4_0 and 61 % more for q8_0."""
+    forced = os.environ.get("TANDEM_ATTN_V_AT_OPERAND", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return split_warps == 1
 
 
 def check_attention_args(q: torch.Tensor, k_store: KVStore, v_store: KVStore,

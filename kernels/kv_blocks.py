@@ -370,11 +370,17 @@ def _load_halves(
     qs_ptr, d_ptr, m_ptr,  # a (sequence, head) slab of a store: rows of D values / D/2 bytes, D/32 scales
     n0, end,  # rows [n0, n0 + N) of the slab; with MASKED, rows >= end are loaded as 0
     N: tl.constexpr, D: tl.constexpr, KV_TYPE: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
+    AT_OPERAND: tl.constexpr = True,
 ):
     """Load N cached rows -> (lo, hi), each [N, D/2] fp16 in `_half_cols` order.
 
     Values are those of `_load_rows`: round_fp16(d * q) for q8_0/q4_0, fp16(d * q + m) for q4_1.
     Rows are contiguous in the slab (the caller checks the strides).
+    AT_OPERAND (FAST only; where the values are computed, not what they are): True marks the inline PTX
+    pure, so Triton moves it past the conversion into the tensor-core operand layout and converts the raw
+    bytes (right for K, whose operand pairs adjacent bytes of a row: ldmatrix); False keeps it where the
+    bytes were loaded and the fp16 tile goes through shared memory (right for V, whose operand pairs two
+    rows: raw bytes would take single-byte shared-memory loads and byte permutes; kernels/README.md).
     """
     r = n0 + tl.arange(0, N)[:, None]  # [N, 1] row of each tile row
     c = tl.arange(0, D // 2)[None, :]
@@ -389,9 +395,9 @@ def _load_halves(
             q_hi = _load_run(qs_ptr, r * D + 16 + e_lo, end * D, MASKED, 0)
             if FAST:
                 lo = tl.inline_asm_elementwise(_PTX_Q8_0, "=r,=r,r,r,r", [q_lo, d], dtype=tl.float16,
-                                               is_pure=True, pack=4)
+                                               is_pure=AT_OPERAND, pack=4)
                 hi = tl.inline_asm_elementwise(_PTX_Q8_0, "=r,=r,r,r,r", [q_hi, d], dtype=tl.float16,
-                                               is_pure=True, pack=4)
+                                               is_pure=AT_OPERAND, pack=4)
             else:
                 lo = q_lo.to(tl.float16) * d
                 hi = q_hi.to(tl.float16) * d
@@ -400,7 +406,8 @@ def _load_halves(
             if KV_TYPE == 3:
                 if FAST:
                     lo, hi = tl.inline_asm_elementwise(_PTX_Q4_0, "=r,=r,=r,=r,r,r,r", [byte, d],
-                                                       dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+                                                       dtype=(tl.float16, tl.float16), is_pure=AT_OPERAND,
+                                                       pack=4)
                 else:
                     lo = ((byte & 0x0F).to(tl.int8) - 8).to(tl.float16) * d
                     hi = ((byte >> 4).to(tl.int8) - 8).to(tl.float16) * d
@@ -408,7 +415,8 @@ def _load_halves(
                 mn = _load_block_scales(m_ptr, n0, end, N, D, MASKED)  # [N, D/2] fp16
                 if FAST:
                     lo, hi = tl.inline_asm_elementwise(_PTX_Q4_1, "=r,=r,=r,=r,r,r,r,r,r", [byte, d, mn],
-                                                       dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+                                                       dtype=(tl.float16, tl.float16), is_pure=AT_OPERAND,
+                                                       pack=4)
                 else:
                     lo = d * (byte & 0x0F).to(tl.float16) + mn
                     hi = d * (byte >> 4).to(tl.float16) + mn

@@ -60,6 +60,7 @@ from kernels.decode_attention import (
     sink_sources,
     sm_count,
     split_outputs,
+    v_at_operand,
 )
 from kernels.kv_blocks import LOG2E, _half_cols, _load_halves, interpreting, prefetch_rows
 from kernels.pdl import pdl_launch, wait_for_previous
@@ -137,7 +138,7 @@ def _slab(
 def _attend_packed_tile(
     q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, pair_end, tile_end,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, K_TYPE: tl.constexpr,
-    V_TYPE: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
+    V_TYPE: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, V_AT_OPERAND: tl.constexpr,
 ):
     """`decode_attention.attend_tile` for BLOCK_W x 16 (row, head) pairs at once: cache rows
     [n0, n0 + BLOCK_N), loads masked at tile_end (MASKED), positions >= pair_end absent for each pair
@@ -153,7 +154,8 @@ def _attend_packed_tile(
     alpha = tl.exp2(m_i - m_new)  # [BW, 16]
     p16 = tl.exp2(s - m_new[:, :, None]).to(tl.float16)
     l_acc = row_sums(p16, l_acc * alpha[:, :, None], BLOCK_N, BLOCK_W)
-    v_lo, v_hi = _load_halves(vq, vd, vm, n0, tile_end, BLOCK_N, D, V_TYPE, FAST, MASKED)  # [BN, D/2] each
+    v_lo, v_hi = _load_halves(vq, vd, vm, n0, tile_end, BLOCK_N, D, V_TYPE, FAST, MASKED,  # [BN, D/2] each
+                              V_AT_OPERAND)
     a = alpha[:, :, None]
     acc_lo = tl.dot(p16, tl.broadcast_to(v_lo[None, :, :], (BLOCK_W, BLOCK_N, DH)), acc_lo * a)
     acc_hi = tl.dot(p16, tl.broadcast_to(v_hi[None, :, :], (BLOCK_W, BLOCK_N, DH)), acc_hi * a)
@@ -169,7 +171,7 @@ def _tile_split_kernel(
     qk_scale, split_size, n_splits, HKV, n_sink,
     D: tl.constexpr, GQA: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
     K_TYPE: tl.constexpr, V_TYPE: tl.constexpr, FAST: tl.constexpr, SINKS: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr, PF_LINES: tl.constexpr, ROWS_MAX: tl.constexpr,
+    PREFETCH: tl.constexpr, PF_LINES: tl.constexpr, ROWS_MAX: tl.constexpr, V_AT_OPERAND: tl.constexpr,
 ):
     """The "tile" form: TILE (row, query head) pairs of one (split, KV head) as the rows of one 2-D tile, so
     the program's warps share each tile's work as the decode kernel's warps do."""
@@ -210,11 +212,11 @@ def _tile_split_kernel(
     for n0 in range(start, n_full, BLOCK_N):
         m_i, l_acc, acc_lo, acc_hi = attend_tile(  # the decode's tile step, each pair masked at its end
             q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, tile_end, pair_end[:, None],
-            D, BLOCK_N, K_TYPE, V_TYPE, FAST, False, True)
+            D, BLOCK_N, K_TYPE, V_TYPE, FAST, False, True, V_AT_OPERAND)
     if n_full < tile_end:
         m_i, l_acc, acc_lo, acc_hi = attend_tile(
             q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, tile_end,
-            pair_end[:, None], D, BLOCK_N, K_TYPE, V_TYPE, FAST, True, True)
+            pair_end[:, None], D, BLOCK_N, K_TYPE, V_TYPE, FAST, True, True, V_AT_OPERAND)
 
     part = (r * (HKV * GQA) + heads).to(tl.int64) * n_splits + pid_s  # [T]
     tl.store(o_ptr + part[:, None] * D + cols_lo[None, :], acc_lo, mask=p_mask[:, None])
@@ -232,7 +234,7 @@ def _packed_split_kernel(
     qk_scale, split_size, n_splits, HKV, n_sink,
     D: tl.constexpr, GQA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     K_TYPE: tl.constexpr, V_TYPE: tl.constexpr, FAST: tl.constexpr, SINKS: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr, PF_LINES: tl.constexpr, ROWS_MAX: tl.constexpr,
+    PREFETCH: tl.constexpr, PF_LINES: tl.constexpr, ROWS_MAX: tl.constexpr, V_AT_OPERAND: tl.constexpr,
 ):
     """The "packed" form: BLOCK_W warps, 16 (row, query head) pairs each, as one 3-D (batched) dot."""
     pid_s = tl.program_id(0)
@@ -275,11 +277,11 @@ def _packed_split_kernel(
     for n0 in range(start, n_full, BLOCK_N):
         m_i, l_acc, acc_lo, acc_hi = _attend_packed_tile(
             q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n0, pair_end, tile_end,
-            D, BLOCK_N, BLOCK_W, K_TYPE, V_TYPE, FAST, False)
+            D, BLOCK_N, BLOCK_W, K_TYPE, V_TYPE, FAST, False, V_AT_OPERAND)
     if n_full < tile_end:
         m_i, l_acc, acc_lo, acc_hi = _attend_packed_tile(
             q_lo, q_hi, m_i, l_acc, acc_lo, acc_hi, kq, kd, km, vq, vd, vm, n_full, pair_end, tile_end,
-            D, BLOCK_N, BLOCK_W, K_TYPE, V_TYPE, FAST, True)
+            D, BLOCK_N, BLOCK_W, K_TYPE, V_TYPE, FAST, True, V_AT_OPERAND)
 
     o_mask = p_mask[:, :, None]
     part = (r * (HKV * GQA) + heads).to(tl.int64) * n_splits + pid_s  # [BW, 16]
@@ -350,16 +352,17 @@ def verify_attention(
     fast = fast and q.is_cuda and not interpreting()
     rows_max = max(16, triton.next_power_of_2(n_rows))
     n_pairs = n_rows * gqa
+    tile_bytes = block_n * (position_bytes(k_store) + position_bytes(v_store))
+    num_warps, num_stages = launch_config(split_size, block_n, tile_bytes)  # the decode's, for this split
+    v_at = v_at_operand(num_warps)  # as the decode over this split (the same bits)
     if form == "tile":  # (row, query head) pairs of a KV head, `tile` a program in one 2-D tile
         tile = min(tile, max(16, triton.next_power_of_2(n_pairs)))
-        tile_bytes = block_n * (position_bytes(k_store) + position_bytes(v_store))
-        num_warps, num_stages = launch_config(split_size, block_n, tile_bytes)
         _tile_split_kernel[(n_splits, hkv, triton.cdiv(n_pairs, tile))](
             q, q.stride(0), q.stride(1), *ka[:3], ka[4], ka[7], *va[:3], va[4], va[7], lens, n_rows,
             max_length, o_part, ml, qk_scale, split_size, n_splits, hkv, n_sink,
             D=dim, GQA=gqa, BLOCK_N=block_n, TILE=tile, K_TYPE=ka[9], V_TYPE=va[9], FAST=fast,
             SINKS=n_sink > 0, PREFETCH=prefetch, PF_LINES=32 * num_warps, ROWS_MAX=rows_max,
-            num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device),
+            V_AT_OPERAND=v_at, num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device),
         )
         return launch_merge(o_part, ml, q, lens, max_length, split_size, n_splits, qk_scale, None, gqa,
                             n_sink, k_rows, v_rows, out)
@@ -371,7 +374,7 @@ def verify_attention(
         D=dim, GQA=gqa, BLOCK_N=block_n, BLOCK_W=block_w,
         K_TYPE=ka[9], V_TYPE=va[9],
         FAST=fast, SINKS=n_sink > 0, num_warps=block_w, num_stages=2,
-        PREFETCH=prefetch, PF_LINES=32 * block_w, ROWS_MAX=rows_max,
+        PREFETCH=prefetch, PF_LINES=32 * block_w, ROWS_MAX=rows_max, V_AT_OPERAND=v_at,
         **pdl_launch(q.device),
     )
     return launch_merge(o_part, ml, q, lens, max_length, split_size, n_splits, qk_scale, None, gqa, n_sink,

@@ -119,9 +119,12 @@ def test_decode_launch_configs_gpu(block_n, num_warps, num_stages, k_type, v_typ
 @pytest.mark.parametrize(
     "k_type,v_type", [("q4_0", "q4_0"), ("q8_0", "q8_0"), ("q4_1", "q4_1"), ("q4_0", "q8_0")]
 )
-def test_decode_ptx_dequantization_matches_portable_gpu(k_type, v_type):
+def test_decode_ptx_dequantization_matches_portable_gpu(monkeypatch, k_type, v_type):
     # the inline-PTX dequantization gives the portable path's fp16 values: round_fp16(d * q) for q4_0 and
-    # q8_0, so the outputs are equal; q4_1's d * q + m is one fma there and may round once less
+    # q8_0, so the outputs are equal; q4_1's d * q + m is one fma there and may round once less. V is
+    # dequantized at the operand, as the portable path's plain operations are (v_at_operand: where it is
+    # done decides the products' slots in the tensor-core instruction, hence the last bits)
+    monkeypatch.setenv("TANDEM_ATTN_V_AT_OPERAND", "1")
     q, ks, vs, lens = _case(k_type, v_type, 2, 2, 6, 128, [3000, 515], 3072)
     fast = decode_attention(q, ks, vs, lens, split_size=256, fast=True)
     portable = decode_attention(q, ks, vs, lens, split_size=256, fast=False)
@@ -146,6 +149,21 @@ def test_prefetch_changes_no_bit_gpu(monkeypatch, k_type, v_type, window, split)
         monkeypatch.setenv("TANDEM_ATTN_PREFETCH", on)
         outs.append(decode_attention(q, ks, vs, lens, split_size=split, window=window, max_length=3072))
     assert torch.equal(*outs)
+
+
+@gpu
+@pytest.mark.parametrize("k_type,v_type", [("q4_0", "q4_0"), ("q8_0", "q8_0"), ("q4_1", "q4_1"),
+                                           ("f16", "q4_0"), ("q4_0", "q8_0")])
+@pytest.mark.parametrize("split", [128, 512], ids=["4-warps", "1-warp"])
+@pytest.mark.parametrize("at_operand", ["1", "0"], ids=["v-at-operand", "v-at-load"])
+def test_either_v_dequantization_place_matches_the_reference_gpu(monkeypatch, k_type, v_type, split,
+                                                                at_operand):
+    # kernels.decode_attention.v_at_operand forced either way, on both launch configs
+    monkeypatch.setenv("TANDEM_ATTN_V_AT_OPERAND", at_operand)
+    q, ks, vs, lens = _case(k_type, v_type, 2, 2, 6, 128, [3000, 515], 3072)
+    got = decode_attention(q, ks, vs, lens, split_size=split)
+    want = decode_attention_reference(q, ks, vs, lens)
+    assert_close_rms(f"decode output ({k_type} K, {v_type} V, V at operand {at_operand})", got, want, TOL)
 
 
 @pytest.mark.parametrize("split", [32, 128], ids=["short-splits", "long-splits"])  # the two launch configs

@@ -173,6 +173,20 @@ def test_verify_rows_equal_decodes_real_shapes_gpu(k_type, v_type, split, warps_
 
 
 @gpu
+@pytest.mark.parametrize("k_type,v_type", [("q4_0", "q4_0"), ("q8_0", "q8_0"), ("q4_0", "q8_0")])
+@pytest.mark.parametrize("split", [128, 512], ids=["4-warp-decode", "1-warp-decode"])
+@pytest.mark.parametrize("form", ["tile", "packed"])
+@pytest.mark.parametrize("at_operand", ["1", "0"], ids=["v-at-operand", "v-at-load"])
+def test_verify_rows_equal_decodes_with_v_dequantized_either_place_gpu(monkeypatch, k_type, v_type, split,
+                                                                      form, at_operand):
+    # kernels.decode_attention.v_at_operand forced either way: every form follows it as the decode does
+    monkeypatch.setenv("TANDEM_ATTN_V_AT_OPERAND", at_operand)
+    lengths = [4090 + r for r in range(15)] + [0]
+    _check_rows(k_type, v_type, lengths, dim=128, gqa=6, positions=4608, split=split, block_n=64,
+                warps_per_program=4, sinks=True, form=form, seed=5)
+
+
+@gpu
 @pytest.mark.parametrize("k_type,v_type", [("q4_0", "q4_0"), ("f16", "f16")])
 def test_prefetch_changes_no_bit_gpu(monkeypatch, k_type, v_type):
     # the L2 prefetch before the PDL wait (kernels.decode_attention.prefetch_enabled) is only a hint

@@ -6,7 +6,10 @@ The launch `kernels.decode_attention.decode_attention` makes for `--sequences` s
 positions (Qwen2.5-1.5B heads: 12 query, 2 KV, head_dim 128) on a 132-SM GPU is recorded, compiled as
 tests.tools.compile_sm90 does (the inline-PTX dequantization and PDL on, as on CUDA), and the loop found
 as in tests.tools.gemv_loop_sass is counted by opcode. The count depends on the Triton release that
-compiles; say which (kernels/README.md, "Decode attention", session 16).
+compiles; say which (kernels/README.md, "Decode attention", session 16). Environment switches apply as at
+a launch: the default 16-sequence launch is the one-warp one, which dequantizes V at the tensor-core
+operand (`decode_attention.v_at_operand`); TANDEM_ATTN_V_AT_OPERAND=0 counts it with V dequantized where
+loaded, and `--sequences 1 --length 4096` counts the four-warp launch of the engine's steps.
 """
 
 from __future__ import annotations
