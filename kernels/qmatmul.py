@@ -323,7 +323,7 @@ def _qmatmul_kernel(
     DOT_IN_F32: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     PF_LINES: tl.constexpr, PF_META_LINES: tl.constexpr, PF_META_COLS: tl.constexpr, USE_GDC: tl.constexpr,
     VEC_META: tl.constexpr, DEFER: tl.constexpr, PRESCALED: tl.constexpr, ROW_TILES: tl.constexpr,
-    WS_ROWS: tl.constexpr,
+    WS_ROWS: tl.constexpr, PTX_PACK: tl.constexpr,
 ):
     _matmul_tile(
         tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, stride_xm, y_ptr, stride_ym, bias_ptr,
@@ -331,6 +331,7 @@ def _qmatmul_kernel(
         M, N, K, n_groups, n_k_tiles, tiles_per_split,
         SPLIT_K, QTYPE, G, NG, BLOCK_M, BLOCK_N, HAS_BIAS, DOT_IN_F32, FAST, EVEN_N, EVEN_K,
         PF_LINES, PF_META_LINES, PF_META_COLS, USE_GDC, VEC_META, DEFER, PRESCALED, ROW_TILES, WS_ROWS,
+        PTX_PACK,
     )
 
 
@@ -344,6 +345,7 @@ def _qmatmul_pair_kernel(
     M, K,
     A_TILES: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_IN_F32: tl.constexpr, USE_GDC: tl.constexpr, ROW_TILES: tl.constexpr, WS_ROWS: tl.constexpr,
+    PTX_PACK: tl.constexpr,
     A_QTYPE: tl.constexpr, A_G: tl.constexpr, A_NG: tl.constexpr, A_FAST: tl.constexpr,
     A_EVEN_N: tl.constexpr, A_EVEN_K: tl.constexpr, A_PF_LINES: tl.constexpr, A_PF_META_LINES: tl.constexpr,
     A_PF_META_COLS: tl.constexpr, A_VEC_META: tl.constexpr, A_PRESCALED: tl.constexpr,
@@ -361,7 +363,7 @@ def _qmatmul_pair_kernel(
             M, a_N, K, a_n_groups, a_n_k_tiles, a_tiles_per_split,
             SPLIT_K, A_QTYPE, A_G, A_NG, BLOCK_M, BLOCK_N, False, DOT_IN_F32, A_FAST, A_EVEN_N, A_EVEN_K,
             A_PF_LINES, A_PF_META_LINES, A_PF_META_COLS, USE_GDC, A_VEC_META, True, A_PRESCALED,
-            ROW_TILES, WS_ROWS,
+            ROW_TILES, WS_ROWS, PTX_PACK,
         )
     else:
         _matmul_tile(
@@ -370,7 +372,7 @@ def _qmatmul_pair_kernel(
             M, b_N, K, b_n_groups, b_n_k_tiles, b_tiles_per_split,
             SPLIT_K, B_QTYPE, B_G, B_NG, BLOCK_M, BLOCK_N, False, DOT_IN_F32, B_FAST, B_EVEN_N, B_EVEN_K,
             B_PF_LINES, B_PF_META_LINES, B_PF_META_COLS, USE_GDC, B_VEC_META, True, B_PRESCALED,
-            ROW_TILES, WS_ROWS,
+            ROW_TILES, WS_ROWS, PTX_PACK,
         )
 
 
@@ -385,7 +387,7 @@ def _matmul_tile(
     DOT_IN_F32: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     PF_LINES: tl.constexpr, PF_META_LINES: tl.constexpr, PF_META_COLS: tl.constexpr, USE_GDC: tl.constexpr,
     VEC_META: tl.constexpr, DEFER: tl.constexpr, PRESCALED: tl.constexpr, ROW_TILES: tl.constexpr,
-    WS_ROWS: tl.constexpr,
+    WS_ROWS: tl.constexpr, PTX_PACK: tl.constexpr,
 ):
     """The program (pid_m, pid_n, pid_s) of a matmul: rows pid_m * ROW_TILES * BLOCK_M + [0, ROW_TILES *
     BLOCK_M) (ROW_TILES tiles of BLOCK_M rows, each its own tensor-core product on the same dequantized
@@ -437,7 +439,7 @@ def _matmul_tile(
         else:
             w_lo, w_hi = dequant_tile(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, n_mask,
                                       gi, g_mask, K, pid_n * BLOCK_N, N, QTYPE, BLOCK_N, BKH, FAST, VEC_META,
-                                      NG, PRESCALED)  # [BN, BKH] each
+                                      NG, PRESCALED, PTX_PACK)  # [BN, BKH] each
             k_lo = k_index(t, NG, G)  # [BKH]
             acc = _dot_x(acc, w_lo, x_rows, k_lo, m_mask, K, DOT_IN_F32, EVEN_K)
             acc = _dot_x(acc, w_hi, x_rows, k_lo + G, m_mask, K, DOT_IN_F32, EVEN_K)
@@ -602,7 +604,8 @@ def _launch(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
         SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         HAS_BIAS=bias is not None, DOT_IN_F32=_INTERPRETED and x.dtype == torch.bfloat16,
         USE_GDC=gdc, DEFER=defer, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **plan.flags,
-        ROW_TILES=row_tiles, WS_ROWS=cfg.block_m, **({"launch_pdl": True} if gdc else {}),
+        ROW_TILES=row_tiles, WS_ROWS=cfg.block_m, PTX_PACK=_ptx_pack(cfg),
+        **({"launch_pdl": True} if gdc else {}),
     )
     return SplitOutput(ws, bias, m, x.dtype) if defer else y
 
@@ -622,6 +625,19 @@ def _row_tiles(cfg: KernelConfig, m: int) -> tuple[int, int]:
     else:
         tile = cfg.row_tile
     return tile, 1 if m <= tile else GEMV_ROWS_MAX // tile
+
+
+def _ptx_pack(cfg: KernelConfig) -> int:
+    """Quant bytes one inline-PTX call of the Q4_K fast path dequantizes (kernels/qmatmul_tiles.py): 4 in
+    launches of fewer than 4 warps (mma.sync, whose operand registers each hold four adjacent bytes: two a
+    call make the compiler take them apart and glue pairs again), 2 in the others (wgmma, where four a call
+    cost byte permutes instead). Loop instructions a K-tile, sm_90 with Triton 3.6: the 2-warp 17920 x 1536
+    launch 495 -> 360, the 4-warp 2048 x 1536 one 238 -> 294. The values are the same either way (each
+    output depends on its own element's inputs), so the bits are. TANDEM_GEMV_TWO_BYTE_PTX=1 (read at each
+    launch) gives every launch two bytes a call, as before session 17, for an A/B."""
+    if os.environ.get("TANDEM_GEMV_TWO_BYTE_PTX") == "1":
+        return 2
+    return 4 if cfg.num_warps < 4 else 2
 
 
 def pair_config(a: QuantizedWeight, b: QuantizedWeight) -> KernelConfig | None:
@@ -661,7 +677,8 @@ def qmatmul_pair(
         *pb.wargs, ws[1], pb.n, pb.n_groups, pb.n_k_tiles, pb.tiles_per_split,
         m, k, A_TILES=pa.n_tiles, SPLIT_K=pa.split, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         DOT_IN_F32=_INTERPRETED and x.dtype == torch.bfloat16, USE_GDC=gdc, ROW_TILES=row_tiles,
-        WS_ROWS=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+        WS_ROWS=cfg.block_m, PTX_PACK=_ptx_pack(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **flags,
         **({"launch_pdl": True} if gdc else {}),
     )
     return SplitOutput(ws[0], bias_a, m, x.dtype), SplitOutput(ws[1], bias_b, m, x.dtype)

@@ -31,9 +31,12 @@ import triton.language as tl
 #
 # Two elements per call (pack=2): u8/i8 inputs arrive in one 32-bit register (bytes 0 and 1),
 # fp16 inputs and outputs as one f16x2 register each; every output depends only on its own
-# element's inputs, so it does not matter which two elements Triton groups. The tensor-core
-# operand layout gives each thread pairs of adjacent values, which arrive as one 16-bit
-# shared-memory load (pack=4 cost ~1.5 extra PRMT per weight to glue pairs together).
+# element's inputs, so it does not matter which elements Triton groups. In the wgmma (4-warp)
+# launches the operand layout gives each thread pairs of adjacent values, which arrive as one 16-bit
+# shared-memory load (pack=4 there costs byte permutes to glue pairs together). In the mma.sync
+# (2-warp) launches each thread's register holds four adjacent bytes (ldmatrix), which pack=2 takes
+# apart and glues again (4 PRMT + 2 shifts + 2 ORs per register); Q4_K's fast path takes them four a
+# call there (`_ASM_Q4_AFFINE4`, `qmatmul._ptx_pack`: session 17, 495 -> 360 loop instructions).
 # Measured with ptxas (sm_90), GEMV loop instructions per weight and thread, float32 path -> this
 # one: Q4_0 7.3 -> 4.0, Q6_K 12.0 -> 6.4. The kernel is instruction-bound, not memory-bound.
 # `t` = the two bytes in 16-bit lanes.
@@ -106,6 +109,30 @@ def _asm_q4_affine(b, s_lo, o_lo, s_hi, o_hi):
     """u8 nibble pairs -> fp16 (lo * s_lo + o_lo, hi * s_hi + o_hi), one rounding each."""
     return tl.inline_asm_elementwise(_ASM_Q4_AFFINE, "=r,=r,r,r,r,r,r", [b, s_lo, o_lo, s_hi, o_hi],
                                      dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+
+
+def _q4_affine4_asm() -> str:
+    """_ASM_Q4_AFFINE for four elements a call (pack=4): outputs $0 $1 (low values of elements 0-1, 2-3),
+    $2 $3 (high); inputs $4 the four bytes, $5 $6 the scales and $7 $8 the offsets of the low values, $9
+    $10 / $11 $12 of the high ones. Bytes 0-1 go through the two-byte body, then bytes 2-3."""
+    lines = [".reg .b32 t, lo, hi, c;", "mov.b32 c, 0x64006400;"]
+    for pair, sel in ((0, "0x4140"), (1, "0x4342")):
+        lines += [f"prmt.b32 t, $4, 0, {sel};", *_NIBBLES.strip().splitlines(),
+                  "sub.rn.f16x2 lo, lo, c;", "sub.rn.f16x2 hi, hi, c;",
+                  f"fma.rn.f16x2 ${pair}, lo, ${5 + pair}, ${7 + pair};",
+                  f"fma.rn.f16x2 ${2 + pair}, hi, ${9 + pair}, ${11 + pair};"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_ASM_Q4_AFFINE4: tl.constexpr = tl.constexpr(_q4_affine4_asm())
+
+
+@triton.jit
+def _asm_q4_affine4(b, s_lo, o_lo, s_hi, o_hi):
+    """_asm_q4_affine, four elements a call."""
+    return tl.inline_asm_elementwise(_ASM_Q4_AFFINE4, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+                                     [b, s_lo, o_lo, s_hi, o_hi], dtype=(tl.float16, tl.float16),
+                                     is_pure=True, pack=4)
 
 
 @triton.jit
@@ -296,7 +323,7 @@ def _k_head(s_ptr, ss, rows, sb, c, mask2, BLOCK_N: tl.constexpr, NG: tl.constex
 @triton.jit
 def _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi, g_mask,
                     HAS_HIGH: tl.constexpr, FAST: tl.constexpr, VEC: tl.constexpr, BLOCK_N: tl.constexpr,
-                    NG: tl.constexpr, PRESCALED: tl.constexpr):
+                    NG: tl.constexpr, PRESCALED: tl.constexpr, PTX_PACK: tl.constexpr):
     """Q4_K/Q5_K: group c (0..3) of a super-block = 32 bytes; low nibbles are sub-block 2c, high 2c + 1."""
     j = tl.arange(0, 32)
     mask2 = row_mask[:, None] & g_mask[None, :]  # [BN, NG]
@@ -305,7 +332,7 @@ def _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows,
     b8 = tl.load(q_ptr + rows[:, None, None] * sq + gi[None, :, None] * 32 + j[None, None, :],
                  mask=mask2[:, :, None], other=0)  # [BN, NG, 32] uint8
     if FAST and PRESCALED:  # Q4_K, fp16 activations: scales precomputed at load (qmatmul_layouts.q4_k_scales)
-        return _tile_q4_k_prescaled(b8, d_ptr, sd, rows, gi, mask2, BLOCK_N, NG)
+        return _tile_q4_k_prescaled(b8, d_ptr, sd, rows, gi, mask2, BLOCK_N, NG, PTX_PACK)
     b = b8.to(tl.int32)
     lo = b & 15
     hi = b >> 4
@@ -338,7 +365,8 @@ def _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows,
 
 
 @triton.jit
-def _tile_q4_k_prescaled(b8, p_ptr, sp, rows, gi, mask2, BLOCK_N: tl.constexpr, NG: tl.constexpr):
+def _tile_q4_k_prescaled(b8, p_ptr, sp, rows, gi, mask2, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+                         PTX_PACK: tl.constexpr):
     """Q4_K fast path from the precomputed fp16 scales (the `d` role of the vector layout): one 8-byte word
     per row and group (scale lo, -offset lo, scale hi, -offset hi), taken apart with constant views so the
     values arrive in the tensor-core operand layout (no conversion through shared memory)."""
@@ -348,6 +376,8 @@ def _tile_q4_k_prescaled(b8, p_ptr, sp, rows, gi, mask2, BLOCK_N: tl.constexpr, 
     scales, offsets = tl.split(p.reshape(BLOCK_N, NG, 2, 2))  # [BN, NG, 2] each: (lo, hi)
     dl_lo, dl_hi = tl.split(scales)  # [BN, NG]
     ml_lo, ml_hi = tl.split(offsets)
+    if PTX_PACK == 4:
+        return _asm_q4_affine4(b8, dl_lo[:, :, None], ml_lo[:, :, None], dl_hi[:, :, None], ml_hi[:, :, None])
     return _asm_q4_affine(b8, dl_lo[:, :, None], ml_lo[:, :, None], dl_hi[:, :, None], ml_hi[:, :, None])
 
 
@@ -438,8 +468,10 @@ def _tile_dense(q_ptr, sq, rows, row_mask, gi, K):
 @triton.jit
 def dequant_tile(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi, g_mask, K, n0, N,
                  QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BKH: tl.constexpr, FAST: tl.constexpr,
-                 VEC: tl.constexpr, NG: tl.constexpr, PRESCALED: tl.constexpr = False):
-    """One K-tile -> (w_lo, w_hi), each [BLOCK_N, BKH] float32 (see `_k_index` for their K positions)."""
+                 VEC: tl.constexpr, NG: tl.constexpr, PRESCALED: tl.constexpr = False,
+                 PTX_PACK: tl.constexpr = 2):
+    """One K-tile -> (w_lo, w_hi), each [BLOCK_N, BKH] float32 (see `_k_index` for their K positions).
+    PTX_PACK: quant bytes a PTX call takes on Q4_K's fast path (qmatmul._ptx_pack; the same values)."""
     if QTYPE == 2:  # Q4_0
         lo, hi = _tile_q4_q5(q_ptr, h_ptr, d_ptr, m_ptr, sq, sh, sd, sm, rows, row_mask, gi, g_mask,
                              False, False, FAST)
@@ -456,10 +488,10 @@ def dequant_tile(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, ro
         lo, hi = _tile_q8_0(q_ptr, d_ptr, sq, sd, rows, row_mask, gi, g_mask, FAST)
     elif QTYPE == 12:  # Q4_K
         lo, hi = _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi,
-                                 g_mask, False, FAST, VEC, BLOCK_N, NG, PRESCALED)
+                                 g_mask, False, FAST, VEC, BLOCK_N, NG, PRESCALED, PTX_PACK)
     elif QTYPE == 13:  # Q5_K
         lo, hi = _tile_q4_k_q5_k(q_ptr, h_ptr, s_ptr, d_ptr, m_ptr, sq, sh, ss, sd, sm, rows, row_mask, gi,
-                                 g_mask, True, False, VEC, BLOCK_N, NG, False)
+                                 g_mask, True, False, VEC, BLOCK_N, NG, False, PTX_PACK)
     elif QTYPE == 14:  # Q6_K
         lo, hi = _tile_q6_k(q_ptr, h_ptr, s_ptr, d_ptr, sq, sh, ss, sd, rows, row_mask, gi, g_mask, n0, N,
                             VEC, BLOCK_N, NG)

@@ -513,6 +513,23 @@ def test_prefetch_and_pdl_change_no_bit_gpu(qtype):
             assert torch.equal(a, b), f"{qtype.name} M={m} GEMV {i}"
 
 
+@pytest.mark.parametrize("shape", [(17920, 1536), (1536, 8960), (1792, 1536)], ids=["gate-up", "down", "qkv"])
+@gpu
+def test_four_bytes_a_ptx_call_changes_no_bit_gpu(monkeypatch, shape):
+    """Q4_K's fast path with two or four quant bytes a PTX call (qmatmul._ptx_pack): the same values,
+    so the same bits, in the engine's 2-warp launches (gate/up, down) and a 4-warp one (Q/K/V)."""
+    _, w, want_w = _weight(QT.Q4_K, *shape, seed=14, max_abs=0.01)
+    assert w.prescaled
+    x = _x(16, shape[1], torch.float16, seed=15)
+    outs = {}
+    for two_bytes in ("1", "0"):
+        monkeypatch.setenv("TANDEM_GEMV_TWO_BYTE_PTX", two_bytes)
+        outs[two_bytes] = [qmatmul(x[:m], w) for m in (1, 5, 16)]
+    assert_close_rms(f"Q4_K {shape} by the rule", outs["0"][2], _oracle(x, want_w, None), TOL[torch.float16])
+    for a, b in zip(outs["1"], outs["0"], strict=True):
+        assert torch.equal(a, b), f"Q4_K {shape} rows {a.shape[0]}"
+
+
 _ENGINE_GEMVS = [(QT.Q4_K, (1792, 1536)), (QT.Q4_K, (17920, 1536)), (QT.Q4_K, (1536, 8960)),
                  (QT.Q4_K, (256, 1536)), (QT.Q6_K, (1536, 8960)), (QT.Q6_K, (256, 1536)),
                  (QT.Q6_K, (151936, 1536)), (QT.Q5_K, (1536, 1536))]

@@ -8,7 +8,8 @@ disassembled with Triton's nvdisasm, and the instructions between the longest lo
 backward branch are counted. Environment switches that pick the kernel's code apply as at a launch. The
 count depends on the Triton release that compiles (the GPU machine's may differ from this one's): say
 which. A shorter loop is a lead, not a result: 16-bit quant loads cut the 2-warp Q4_K loop 543 -> 489
-(Triton 3.6) and the decode step did not move (kernels/README.md, session 10).
+(Triton 3.6) and the decode step did not move (kernels/README.md, session 10); four quant bytes a PTX
+call cut it 495 -> 360 (8-row tiles, Triton 3.6) and the step went 3.4 % faster (session 17).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ _OPCODE = re.compile(r"\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_.]*)")
 _BRANCH = re.compile(r"\bBRA\s+`?\(?(\.L_x_\d+)")
 
 
-def compile_gemv(qtype_name: str, n: int, k: int, warps: int, split: int, stages: int = 2):
+def compile_gemv(qtype_name: str, n: int, k: int, warps: int, split: int, stages: int = 2,
+                 row_tile: int | None = None):
     """The GEMV launch qmatmul makes for (N, K) in that type with these launch parameters, compiled for
-    sm_90 -> Triton's CompiledKernel."""
+    sm_90 -> Triton's CompiledKernel. row_tile: as `default_gemv_config` picks it for the warps unless
+    given."""
     import numpy as np
     from gguf import GGMLQuantizationType as QT
 
@@ -38,8 +41,9 @@ def compile_gemv(qtype_name: str, n: int, k: int, warps: int, split: int, stages
     qtype = QT[qtype_name]
     raw = random_blocks(qtype, (n, k), np.random.default_rng(0), max_abs=0.01)
     w = qm.QuantizedWeight.from_bytes(raw, qtype, (n, k), "cpu")
+    row_tile = row_tile or (qm.GEMV_ROW_TILE if warps == 2 else qm.GEMV_ROWS_MAX)
     cfg = qm.KernelConfig(block_n=64, block_m=qm.GEMV_ROWS_MAX, block_k=128, split_k=split, num_warps=warps,
-                          num_stages=stages, pdl=True)
+                          num_stages=stages, pdl=True, row_tile=row_tile)
     with recording(qm, "_qmatmul_kernel") as rec:
         qm.qmatmul(torch.zeros(1, k, dtype=torch.float16), w, config=cfg, split_output=True)
     args, kwargs = rec.calls[0]
@@ -86,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warps", type=int, default=2)
     parser.add_argument("--split", type=int, default=3)
     parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--row-tile", type=int, default=None, choices=(8, 16),
+                        help="rows of the tensor-core tile (default: the engine's for the warps)")
     args = parser.parse_args(argv)
     n, k = (int(v) for v in args.shape.split("x"))
-    counts = loop_opcodes(disassemble(compile_gemv(args.qtype, n, k, args.warps, args.split, args.stages)))
+    compiled = compile_gemv(args.qtype, n, k, args.warps, args.split, args.stages, args.row_tile)
+    counts = loop_opcodes(disassemble(compiled))
     total = sum(counts.values())
     per_weight = total * 32 * args.warps / (64 * 128)  # a K-tile: 64 rows x 128 weights
     print(f"{args.qtype} {n}x{k} warps {args.warps} split {args.split} (Triton {triton.__version__}): "
