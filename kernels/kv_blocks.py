@@ -380,7 +380,8 @@ def _load_halves(
     pure, so Triton moves it past the conversion into the tensor-core operand layout and converts the raw
     bytes (right for K, whose operand pairs adjacent bytes of a row: ldmatrix); False keeps it where the
     bytes were loaded and the fp16 tile goes through shared memory (right for V, whose operand pairs two
-    rows: raw bytes would take single-byte shared-memory loads and byte permutes; kernels/README.md).
+    rows: raw bytes would take single-byte shared-memory loads and byte permutes; kernels/README.md). The
+    two give other last bits; `decode_attention.v_at_operand` picks V's place per split.
     """
     r = n0 + tl.arange(0, N)[:, None]  # [N, 1] row of each tile row
     c = tl.arange(0, D // 2)[None, :]

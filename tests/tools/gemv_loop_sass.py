@@ -10,6 +10,8 @@ count depends on the Triton release that compiles (the GPU machine's may differ 
 which. A shorter loop is a lead, not a result: 16-bit quant loads cut the 2-warp Q4_K loop 543 -> 489
 (Triton 3.6) and the decode step did not move (kernels/README.md, session 10); four quant bytes a PTX
 call cut it 495 -> 360 (8-row tiles, Triton 3.6) and the step went 3.4 % faster (session 17).
+To see the GPU machine's code, compile with its Triton: `pip download triton==3.6.0 --no-deps -d D`,
+`pip install --no-deps --target T D/triton-*.whl`, then run this with `PYTHONPATH=T:.`.
 """
 
 from __future__ import annotations
