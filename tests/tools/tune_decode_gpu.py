@@ -61,6 +61,11 @@ SETS: dict[str, dict[str, dict]] = {
                                                                   num_warps=4, num_stages=3)}},
         "q/k/o 2 warps pps8": {"gemv": {k: dict(programs_per_sm=8, num_warps=2, num_stages=2)
                                         for k in ("qk", "o")}},
+        # session 17: the 2-warp Q4_K loop lost its byte shuffles (four quant bytes a PTX call: 2.81
+        # instructions per weight and thread against 3.72 for these 4-warp launches, sm_90): again for Q/K/V/O
+        "q/k/v/o Q4_K 2 warps": {"gemv": {k: dict(only="Q4_K", num_warps=2) for k in ("qk", "v", "o")}},
+        "q/k/v/o Q4_K 2 warps pps8": {"gemv": {k: dict(only="Q4_K", programs_per_sm=8, num_warps=2)
+                                               for k in ("qk", "v", "o")}},
     },
     "lm-head": {  # session 8: the LM head (Q6_K 151936 x 1536 in Qwen2.5-1.5B Q4_K_M, ~100 us of the step)
         "defaults": {},
