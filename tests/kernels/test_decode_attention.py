@@ -257,6 +257,20 @@ def test_verify_rows_with_sinks_equal_single_decodes_bit_for_bit(split):
     assert_close_rms("verify rows with sinks", out[:3].float(), want, 5e-3)
 
 
+def test_v_place_follows_the_splits_launch(monkeypatch):
+    # kernels.decode_attention.v_at_operand: at the operand for one-warp launches, where loaded for the
+    # others; TANDEM_ATTN_V_AT_OPERAND=1 / =0 forces one place for every launch (A/Bs)
+    from kernels.decode_attention import launch_config, v_at_operand
+
+    monkeypatch.delenv("TANDEM_ATTN_V_AT_OPERAND", raising=False)
+    short, long = launch_config(128, 64, 9216)[0], launch_config(512, 64, 9216)[0]
+    assert (short, long) == (4, 1)
+    assert (v_at_operand(short), v_at_operand(long)) == (False, True)
+    for forced, place in (("1", True), ("0", False)):
+        monkeypatch.setenv("TANDEM_ATTN_V_AT_OPERAND", forced)
+        assert v_at_operand(short) == v_at_operand(long) == place
+
+
 def test_decode_sinks_are_checked():
     q, ks, vs, lens = _case("q4_0", "q4_0", 1, 1, 1, 32, [20], 40)
     gen = torch.Generator().manual_seed(1)
